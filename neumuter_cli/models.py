@@ -1,0 +1,303 @@
+"""Load a causal LM, find its FFN neurons, gate them with hooks, fold scales into the weights.
+
+The "neurons" of a block are the inputs of its FFN down-projection (W2 / c_proj / down_proj /
+dense_4h_to_h / fc2 / fc_out). They are found by structure, not by model name: inside each
+decoder block, the linear map from a width larger than the hidden size back to the hidden size.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from . import NeumuterError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ATTENTION_WORDS = ("attn", "attention")
+
+
+@dataclass
+class FFNLayer:
+    """One decoder block's FFN down-projection: the place where its neurons are gated."""
+
+    index: int            # block number
+    path: str             # module path of the down-projection
+    module: nn.Module
+    neurons: int          # input width of the down-projection
+    conv1d: bool          # GPT-2 Conv1D stores weight as (in, out); nn.Linear as (out, in)
+
+    @property
+    def orientation(self) -> str:
+        return "Conv1D (in, out)" if self.conv1d else "Linear (out, in)"
+
+
+# ---------------------------------------------------------------- loading
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise NeumuterError("--device cuda asked for, but no CUDA device is available")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise NeumuterError("--device mps asked for, but MPS is not available")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype | str:
+    if dtype == "auto":
+        # float32 on CPU (exact metrics, no slow half kernels); the checkpoint's own dtype elsewhere
+        return torch.float32 if device == "cpu" else "auto"
+    if dtype not in DTYPES:
+        raise NeumuterError(f"unknown dtype {dtype!r} (choose auto, float32, bfloat16, float16)")
+    return DTYPES[dtype]
+
+
+def split_gguf(model: str) -> tuple[str, str | None]:
+    """``dir/file.gguf`` → (``dir``, ``file.gguf``); anything else → (model, None)."""
+    if model.lower().endswith(".gguf"):
+        if not os.path.isfile(model):
+            raise NeumuterError(f"GGUF file not found: {model}")
+        return os.path.dirname(os.path.abspath(model)), os.path.basename(model)
+    return model, None
+
+
+def _check_model_path(model: str) -> None:
+    """A local path must exist and hold a config.json; a hub name (``org/name``) is left to
+    transformers."""
+    if os.path.exists(model):
+        if os.path.isdir(model) and not os.path.isfile(os.path.join(model, "config.json")):
+            raise NeumuterError(f"{model}: not a model directory (no config.json)")
+        return
+    parts = model.split("/")
+    hub_name = len(parts) <= 2 and all(p and not p.startswith((".", "~")) for p in parts)
+    if not hub_name:
+        raise NeumuterError(f"model not found: {model}")
+
+
+def load_tokenizer(model: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    source, gguf_file = split_gguf(model)
+    if gguf_file is None:
+        _check_model_path(source)
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        return AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise NeumuterError(f"cannot load the tokenizer of {model}: {_first_line(exc)}") from None
+
+
+def load_model(
+    model: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    device_map: str | None = None,
+    trust_remote_code: bool = False,
+):
+    """Load a causal LM (local dir, hub name, or ``.gguf`` file) in eval mode with frozen weights.
+
+    Returns (model, tokenizer). ``device_map="auto"`` spreads a large model over the GPUs
+    (accelerate); then ``device`` is ignored."""
+    from transformers import AutoModelForCausalLM
+
+    source, gguf_file = split_gguf(model)
+    if gguf_file is None:
+        _check_model_path(source)
+    target = resolve_device(device) if device_map is None else None
+    kwargs = {"trust_remote_code": trust_remote_code, "dtype": resolve_dtype(dtype, target or "cuda")}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+        if kwargs["dtype"] == "auto":
+            kwargs["dtype"] = torch.float32
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except ImportError as exc:
+        raise NeumuterError(f"cannot load {model}: {_first_line(exc)}") from None
+    except (OSError, ValueError, KeyError) as exc:
+        raise NeumuterError(f"cannot load {model}: {_first_line(exc)}") from None
+    if device_map is None:
+        lm.to(target)
+    lm.eval()
+    for param in lm.parameters():
+        param.requires_grad_(False)
+    tokenizer = load_tokenizer(model, trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    lm.neumuter_source = model
+    lm.neumuter_gguf = gguf_file is not None
+    return lm, tokenizer
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+def input_device(model: nn.Module) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+# ---------------------------------------------------------------- locating the FFN neurons
+
+def _linear_dims(module: nn.Module) -> tuple[int, int, bool] | None:
+    """(in_features, out_features, is_conv1d) for nn.Linear-like and GPT-2 Conv1D modules."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, False
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx"):
+        return module.nx, module.nf, True
+    weight = getattr(module, "weight", None)
+    if (hasattr(module, "in_features") and hasattr(module, "out_features")
+            and isinstance(weight, torch.Tensor) and weight.dim() == 2):
+        return module.in_features, module.out_features, False  # e.g. quantised Linear subclasses
+    return None
+
+
+def _decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The longest ModuleList of same-class modules: the stack of decoder blocks."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if len({type(block) for block in module}) != 1:
+                continue
+            if best is None or len(module) > len(best[1]):
+                best = (name, module)
+    if best is None:
+        raise NeumuterError(f"cannot find the decoder blocks of model type {_model_type(model)!r}")
+    return best
+
+
+def _model_type(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", type(model).__name__)
+
+
+def find_ffn_layers(model: nn.Module) -> list[FFNLayer]:
+    """Every decoder block's FFN down-projection, found by shape.
+
+    In each block: the linear maps whose output is the hidden size and whose input is wider
+    (the FFN's intermediate width). Attention output projections are excluded by name when a
+    block has both; a block with no candidate, or several equally plausible ones (e.g. a
+    mixture of experts), is refused with the model type named."""
+    hidden = model.get_input_embeddings().embedding_dim
+    blocks_path, blocks = _decoder_blocks(model)
+    kind = _model_type(model)
+    layers = []
+    for index, block in enumerate(blocks):
+        candidates = []
+        for name, module in block.named_modules():
+            dims = _linear_dims(module)
+            if dims and dims[1] == hidden and dims[0] > hidden:
+                candidates.append((name, module, dims))
+        if len(candidates) > 1:
+            candidates = [c for c in candidates if not any(w in c[0].lower() for w in ATTENTION_WORDS)]
+        if len(candidates) != 1:
+            what = "no" if not candidates else f"{len(candidates)} ambiguous"
+            raise NeumuterError(
+                f"model type {kind!r} is not supported: {what} FFN down-projection candidates in block "
+                f"{index} ({blocks_path}.{index}); neumuter needs one linear map from the FFN width "
+                f"back to the hidden size {hidden} per block")
+        name, module, (width, _, conv1d) = candidates[0]
+        layers.append(FFNLayer(index, f"{blocks_path}.{index}.{name}", module, width, conv1d))
+    return layers
+
+
+def parse_layers(spec: str | None, count: int) -> list[int]:
+    """``"10-16,21"`` → [10, …, 16, 21]; None or ``"all"`` → every block."""
+    if spec is None or spec.strip().lower() in ("", "all"):
+        return list(range(count))
+    chosen: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                if lo > hi:
+                    raise ValueError
+                chosen.update(range(lo, hi + 1))
+            else:
+                chosen.add(int(part))
+        except ValueError:
+            raise NeumuterError(f"bad --layers {spec!r}: use block numbers and ranges like 10-16,21") from None
+    bad = sorted(i for i in chosen if not 0 <= i < count)
+    if bad:
+        raise NeumuterError(f"--layers {spec!r}: block {bad[0]} does not exist (the model has blocks 0-{count - 1})")
+    return sorted(chosen)
+
+
+# ---------------------------------------------------------------- gating and folding
+
+@contextlib.contextmanager
+def gated(layers: Sequence[FFNLayer], gate_fn: Callable[[int], torch.Tensor]) -> Iterator[None]:
+    """Multiply each layer's down-projection input by ``gate_fn(i)`` (i = position in
+    ``layers``) during the block; the hooks are removed afterwards, whatever happens."""
+    handles = []
+    try:
+        for position, layer in enumerate(layers):
+            def hook(module, args, position=position):
+                gate = gate_fn(position)
+                return (args[0] * gate.to(dtype=args[0].dtype, device=args[0].device),) + tuple(args[1:])
+            handles.append(layer.module.register_forward_pre_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def fold_scales(layers: Sequence[FFNLayer], scales: Sequence[torch.Tensor]) -> None:
+    """Fold per-neuron scales into the down-projection weights in place (column i of an
+    nn.Linear weight, row i of a Conv1D weight). The bias is not touched: it does not depend
+    on the neuron inputs."""
+    for layer, scale in zip(layers, scales):
+        weight = layer.module.weight
+        if scale.shape != (layer.neurons,):
+            raise NeumuterError(f"{layer.path}: {scale.numel()} scales for {layer.neurons} neurons")
+        factor = scale.to(device=weight.device, dtype=torch.float32)
+        if layer.conv1d:
+            weight.copy_((weight.float() * factor[:, None]).to(weight.dtype))
+        else:
+            weight.copy_((weight.float() * factor[None, :]).to(weight.dtype))
+
+
+def neuron_columns(layer: FFNLayer) -> torch.Tensor:
+    """The down-projection weight as (out, neurons), whatever its storage orientation."""
+    weight = layer.module.weight
+    return weight.t() if layer.conv1d else weight
+
+
+def fingerprint(layers: Sequence[FFNLayer]) -> str:
+    """A short hash of every block's down-projection that sees every neuron: three full rows
+    (first, middle, last output unit) of each weight, as exact float32 bytes. Cheap even for
+    large models, device-independent, and changed by any scale folded into any neuron."""
+    digest = hashlib.sha256()
+    for layer in layers:
+        columns = neuron_columns(layer)
+        rows = sorted({0, columns.shape[0] // 2, columns.shape[0] - 1})
+        sample = columns[rows].detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"{layer.path}:{tuple(columns.shape)}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def describe(model: nn.Module, layers: Sequence[FFNLayer]) -> dict:
+    """Provenance shared by every artifact: where the model came from and what it is."""
+    return {
+        "model": getattr(model, "neumuter_source", getattr(getattr(model, "config", None), "_name_or_path", "")),
+        "architecture": _model_type(model),
+        "fingerprint": fingerprint(layers),
+        "modules": [layer.path for layer in layers],
+        "neurons": [layer.neurons for layer in layers],
+    }

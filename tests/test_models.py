@@ -1,0 +1,112 @@
+"""The locator, gates and folding on tiny random models of many architectures."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from helpers import ARCHITECTURES, tiny_model
+from neumuter_cli import NeumuterError
+from neumuter_cli.models import find_ffn_layers, fingerprint, fold_scales, gated, parse_layers
+
+EXPECTED_WIDTH = {"bloom": 4 * 32}  # BLOOM's FFN is always 4 x hidden
+
+
+def ids():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 300, (2, 12), generator=g)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_locator_finds_every_block_with_its_width(arch):
+    model = tiny_model(arch)
+    layers = find_ffn_layers(model)
+    assert [layer.index for layer in layers] == [0, 1]
+    assert all(layer.neurons == EXPECTED_WIDTH.get(arch, 64) for layer in layers)
+    assert len({layer.path for layer in layers}) == 2
+    assert layers[0].conv1d == (arch == "gpt2")
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_gates_and_folding(arch, tmp_path):
+    model = tiny_model(arch)
+    layers = find_ffn_layers(model)
+    x = ids()
+    with torch.no_grad():
+        plain = model(x).logits
+        with gated(layers, lambda i: torch.ones(layers[i].neurons)):
+            ones = model(x).logits
+        assert torch.equal(plain, ones), "an all-ones gate must leave the logits bit-identical"
+
+        # zeroing neuron i == zeroing column i of W2
+        neuron = 5
+        zero = torch.ones(layers[0].neurons)
+        zero[neuron] = 0
+        with gated(layers[:1], lambda i: zero):
+            gated_zero = model(x).logits
+        weight = layers[0].module.weight
+        saved = weight.clone()
+        if layers[0].conv1d:
+            weight[neuron, :] = 0
+        else:
+            weight[:, neuron] = 0
+        column_zero = model(x).logits
+        weight.copy_(saved)
+        assert (gated_zero - column_zero).abs().max() <= 1e-5
+        assert not torch.allclose(gated_zero, plain)
+
+        # folding random scales == gating with them, also after save + plain from_pretrained
+        g = torch.Generator().manual_seed(2)
+        scales = [torch.rand(layer.neurons, generator=g) for layer in layers]
+        with gated(layers, lambda i: scales[i]):
+            gated_logits = model(x).logits
+        fold_scales(layers, scales)
+        assert (model(x).logits - gated_logits).abs().max() <= 1e-5
+        model.save_pretrained(tmp_path)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+        assert (reloaded(x).logits - gated_logits).abs().max() <= 1e-5
+
+
+def test_hooks_are_removed_even_on_error():
+    model = tiny_model("llama")
+    layers = find_ffn_layers(model)
+    with pytest.raises(RuntimeError):
+        with gated(layers, lambda i: torch.zeros(layers[i].neurons)):
+            raise RuntimeError("boom")
+    assert all(not layer.module._forward_pre_hooks for layer in layers)
+
+
+def test_fingerprint_sees_every_neuron():
+    model = tiny_model("gpt_neo")
+    layers = find_ffn_layers(model)
+    before = fingerprint(layers)
+    assert fingerprint(layers) == before
+    scales = [torch.ones(layer.neurons) for layer in layers]
+    scales[1][63] = 0.5
+    fold_scales(layers, scales)
+    assert fingerprint(layers) != before
+
+
+def test_unsupported_architecture_is_refused_by_type():
+    class NoFFN(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = type("C", (), {"model_type": "weird-lm"})()
+            self.embed = torch.nn.Embedding(10, 8)
+            self.blocks = torch.nn.ModuleList([torch.nn.Linear(8, 8) for _ in range(3)])
+
+        def get_input_embeddings(self):
+            return self.embed
+
+    with pytest.raises(NeumuterError, match="weird-lm"):
+        find_ffn_layers(NoFFN())
+
+
+@pytest.mark.parametrize("spec,expected", [(None, [0, 1, 2, 3]), ("all", [0, 1, 2, 3]),
+                                           ("1-2", [1, 2]), ("0,3", [0, 3]), ("2,0-1", [0, 1, 2])])
+def test_parse_layers(spec, expected):
+    assert parse_layers(spec, 4) == expected
+
+
+@pytest.mark.parametrize("spec", ["5", "x", "3-1", "1-"])
+def test_parse_layers_rejects(spec):
+    with pytest.raises(NeumuterError, match="--layers"):
+        parse_layers(spec, 4)
