@@ -88,6 +88,87 @@ def inspect(model, device, dtype, device_map, trust_remote_code):
                f"{str(next(lm.parameters()).dtype).replace('torch.', '')})")
 
 
+@cli.command("select")
+@click.argument("mask", default="-", metavar="[MASK|-]")
+@click.option("--output", "-o", default="-", show_default=True, metavar="SCALES|-",
+              help="Where to write the scales file (safetensors); - is stdout.")
+@click.option("--energy", type=float, default=None, metavar="F",
+              help="Energy rule (the default, F = 0.05): sort all gate values ascending, "
+                   "accumulate |m|; eps = the first value at which the sum reaches F of the total; "
+                   "select the neurons with m < eps.")
+@click.option("--threshold", type=float, default=None, metavar="X",
+              help="Select the neurons whose gate value is below X (the public code's cut: 0.15).")
+@click.option("--top-fraction", type=float, default=None, metavar="F",
+              help="Select the floor(F x N) lowest gate values of all N masked neurons "
+                   "(ties broken by block, then neuron index).")
+def select_cmd(mask, output, energy, threshold, top_fraction):
+    """Choose the neurons to mute from a mask file and write their scale factors.
+
+    Reads MASK (from `localize`; - or nothing: stdin), computes each neuron's deterministic
+    gate value m (sigmoid of log_alpha, stretched and clamped to [0, 1]) and selects with one
+    rule over all masked blocks together. A selected neuron's scale is m, every other
+    neuron's is 1.0. A gate at exactly 1.0 is untouched and never selected, whatever the rule.
+
+    \b
+    Energy rule, exactly: with v_1 <= ... <= v_N the sorted gate values and
+    C_k = |v_1| + ... + |v_k|, eps = v_k for the first k with C_k >= F * C_N;
+    the selected neurons are those with m < eps (strictly: values tied with
+    eps are all left out, so the selection holds less than F of the energy).
+
+    A per-block summary goes to stderr.
+    """
+    from .select import DEFAULT_RULE, MASK_KIND, read_artifact, select_from_mask, summary_rows
+    from .records import save_artifact
+
+    given = [(name, value) for name, value in
+             (("energy", energy), ("threshold", threshold), ("top-fraction", top_fraction)) if value is not None]
+    if len(given) > 1:
+        raise click.UsageError("give at most one of --energy, --threshold, --top-fraction")
+    rule, value = given[0] if given else DEFAULT_RULE
+    tensors, meta, digest = read_artifact(mask, kind=MASK_KIND)
+    name = "<stdin>" if mask == "-" else mask
+    scales, metadata = select_from_mask(tensors, meta, rule, value, mask_sha256=digest, name=name)
+    save_artifact(scales, metadata, output)
+    click.echo(tabulate(summary_rows(metadata), headers=["block", "down-projection", "neurons", "selected", "%"]),
+               err=True)
+    epsilon = metadata["epsilon"]
+    cut = "none selected" if epsilon is None else f"eps = {epsilon:.6g}"
+    progress(f"rule {rule} {value:g}: {cut}; {metadata['selected']} of {metadata['total_neurons']} "
+             f"masked neurons selected ({100 * metadata['selected'] / metadata['total_neurons']:.2f} %)")
+
+
+@cli.command("apply")
+@click.argument("scales", default="-", metavar="[SCALES|-]")
+@model_options
+@click.option("--output", "-o", required=True, metavar="DIR",
+              help="Checkpoint directory to write (save_pretrained + tokenizer + neumuter.json).")
+@click.option("--force", is_flag=True, default=False, help="Replace DIR if it exists and is not empty.")
+def apply_cmd(scales, model, device, dtype, device_map, trust_remote_code, output, force):
+    """Fold a scales file into the model and save an ordinary checkpoint.
+
+    Each selected neuron's scale multiplies its column of the FFN down-projection (a row for
+    GPT-2's Conv1D); nothing else changes. The result loads with plain
+    AutoModelForCausalLM.from_pretrained and gives the gated model's logits. The scales must
+    have been made for this very model (its fingerprint is checked); a muted checkpoint can
+    be the --model of a later request. With --dtype auto the checkpoint keeps its stored
+    dtype; a .gguf model is written as a float32 checkpoint. DIR is written atomically.
+    """
+    from .apply import apply_scales_file, check_output_dir, checkpoint_dtype
+    from .select import SCALES_KIND, read_artifact
+
+    check_output_dir(output, force)
+    tensors, meta, digest = read_artifact(scales, kind=SCALES_KIND)
+    if dtype == "auto":
+        dtype = checkpoint_dtype(model) or "auto"
+    lm, tokenizer = load_lm(model, device, dtype, device_map, trust_remote_code)
+    name = "<stdin>" if scales == "-" else scales
+    record = apply_scales_file(lm, tokenizer, tensors, meta, output, scales_sha256=digest, force=force, name=name)
+    rows = [[b, record["modules"][b], n] for b, n in record["neurons_scaled_per_layer"].items()]
+    click.echo(tabulate(rows, headers=["block", "down-projection", "neurons scaled"]), err=True)
+    progress(f"{record['neurons_scaled']} of {record['total_neurons']} FFN neurons scaled; "
+             f"checkpoint written to {output}")
+
+
 def main():  # pragma: no cover - console entry for `python -m neumuter_cli`
     cli(prog_name="neumuter")
 

@@ -1,0 +1,164 @@
+"""Removal (paper eq. 14): fold a scales file into the FFN down-projections and save an
+ordinary checkpoint that loads with plain ``AutoModelForCausalLM.from_pretrained``."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from . import NeumuterError, __version__
+from .models import FFNLayer, describe, find_ffn_layers, fold_scales
+from .records import atomic_directory
+
+RECORD_NAME = "neumuter.json"
+
+
+def check_fingerprint(meta: dict, model, layers: Sequence[FFNLayer], name: str = "scales") -> dict:
+    """Refuse scales made for another model; returns ``describe(model, layers)``."""
+    info = describe(model, layers)
+    made_for = meta.get("fingerprint")
+    if made_for != info["fingerprint"]:
+        raise NeumuterError(
+            f"{name} was made for model {meta.get('model', '?')!s} (fingerprint {made_for}), "
+            f"but --model {info['model']} has fingerprint {info['fingerprint']}: "
+            f"localize and select on the model you apply to")
+    return info
+
+
+@torch.no_grad()
+def apply_scales(model, layers: Sequence[FFNLayer], scales_by_block: dict[int, torch.Tensor]) -> dict[int, int]:
+    """Fold per-neuron scales into the down-projections of the given blocks, in place.
+
+    ``scales_by_block`` maps block index (``FFNLayer.index``) → one scale per neuron; blocks
+    not named are left alone. The weights keep their dtype. Returns, per block, the number of
+    neurons whose scale is not 1."""
+    by_index = {layer.index: layer for layer in layers}
+    missing = sorted(set(scales_by_block) - set(by_index))
+    if missing:
+        raise NeumuterError(f"scales for block {missing[0]}, but the model has blocks 0-{len(layers) - 1}")
+    chosen = [by_index[b] for b in sorted(scales_by_block)]
+    scales = [scales_by_block[layer.index].detach().reshape(-1).float() for layer in chosen]
+    for layer, scale in zip(chosen, scales):
+        if scale.numel() != layer.neurons:
+            raise NeumuterError(f"block {layer.index} ({layer.path}): {scale.numel()} scales "
+                                f"for {layer.neurons} neurons")
+        if not torch.isfinite(scale).all():
+            raise NeumuterError(f"block {layer.index}: scales hold NaN or infinite values")
+    fold_scales(chosen, scales)
+    return {layer.index: int((scale != 1.0).sum()) for layer, scale in zip(chosen, scales)}
+
+
+def _plain_model(model):
+    """A model loaded from GGUF carries a quantizer that refuses ``save_pretrained``; when its
+    weights are ordinary float tensors (dequantised on load), drop it so that the model is
+    written as an ordinary float checkpoint."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return model
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    method = getattr(method, "value", method)
+    if method != "gguf":
+        raise NeumuterError(f"cannot write a checkpoint of a model quantised with {method}: "
+                            f"load it unquantised")
+    if getattr(quantizer, "packed_modules", None):
+        raise NeumuterError("this GGUF model keeps its weights packed for quantised kernels; "
+                            "load it with --device cpu to write a float checkpoint")
+    for param in model.parameters():
+        if not param.is_floating_point():
+            raise NeumuterError("this GGUF model holds non-float weights; cannot write a float checkpoint")
+    quantizer.remove_quantization_config(model)
+    return model
+
+
+def save_checkpoint(model, tokenizer, out_dir: str, record: dict, force: bool = False) -> None:
+    """Write ``model`` (safetensors) + ``tokenizer`` + ``neumuter.json`` into ``out_dir``
+    atomically: everything goes to a temporary folder beside it, renamed at the end. An
+    existing non-empty ``out_dir`` is refused unless ``force``. A GGUF-loaded model is written
+    as an ordinary float checkpoint."""
+    with atomic_directory(out_dir, force=force) as tmp:
+        model = _plain_model(model)
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        with open(Path(tmp) / RECORD_NAME, "w", encoding="utf-8") as handle:
+            json.dump(record, handle, indent=2, ensure_ascii=False)
+            handle.write("\n")
+
+
+def check_output_dir(out_dir: str, force: bool = False) -> None:
+    """Refuse early what ``atomic_directory`` would refuse at the end: a non-directory, or a
+    non-empty directory without ``force``."""
+    target = Path(out_dir)
+    if target.exists() and not target.is_dir():
+        raise NeumuterError(f"{out_dir} exists and is not a directory")
+    if target.is_dir() and any(target.iterdir()) and not force:
+        raise NeumuterError(f"{out_dir} exists and is not empty (use --force to replace it)")
+
+
+def previous_records(source: str) -> list[dict]:
+    """The history of a muted checkpoint used as the source of a later request."""
+    path = Path(source) / RECORD_NAME
+    if not os.path.isdir(source) or not path.is_file():
+        return []
+    try:
+        with open(path, encoding="utf-8") as handle:
+            previous = json.load(handle)
+    except (OSError, json.JSONDecodeError):
+        return []
+    history = previous.pop("history", []) if isinstance(previous, dict) else []
+    return [*history, previous] if isinstance(previous, dict) else []
+
+
+def apply_scales_file(model, tokenizer, tensors: dict[str, torch.Tensor], meta: dict, out_dir: str,
+                      scales_sha256: str | None = None, force: bool = False, name: str = "scales") -> dict:
+    """The stage: check the scales against ``model``, fold them, save the checkpoint.
+    Returns the record written to ``neumuter.json``."""
+    from .select import SCALES_KIND, scales_by_block
+
+    if meta.get("kind") != SCALES_KIND:
+        raise NeumuterError(f"{name}: not a neumuter scales file (found: {meta.get('kind', 'no neumuter kind')})")
+    scales = scales_by_block(tensors, meta, name)
+    layers = find_ffn_layers(model)
+    source = check_fingerprint(meta, model, layers, name)
+    if meta.get("neurons") != source["neurons"]:
+        raise NeumuterError(f"{name}: neuron counts {meta.get('neurons')} do not match the model's {source['neurons']}")
+    check_output_dir(out_dir, force)  # before the fold: nothing changes when the output is refused
+    scaled = apply_scales(model, layers, scales)
+    record = {
+        "kind": "neumuter-checkpoint",
+        "tool_version": __version__,
+        "source_model": source["model"],
+        "source_fingerprint": source["fingerprint"],
+        "fingerprint": describe(model, layers)["fingerprint"],
+        "architecture": source["architecture"],
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "scales_sha256": scales_sha256,
+        "mask_sha256": meta.get("mask_sha256"),
+        "rule": meta.get("rule"),
+        "epsilon": meta.get("epsilon"),
+        "neurons_scaled": sum(scaled.values()),
+        "neurons_scaled_per_layer": {str(b): n for b, n in scaled.items()},
+        "modules": {str(b): source["modules"][b] for b in scaled},
+        "total_neurons": sum(source["neurons"]),
+        "forget_sha256": meta.get("forget_sha256"),
+        "history": previous_records(str(source["model"])),
+    }
+    save_checkpoint(model, tokenizer, out_dir, record, force)
+    return record
+
+
+def checkpoint_dtype(model: str) -> str | None:
+    """The float dtype a local checkpoint directory is stored in (config.json), or None."""
+    config = Path(model) / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        with open(config, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, json.JSONDecodeError):
+        return None
+    dtype = data.get("dtype", data.get("torch_dtype"))
+    return dtype if dtype in ("float32", "bfloat16", "float16") else None
