@@ -117,7 +117,7 @@ def select_cmd(mask, output, energy, threshold, top_fraction):
 
     A per-block summary goes to stderr.
     """
-    from .select import DEFAULT_RULE, MASK_KIND, read_artifact, select_from_mask, summary_rows
+    from .select import DEFAULT_RULE, MASK_KIND, check_rule, read_artifact, select_from_mask, summary_rows
     from .records import save_artifact
 
     given = [(name, value) for name, value in
@@ -125,6 +125,7 @@ def select_cmd(mask, output, energy, threshold, top_fraction):
     if len(given) > 1:
         raise click.UsageError("give at most one of --energy, --threshold, --top-fraction")
     rule, value = given[0] if given else DEFAULT_RULE
+    check_rule(rule, value)
     tensors, meta, digest = read_artifact(mask, kind=MASK_KIND)
     name = "<stdin>" if mask == "-" else mask
     scales, metadata = select_from_mask(tensors, meta, rule, value, mask_sha256=digest, name=name)
