@@ -170,6 +170,72 @@ def apply_cmd(scales, model, device, dtype, device_map, trust_remote_code, outpu
              f"checkpoint written to {output}")
 
 
+@cli.command("neighbors")
+@click.argument("input_path", default="-", metavar="[INPUT|-]")
+@click.option("--mlm", required=True, metavar="NAME_OR_PATH",
+              help="Masked LM (BERT-style) that writes the neighbours: a local directory or a hub name.")
+@click.option("-k", "--count", "k", type=click.IntRange(1), default=None, metavar="K",
+              help="Neighbours per record  [default: 1].")
+@click.option("-r", "--ratio", type=click.FloatRange(0, 1, min_open=True), default=None, metavar="R",
+              help="Proportion of the MLM tokens to rewrite, 0 < R <= 1; 1 rewrites every token  "
+                   "[default: 1.0].")
+@click.option("--temperature", type=click.FloatRange(0), default=None, metavar="T",
+              help="0: the argmax (greedy; at R = 1 all K neighbours of a record are then the same); "
+                   "T > 0: sample from softmax(logits / T)  [default: 0].")
+@click.option("--top-k", type=click.IntRange(0), default=None, metavar="N",
+              help="When sampling, draw from the N most likely tokens only; 0: no limit  [default: 0].")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the position choice and the sampling: same input, options and seed "
+                   "give the same output, whatever the batch size.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto",
+              show_default=True, help="Where to run the MLM (auto: cuda, then mps, then cpu).")
+@click.option("--batch-size", type=click.IntRange(1), default=None, metavar="N",
+              help="Sequences (records x neighbours) advanced by one MLM call  [default: 32].")
+@click.option("--output", "-o", default="-", show_default=True, metavar="FILE|-",
+              help="Where the records go (written atomically); - is stdout.")
+def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, batch_size, output):
+    """Add K neighbour texts to every record, written by a masked LM.
+
+    Reads records (JSONL with "text"; INPUT or - / nothing: stdin) and writes each one, in
+    input order and as soon as its group is done, with its keys untouched plus
+    "neighbors": [K strings].
+
+    For each neighbour, a random proportion R of the text's MLM tokens is visited in
+    increasing order; at each visited position the token is masked, the MLM predicts it from
+    the current (partly rewritten) text, and the prediction is written back. Special tokens
+    are never predicted. Texts longer than the MLM's window are rewritten whole: each
+    position is predicted from the window centred on it. Neighbours come out in the MLM
+    tokenizer's normal form (e.g. lower-cased for an uncased BERT).
+
+    Progress goes to stderr.
+    """
+    import itertools
+
+    from . import neighbors as nb
+    from .records import atomic_output, dumps_record, iter_records
+
+    if input_path == "-" and sys.stdin.isatty():
+        raise NeumuterError("no input: give a JSONL file or pipe one into stdin")
+    options = dict(k=nb.DEFAULT_K if k is None else k,
+                   ratio=nb.DEFAULT_RATIO if ratio is None else ratio,
+                   temperature=nb.DEFAULT_TEMPERATURE if temperature is None else temperature,
+                   top_k=nb.DEFAULT_TOP_K if top_k is None else top_k,
+                   batch_size=nb.DEFAULT_BATCH_SIZE if batch_size is None else batch_size)
+    records = iter_records(input_path)
+    first = next(records)  # a missing or malformed input fails before the MLM is loaded
+    progress(f"loading {mlm}")
+    model, tokenizer = nb.load_mlm(mlm, device)
+    writer = nb.NeighborWriter(model, tokenizer, seed=seed, progress=progress, **options)
+    if options["temperature"] == 0 and options["ratio"] == 1 and options["k"] > 1:
+        progress(f"warning: with --temperature 0 and -r 1 the {options['k']} neighbours of a record "
+                 "are identical (use --temperature > 0 for distinct ones)")
+    with atomic_output(output, "w") as out:
+        for record in writer.records(itertools.chain([first], records)):
+            out.write(dumps_record(record) + "\n")
+            out.flush()
+    progress(f"neighbors: {writer.rewrites} tokens rewritten in {writer.calls} MLM calls")
+
+
 def main():  # pragma: no cover - console entry for `python -m neumuter_cli`
     cli(prog_name="neumuter")
 

@@ -1,0 +1,324 @@
+"""Neighbour texts made with a masked LM (SPEC §1; paper sec. 3.1 and C.4.3).
+
+For each text, each of its ``k`` neighbours is made thus: tokenise the text with the MLM's
+tokenizer; choose a random proportion ``ratio`` of its token positions (all of them when
+``ratio = 1``); visit them in increasing order, and at each one put the mask token there, let
+the MLM predict it from the *current* text (the positions already visited hold their
+predictions) and write the prediction back. Special tokens are never predicted.
+
+The choice of positions follows the yardstick (``baselines/naive_neighbors.py``) exactly: one
+``random.Random(seed)`` for the whole stream, and for each text, for each neighbour in order,
+``sorted(rng.sample(range(n_tokens), max(1, int(n_tokens * ratio))))``. The prediction is the
+argmax (``temperature = 0``) or a sample from the temperature-scaled, optionally top-k
+restricted distribution, drawn from a generator of its own per (record, neighbour), so the
+result does not depend on the batch size or on how the stream is grouped.
+
+Speed: every MLM call advances many sequences (records × neighbours) by one visited position
+each (continuous batching: a finished sequence frees its row for the next one; sequences are
+taken longest first so the rows of a call have similar lengths), and the vocabulary projection
+is computed only at the masked positions, not at every token.
+
+A text longer than the MLM's window is rewritten whole: position ``p`` is predicted from the
+window of the current text centred on ``p`` (clamped to the text's ends).
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+
+from . import NeumuterError
+
+# Defaults of `neumuter neighbors` (the paper uses K = 5, r = 1 with an argmax BERT; the authors'
+# code K = 1, r = 1). Change them here: the CLI reads them from these names (and its --help
+# states them: keep the two in step).
+DEFAULT_K = 1
+DEFAULT_RATIO = 1.0
+DEFAULT_TEMPERATURE = 0.0   # 0 = argmax (greedy)
+DEFAULT_TOP_K = 0           # 0 = the whole vocabulary (when sampling)
+DEFAULT_BATCH_SIZE = 32     # sequences advanced by one MLM call
+GROUP_BATCHES = 4           # records are read and scheduled in groups of about this many batches
+
+ProgressFn = Callable[[str], None]
+
+
+# ---------------------------------------------------------------- loading
+
+def load_mlm(name_or_path: str, device: str = "auto"):
+    """Load a masked LM and its tokenizer (local dir or hub name), frozen, in eval mode.
+
+    Returns (model, tokenizer). The tokenizer must have a mask token."""
+    from transformers import AutoModelForMaskedLM
+
+    from .models import _check_model_path, _first_line, load_tokenizer, resolve_device
+
+    _check_model_path(name_or_path)
+    target = resolve_device(device)
+    try:
+        mlm = AutoModelForMaskedLM.from_pretrained(name_or_path, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        raise NeumuterError(f"cannot load the masked LM {name_or_path}: {_first_line(exc)}") from None
+    tokenizer = load_tokenizer(name_or_path)
+    if tokenizer.mask_token_id is None:
+        raise NeumuterError(f"{name_or_path}: the tokenizer has no mask token (is it a masked LM?)")
+    mlm.to(target).eval()
+    for param in mlm.parameters():
+        param.requires_grad_(False)
+    return mlm, tokenizer
+
+
+def mlm_window(model, tokenizer) -> int:
+    """Tokens per MLM call, special tokens included."""
+    window = int(getattr(model.config, "max_position_embeddings", 512))
+    if getattr(model.config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+        window -= 2  # position ids start after the padding index
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < window:
+        window = limit
+    return window
+
+
+# ---------------------------------------------------------------- the rewrite
+
+@dataclass
+class _Sequence:
+    """One neighbour being written: the current token ids and the positions still to visit."""
+
+    slot: int                      # index in the caller's output list
+    tokens: list[int]              # current text, no special tokens
+    positions: list[int]           # visited in this order
+    rng: random.Random | None      # for sampling
+    step: int = 0
+    copies: list[int] = field(default_factory=list)  # other slots with the same (greedy) result
+
+
+class NeighborWriter:
+    """Makes neighbours for a stream of texts with one masked LM.
+
+    Call it on successive lists of texts (or use :meth:`records`); the position RNG runs on
+    across calls, so cutting the stream into groups does not change the result."""
+
+    def __init__(self, model, tokenizer, k: int = DEFAULT_K, ratio: float = DEFAULT_RATIO,
+                 seed: int = 0, temperature: float = DEFAULT_TEMPERATURE, top_k: int = DEFAULT_TOP_K,
+                 batch_size: int = DEFAULT_BATCH_SIZE, progress: ProgressFn | None = None):
+        if k < 1:
+            raise NeumuterError("-k must be at least 1")
+        if not 0.0 < ratio <= 1.0:
+            raise NeumuterError(f"the replacement ratio must be in (0, 1], not {ratio}")
+        if temperature < 0 or not math.isfinite(temperature):
+            raise NeumuterError(f"the temperature must be 0 (argmax) or positive, not {temperature}")
+        if top_k < 0:
+            raise NeumuterError("--top-k must be 0 (no limit) or positive")
+        if batch_size < 1:
+            raise NeumuterError("--batch-size must be at least 1")
+        self.model, self.tokenizer = model, tokenizer
+        self.k, self.ratio, self.seed = k, ratio, seed
+        self.temperature, self.top_k, self.batch_size = temperature, top_k, batch_size
+        self.progress = progress
+        self.window = mlm_window(model, tokenizer)
+        if self.window < 3:
+            raise NeumuterError(f"the MLM's window ({self.window} tokens) is too small")
+        self.context = self.window - 2
+        self.cls_id = _special_id(tokenizer, "cls_token_id", "bos_token_id")
+        self.sep_id = _special_id(tokenizer, "sep_token_id", "eos_token_id")
+        self.mask_id = tokenizer.mask_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.banned = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+        self.device = model.get_input_embeddings().weight.device
+        self._position_rng = random.Random(seed)
+        self._records_seen = 0
+        self._head = model.get_output_embeddings()
+        self._gather: torch.Tensor | None = None
+        self.calls = 0     # MLM calls so far
+        self.rewrites = 0  # token positions predicted so far
+
+    # -- public
+
+    def __call__(self, texts: Sequence[str]) -> list[list[str]]:
+        """The ``k`` neighbours of each text, in order."""
+        token_lists = [self.tokenizer.tokenize(text) for text in texts]
+        ids = [self.tokenizer.convert_tokens_to_ids(tokens) for tokens in token_lists]
+        out = self.rewrite_ids(ids)
+        return [[self.tokenizer.convert_tokens_to_string(self.tokenizer.convert_ids_to_tokens(seq))
+                 for seq in per_text] for per_text in out]
+
+    def rewrite_ids(self, token_ids: Sequence[Sequence[int]]) -> list[list[list[int]]]:
+        """The same on MLM token ids (no special tokens): ``k`` rewritten id lists per text."""
+        sequences: list[_Sequence] = []
+        greedy_seen: dict[tuple, _Sequence] = {}
+        for t, tokens in enumerate(token_ids):
+            record = self._records_seen + t
+            if len(tokens) == 0:
+                raise NeumuterError(f"record {record + 1}: the text has no token for the masked LM")
+            n = max(1, int(len(tokens) * self.ratio))
+            for j in range(self.k):
+                slot = t * self.k + j
+                positions = sorted(self._position_rng.sample(range(len(tokens)), n))
+                if self.temperature == 0:
+                    key = (t, tuple(positions))
+                    if key in greedy_seen:  # argmax on the same positions: the same neighbour
+                        greedy_seen[key].copies.append(slot)
+                        continue
+                rng = None if self.temperature == 0 else random.Random(f"neumuter-neighbors:{self.seed}:{record}:{j}")
+                seq = _Sequence(slot, list(tokens), positions, rng)
+                sequences.append(seq)
+                if self.temperature == 0:
+                    greedy_seen[(t, tuple(positions))] = seq
+        self._records_seen += len(token_ids)
+        self._run(sequences)
+        flat: list[list[int] | None] = [None] * (len(token_ids) * self.k)
+        for seq in sequences:
+            for slot in [seq.slot, *seq.copies]:
+                flat[slot] = seq.tokens
+        return [[list(flat[t * self.k + j]) for j in range(self.k)] for t in range(len(token_ids))]
+
+    def records(self, records: Iterable[dict], group: int | None = None) -> Iterator[dict]:
+        """Stream records: each comes out, in order, with its keys plus ``"neighbors"``.
+
+        Records are read and rewritten in groups of ``group`` (default: enough for a few
+        batches) so that a long stream is neither held whole nor rewritten one by one."""
+        group = group or max(1, math.ceil(GROUP_BATCHES * self.batch_size / self.k))
+        batch: list[dict] = []
+        for record in records:
+            batch.append(record)
+            if len(batch) >= group:
+                yield from self._emit(batch)
+                batch = []
+        if batch:
+            yield from self._emit(batch)
+
+    # -- internals
+
+    def _emit(self, batch: list[dict]) -> Iterator[dict]:
+        start = time.monotonic()
+        neighbours = self([record["text"] for record in batch])
+        for record, texts in zip(batch, neighbours):
+            out = dict(record)
+            out["neighbors"] = texts
+            yield out
+        if self.progress:
+            self.progress(f"neighbors: {self._records_seen} records done ({len(batch)} in "
+                          f"{time.monotonic() - start:.1f} s, {self.rewrites} tokens rewritten, "
+                          f"{self.calls} MLM calls)")
+
+    def _window_start(self, seq: _Sequence, position: int) -> int:
+        if len(seq.tokens) <= self.context:
+            return 0
+        start = position - self.context // 2
+        return min(max(start, 0), len(seq.tokens) - self.context)
+
+    def _run(self, sequences: list[_Sequence]) -> None:
+        if not sequences:
+            return
+        # longest first: the rows of one call then have similar lengths (little padding), and
+        # the long ones do not trail alone at the end
+        queue = sorted(sequences, key=lambda s: (-min(len(s.tokens), self.context), -len(s.positions)))
+        queue.reverse()  # pop() from the end
+        active: list[_Sequence] = []
+        total = sum(len(s.positions) for s in sequences)
+        done, last_report = 0, time.monotonic()
+        with torch.inference_mode(), self._only_masked_logits():
+            while queue or active:
+                while queue and len(active) < self.batch_size:
+                    active.append(queue.pop())
+                choices = self._step(active)
+                for seq, choice in zip(active, choices):
+                    seq.tokens[seq.positions[seq.step]] = choice
+                    seq.step += 1
+                done += len(active)
+                active = [seq for seq in active if seq.step < len(seq.positions)]
+                if self.progress and time.monotonic() - last_report > 10:
+                    last_report = time.monotonic()
+                    self.progress(f"neighbors: {done}/{total} tokens of this group rewritten")
+
+    def _step(self, active: list[_Sequence]) -> list[int]:
+        """One MLM call: mask the next position of every active sequence, predict it."""
+        rows = []
+        masked = []
+        for seq in active:
+            position = seq.positions[seq.step]
+            start = self._window_start(seq, position)
+            row = [self.cls_id, *seq.tokens[start:start + self.context], self.sep_id]
+            row[position - start + 1] = self.mask_id
+            rows.append(row)
+            masked.append(position - start + 1)
+        width = max(len(row) for row in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            attention[i, : len(row)] = 1
+        index = torch.arange(len(rows))
+        masked_t = torch.tensor(masked, dtype=torch.long)
+        self._gather = (index.to(self.device), masked_t.to(self.device))
+        logits = self.model(input_ids=input_ids.to(self.device),
+                            attention_mask=attention.to(self.device)).logits
+        if logits.dim() == 3:  # the head was not narrowed to the masked positions
+            logits = logits[index.to(logits.device), masked_t.to(logits.device)]
+        self.calls += 1
+        self.rewrites += len(rows)
+        return self._choose(logits.float(), active)
+
+    def _choose(self, logits: torch.Tensor, active: list[_Sequence]) -> list[int]:
+        logits[:, self.banned.to(logits.device)] = float("-inf")
+        if self.temperature == 0:
+            return logits.argmax(dim=-1).tolist()
+        logits = logits / self.temperature
+        if self.top_k:
+            values, ids = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1)
+        else:
+            values, ids = logits.sort(dim=-1, descending=True)
+        cdf = torch.softmax(values, dim=-1).cumsum(dim=-1).cpu()
+        ids = ids.cpu()
+        picks = []
+        for i, seq in enumerate(active):
+            u = seq.rng.random() * float(cdf[i, -1])
+            j = min(int(torch.searchsorted(cdf[i], torch.tensor([u]), right=True)), cdf.shape[1] - 1)
+            picks.append(int(ids[i, j]))
+        return picks
+
+    def _only_masked_logits(self):
+        """While active, the vocabulary projection sees only the masked positions."""
+        import contextlib
+
+        head = self._head
+        if head is None:
+            return contextlib.nullcontext()
+
+        def narrow(module, args):
+            hidden = args[0]
+            if hidden.dim() != 3 or self._gather is None:
+                return None
+            rows, cols = self._gather
+            return (hidden[rows, cols], *args[1:])
+
+        @contextlib.contextmanager
+        def hooked():
+            handle = head.register_forward_pre_hook(narrow)
+            try:
+                yield
+            finally:
+                handle.remove()
+                self._gather = None
+        return hooked()
+
+
+def _special_id(tokenizer, *names: str) -> int:
+    for name in names:
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return value
+    raise NeumuterError(f"the MLM tokenizer has no {names[0].replace('_id', '')} (nor {names[-1].replace('_id', '')})")
+
+
+def make_neighbors(texts: Sequence[str], model, tokenizer, **options) -> list[list[str]]:
+    """The neighbours of ``texts`` in one call (options as :class:`NeighborWriter`)."""
+    return NeighborWriter(model, tokenizer, **options)(texts)
+
+
+__all__ = ["DEFAULT_K", "DEFAULT_RATIO", "DEFAULT_TEMPERATURE", "DEFAULT_TOP_K", "DEFAULT_BATCH_SIZE",
+           "load_mlm", "mlm_window", "NeighborWriter", "make_neighbors"]
