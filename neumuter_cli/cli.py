@@ -170,6 +170,162 @@ def apply_cmd(scales, model, device, dtype, device_map, trust_remote_code, outpu
              f"checkpoint written to {output}")
 
 
+def _el_sizes(ctx, param, values):
+    sizes = []
+    for value in values:
+        for part in value.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            try:
+                n = int(part)
+            except ValueError:
+                raise click.BadParameter(f"{part!r} is not an integer (use e.g. 10 or 5,10)") from None
+            if n < 0:
+                raise click.BadParameter("n must be positive (0 skips EL)")
+            if n and n not in sizes:
+                sizes.append(n)
+    return tuple(sizes)
+
+
+@cli.command("measure")
+@click.argument("input_path", default="-", metavar="[INPUT|-]")
+@model_options
+@click.option("--max-length", type=click.IntRange(2), default=200, show_default=True,
+              help="Cut every text to its first N tokens (the benchmark's sample length).")
+@click.option("--el-n", "el_ns", multiple=True, default=("10",), show_default=True, callback=_el_sizes,
+              metavar="N[,N..]", help="n of EL_n; several allowed (5,10 or repeat the option); 0 skips EL.")
+@click.option("--reference", metavar="UNSEEN.jsonl",
+              help="Texts the model never saw: their mean MA and EL_n are the thresholds (eq. 17) "
+                   "and their mean loss the anchor of the MIA distance (B.3).")
+@click.option("--check", is_flag=True, default=False,
+              help="Exit 1 unless every record is forgotten (needs --reference).")
+@click.option("--ppl", "ppl_path", metavar="CORPUS.jsonl",
+              help="Also report the perplexity of these (long) texts, by windows.")
+@click.option("--ppl-window", type=click.IntRange(2), default=None, metavar="N",
+              help="Tokens per perplexity window [default: the model's context, at most 1024].")
+@click.option("--ppl-stride", type=click.IntRange(1), default=None, metavar="N",
+              help="How far each window moves [default: the window, i.e. non-overlapping windows that "
+                   "score all their tokens but the first]; a smaller stride scores each token once "
+                   "with more context.")
+@click.option("--generations", "n_generations", type=click.IntRange(0), default=0, show_default=True,
+              metavar="N", help="For the first N records, show the greedy continuation of the prefix "
+                                "beside the true suffix and where they part (the paper's Table 14).")
+@click.option("--prefix-tokens", type=click.IntRange(1), default=100, show_default=True,
+              help="Prefix length for --generations.")
+@click.option("--new-tokens", type=click.IntRange(1), default=100, show_default=True,
+              help="Continuation length for --generations.")
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True,
+              help="Sequences per forward pass (teacher forcing and lock-step generation).")
+@click.option("--format", "fmt", type=click.Choice(["auto", "table", "jsonl", "json"]), default="auto",
+              show_default=True, help="auto: table on a terminal, jsonl otherwise.")
+@click.option("--output", "-o", default="-", show_default=True, metavar="FILE|-",
+              help="Where the data goes (written atomically); - is stdout.")
+def measure_cmd(input_path, model, device, dtype, device_map, trust_remote_code, max_length, el_ns,
+                reference, check, ppl_path, ppl_window, ppl_stride, n_generations, prefix_tokens,
+                new_tokens, batch_size, fmt, output):
+    """Measure how well a model remembers texts: MA, EL_n, loss; thresholds; MIA; perplexity.
+
+    Reads records (JSONL with "text"; INPUT or - / nothing: stdin) and, per record, computes on
+    its first --max-length tokens: MA (eq. 15, share of greedy next tokens equal to the true
+    ones), EL_n (eq. 16, n-gram overlap of the greedy continuation of every prefix with the true
+    suffix; exact, with prefix reuse and lock-step batches) and the mean token loss (nats).
+
+    With --reference, the thresholds are the reference texts' mean MA and EL_n (eq. 17); a record
+    is "forgotten" when its MA and every EL_n are at or below them. Its "mia_distance" is
+    |loss - mean reference loss| (B.3); the summary gives the share within 0.5.
+
+    \b
+    Output (the data goes to stdout or -o):
+      jsonl  one line per record: every input key kept, plus tokens, ma, el_N,
+             loss [, mia_distance, forgotten] [, generation]; the summary
+             goes to stderr as a table
+      json   one object {"records": [...], "summary": {...}}
+      table  the per-record table, the summary and any generations
+    Progress goes to stderr. With --check, exit status 1 unless every record is
+    forgotten (the data is written first).
+    """
+    import json
+    import time
+
+    from .measure import (generation_lines, generations, mark, measure_ids, perplexity, record_label,
+                          results_table, summary_table, summarize, thresholds)
+    from .records import atomic_output, dumps_record, read_records
+
+    if check and not reference:
+        raise click.UsageError("--check needs --reference (the thresholds come from it)")
+    if fmt == "auto":
+        fmt = "table" if output == "-" and sys.stdout.isatty() else "jsonl"
+    only_ppl = input_path == "-" and ppl_path and sys.stdin.isatty()
+    if input_path == "-" and sys.stdin.isatty() and not ppl_path:
+        raise NeumuterError("no input: give a JSONL file or pipe one into stdin")
+    records = [] if only_ppl else read_records(input_path)
+    ref_records = read_records(reference) if reference else None
+    ppl_texts = [r["text"] for r in read_records(ppl_path)] if ppl_path else None
+
+    last = [0.0]
+
+    def throttled(message):
+        now = time.monotonic()
+        if now - last[0] >= 2.0:
+            last[0] = now
+            progress(message)
+
+    lm, tokenizer = load_lm(model, device, dtype, device_map, trust_remote_code)
+
+    def measure_set(recs, name):
+        from .measure import encode
+
+        ids = encode(tokenizer, [r["text"] for r in recs], max_length)
+        for k, (r, x) in enumerate(zip(recs, ids)):
+            if len(x) < 2:
+                raise NeumuterError(f"{name}: record {record_label(r, k)} has {len(x)} token(s); "
+                                    "at least 2 are needed to measure it")
+        progress(f"measuring {len(recs)} records of {name} ({sum(map(len, ids))} tokens)")
+        return measure_ids(lm, ids, el_ns, batch_size, throttled)
+
+    results = measure_set(records, "<stdin>" if input_path == "-" else input_path) if records else []
+    limits = None
+    if ref_records is not None:
+        limits = thresholds(measure_set(ref_records, reference), el_ns)
+        mark(results, limits, el_ns)
+    out_records = [{**record, **result} for record, result in zip(records, results)]
+    if n_generations and records:
+        progress(f"generating {min(n_generations, len(records))} continuations")
+        gens = generations(lm, tokenizer, [r["text"] for r in records[:n_generations]],
+                           prefix_tokens, new_tokens, batch_size)
+        for record, gen in zip(out_records, gens):
+            record["generation"] = gen
+    summary = summarize(results, el_ns, limits) if results else {}
+    if ppl_texts is not None:
+        summary["perplexity"] = perplexity(lm, tokenizer, ppl_texts, ppl_window, ppl_stride, batch_size, throttled)
+
+    with atomic_output(output, "w") as out:
+        if fmt == "jsonl":
+            for record in out_records:
+                out.write(dumps_record(record) + "\n")
+        elif fmt == "json":
+            out.write(json.dumps({"records": out_records, "summary": summary}, ensure_ascii=False, indent=2) + "\n")
+        else:
+            parts = [results_table(out_records, el_ns)] if out_records else []
+            parts.append(summary_table(summary, el_ns))
+            styled = output == "-" and sys.stdout.isatty()
+            lines = generation_lines(out_records, click.style if styled else None)
+            if lines:
+                parts.append("\n".join(lines))
+            out.write("\n\n".join(parts) + "\n")
+    if fmt == "jsonl":
+        click.echo(summary_table(summary, el_ns), err=True)
+    if check:
+        missed = [record_label(r, k) for k, r in enumerate(out_records) if not r["forgotten"]]
+        if missed:
+            shown = ", ".join(missed[:10]) + (", ..." if len(missed) > 10 else "")
+            click.echo(f"check failed: {len(missed)} of {len(out_records)} records are not forgotten ({shown})",
+                       err=True)
+            sys.exit(1)
+        progress(f"check passed: all {len(out_records)} records are forgotten")
+
+
 @cli.command("neighbors")
 @click.argument("input_path", default="-", metavar="[INPUT|-]")
 @click.option("--mlm", required=True, metavar="NAME_OR_PATH",

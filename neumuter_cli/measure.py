@@ -1,0 +1,647 @@
+"""Memorisation and utility metrics (SPEC §3): MA (eq. 15), EL_n (eq. 16), token loss, corpus
+perplexity by windows, the loss-based MIA distance (B.3) and the unlearning thresholds (eq. 17).
+
+Token sequences are the tokenizer's ``input_ids`` of each text (special tokens as the tokenizer
+adds them), cut to ``max_length``. Greedy decoding everywhere, never stopping at EOS.
+
+Exact and fast EL_n
+-------------------
+The definition generates, for every prefix length ``i = 1..T-1``, the greedy continuation
+``gen(i)`` of ``w_<i`` with exactly ``T-i`` tokens: ``T`` generate calls per text. Two exact
+identities make it cheap:
+
+* Reuse. The first token of ``gen(i)`` is the argmax of the teacher-forced logits at position
+  ``i-1`` (the same argmax MA compares). When it equals the true token ``w_i``, greedy decoding
+  goes on from the context ``w_<i + [w_i] = w_<(i+1)``, which is exactly the context of
+  ``gen(i+1)``; so ``gen(i) = [w_i] + gen(i+1)`` (lengths: ``1 + (T-i-1) = T-i``). Walking the
+  prefixes from the longest to the shortest, only the prefixes whose greedy token differs from
+  the true one need a real generation. A memorised text (MA ≈ 0.94) needs ~6 % of them.
+* Lock-step batches. Every continuation ends at the same absolute position ``T-1`` of its own
+  text, so the rows of a batch share absolute positions: a row whose prefix is longer than the
+  batch's shortest is fed its own true tokens until its prefix ends, then its own greedy tokens.
+  No padding, no attention mask, no position-id tricks: every row is computed exactly as a
+  single-sequence KV-cached decode would compute it (up to float reduction order, see below).
+
+Rows are sorted by prefix length, so a batch's rows start close together and little work is
+spent re-feeding true tokens. Overlaps are counted incrementally along the reuse chains (a
+multiset of the generation's n-grams, a set of the suffix's n-grams), so the n-gram
+bookkeeping is O(T) per text instead of O(T²).
+
+Float: the argmax of a batched or cached computation can differ from another computation of the
+same logits in the last bits; only a near-tie (a top-2 logit gap around 1e-6) can flip. The
+naive reference (``baselines/naive_metrics.py``) is itself such a computation.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import NeumuterError
+from .models import input_device
+
+ProgressFn = Callable[[str], None] | None
+
+#: cap on the logits one teacher-forced forward may hold (batch × length × vocab floats)
+LOGIT_BUDGET = 1 << 27
+
+
+# ---------------------------------------------------------------- model calls
+
+def _forward_params(model) -> set[str]:
+    cached = getattr(model, "_neumuter_forward_params", None)
+    if cached is None:
+        try:
+            cached = set(inspect.signature(model.forward).parameters)
+        except (TypeError, ValueError):  # pragma: no cover - exotic wrappers
+            cached = set()
+        try:
+            model._neumuter_forward_params = cached
+        except AttributeError:  # pragma: no cover
+            pass
+    return cached
+
+
+def _call(model, input_ids: torch.Tensor, cache=None, last_only: bool = False, attention_mask=None):
+    """One forward pass; returns (logits float32, cache). Works with the transformers 5 ``cache``
+    keyword and the older ``past_key_values``; asks for the last position's logits only when
+    ``last_only`` and the model supports it."""
+    params = _forward_params(model)
+    kwargs = {"input_ids": input_ids, "use_cache": True}
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    if cache is not None:
+        kwargs["cache" if "cache" in params else "past_key_values"] = cache
+    if last_only:
+        if "logits_to_keep" in params:
+            kwargs["logits_to_keep"] = 1
+        elif "num_logits_to_keep" in params:  # pragma: no cover - transformers < 4.50
+            kwargs["num_logits_to_keep"] = 1
+    out = model(**kwargs)
+    new_cache = out.get("cache", None)
+    if new_cache is None:
+        new_cache = out.get("past_key_values", None)
+    logits = out.logits
+    if last_only:
+        logits = logits[:, -1]
+    return logits, new_cache
+
+
+def encode(tokenizer, texts: Iterable[str], max_length: int | None = 200) -> list[list[int]]:
+    """The token ids of each text (special tokens as the tokenizer adds them), cut to
+    ``max_length`` (None: no cut)."""
+    out = []
+    for text in texts:
+        ids = list(tokenizer(text, verbose=False)["input_ids"])
+        out.append(ids[:max_length] if max_length else ids)
+    return out
+
+
+# ---------------------------------------------------------------- teacher forcing: MA and loss
+
+@dataclass
+class TeacherForced:
+    """One text's teacher-forced pass: ``preds[t]`` = argmax of the logits at position t (the
+    greedy guess for token t+1), ``nll[t]`` = -log p(w_{t+1} | w_<=t), for t = 0..T-2."""
+
+    preds: list[int]
+    nll: list[float]
+
+    def ma(self, ids: Sequence[int]) -> float:
+        return sum(p == w for p, w in zip(self.preds, ids[1:])) / len(self.preds)
+
+    @property
+    def loss(self) -> float:
+        return math.fsum(self.nll) / len(self.nll)
+
+
+def _check_lengths(ids_list: Sequence[Sequence[int]], minimum: int = 2) -> None:
+    for k, ids in enumerate(ids_list):
+        if len(ids) < minimum:
+            raise NeumuterError(f"text {k + 1} has {len(ids)} token(s): at least {minimum} are needed to measure it")
+
+
+@torch.no_grad()
+def teacher_forced(model, ids_list: Sequence[Sequence[int]], batch_size: int = 32,
+                   progress: ProgressFn = None) -> list[TeacherForced]:
+    """Greedy guesses and token losses of every text in one teacher-forced forward pass each,
+    batched. Texts are sorted by length; equal lengths share a batch without padding, unequal
+    ones are right-padded with an attention mask (exact for causal LMs: padding comes after
+    every real position)."""
+    _check_lengths(ids_list)
+    device = input_device(model)
+    vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else 1
+    order = sorted(range(len(ids_list)), key=lambda k: -len(ids_list[k]))
+    results: list[TeacherForced | None] = [None] * len(ids_list)
+    start = 0
+    while start < len(order):
+        longest = len(ids_list[order[start]])
+        size = max(1, min(batch_size, LOGIT_BUDGET // max(1, longest * vocab)))
+        batch = order[start:start + size]
+        start += size
+        lengths = [len(ids_list[k]) for k in batch]
+        x = torch.zeros(len(batch), longest, dtype=torch.long)
+        mask = torch.zeros(len(batch), longest, dtype=torch.long)
+        for row, k in enumerate(batch):
+            x[row, :lengths[row]] = torch.tensor(ids_list[k], dtype=torch.long)
+            mask[row, :lengths[row]] = 1
+        padded = min(lengths) != longest
+        logits, _ = _call(model, x.to(device), attention_mask=mask.to(device) if padded else None)
+        logits = logits[:, :-1].float()
+        targets = x[:, 1:].to(logits.device)
+        preds = logits.argmax(-1).cpu()
+        nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").cpu()
+        for row, k in enumerate(batch):
+            n = lengths[row] - 1
+            results[k] = TeacherForced(preds[row, :n].tolist(), nll[row, :n].tolist())
+        if progress:
+            progress(f"teacher-forced: {start if start < len(order) else len(order)}/{len(order)} texts")
+    return results  # type: ignore[return-value]
+
+
+def memorization_accuracy(model, ids_list: Sequence[Sequence[int]], batch_size: int = 32) -> list[float]:
+    """MA (eq. 15) of each token sequence: the share of positions t = 1..T-1 where the greedy
+    token given w_<t is w_t. One batched teacher-forced pass."""
+    return [tf.ma(ids) for tf, ids in zip(teacher_forced(model, ids_list, batch_size), ids_list)]
+
+
+def token_losses(model, ids_list: Sequence[Sequence[int]], batch_size: int = 32) -> list[float]:
+    """Mean next-token cross-entropy (nats) of each token sequence."""
+    return [tf.loss for tf in teacher_forced(model, ids_list, batch_size)]
+
+
+# ---------------------------------------------------------------- greedy generation in lock-step
+
+@torch.no_grad()
+def greedy_continuations(model, rows: Sequence[tuple[Sequence[int], int]], batch_size: int = 64,
+                         progress: ProgressFn = None) -> list[list[int]]:
+    """Greedy continuations, exactly ``new`` tokens each (no stop at EOS), for rows
+    ``(context_ids, new)``.
+
+    Rows are sorted by context length and run in lock-step batches of ``batch_size``: a batch
+    is prefilled with the first ``p0`` tokens of every row (``p0`` = its shortest context), then
+    decoded one absolute position at a time with a KV cache; a row is fed its own context
+    tokens until its context ends and its own greedy tokens after that. No padding is needed."""
+    results: list[list[int] | None] = [None] * len(rows)
+    todo = []
+    for j, (context, new) in enumerate(rows):
+        if len(context) < 1:
+            raise NeumuterError("a greedy continuation needs at least one context token")
+        if new <= 0:
+            results[j] = []
+        else:
+            todo.append(j)
+    todo.sort(key=lambda j: (len(rows[j][0]), len(rows[j][0]) + rows[j][1]))
+    device = input_device(model)
+    done = 0
+    for first in range(0, len(todo), batch_size):
+        batch = todo[first:first + batch_size]
+        starts = [len(rows[j][0]) for j in batch]
+        stops = [starts[r] + rows[j][1] for r, j in enumerate(batch)]
+        p0, last = min(starts), max(stops)
+        # every row's context tokens, padded after its own context (never fed there)
+        true_tok = torch.zeros(len(batch), last, dtype=torch.long)
+        for r, j in enumerate(batch):
+            true_tok[r, :starts[r]] = torch.tensor(list(rows[j][0]), dtype=torch.long)
+        true_tok = true_tok.to(device)
+        start_t = torch.tensor(starts, device=device)
+        out = torch.zeros(len(batch), last, dtype=torch.long, device=device)
+        logits, cache = _call(model, true_tok[:, :p0], last_only=True)
+        nxt = logits.argmax(-1)                         # prediction for position p0
+        for p in range(p0, last):
+            out[:, p] = nxt
+            if p == last - 1:
+                break
+            feed = torch.where(start_t > p, true_tok[:, p], nxt)
+            logits, cache = _call(model, feed[:, None], cache=cache, last_only=True)
+            nxt = logits.argmax(-1)                     # prediction for position p + 1
+        out = out.cpu()
+        for r, j in enumerate(batch):
+            results[j] = out[r, starts[r]:stops[r]].tolist()
+        del cache
+        done += len(batch)
+        if progress:
+            progress(f"greedy generation: {done}/{len(todo)} continuations")
+    return results  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------- extraction likelihood
+
+def _diverged_rows(ids_list, tfs):
+    """The (record, prefix length i) whose greedy token differs from w_i and whose continuation
+    has more than one token, with its generation row: context w_<i + [greedy token]."""
+    keys, rows = [], []
+    for r, (ids, tf) in enumerate(zip(ids_list, tfs)):
+        T = len(ids)
+        for i in range(1, T - 1):
+            guess = tf.preds[i - 1]
+            if guess != ids[i]:
+                keys.append((r, i))
+                rows.append((list(ids[:i]) + [guess], T - i - 1))
+    return keys, rows
+
+
+def _generate_diverged(model, ids_list, tfs, batch_size, progress) -> dict[tuple[int, int], list[int]]:
+    keys, rows = _diverged_rows(ids_list, tfs)
+    if progress:
+        total = sum(len(ids) - 1 for ids in ids_list)
+        progress(f"EL: {len(keys)} of {total} prefixes need a generation "
+                 f"(the others reuse the continuation of the next prefix)")
+    tails = greedy_continuations(model, rows, batch_size, progress)
+    return {key: [row[0][-1]] + tail for key, row, tail in zip(keys, rows, tails)}
+
+
+def _generation(i, ids, tf, fresh, r, nxt):
+    """gen(i) given gen(i+1) (``nxt``): reuse when the greedy token is the true one."""
+    guess = tf.preds[i - 1]
+    if guess == ids[i]:
+        return [ids[i]] + nxt, True
+    if i == len(ids) - 1:
+        return [guess], False
+    return fresh[(r, i)], False
+
+
+def suffix_generations(model, ids_list: Sequence[Sequence[int]], batch_size: int = 64,
+                       tfs: Sequence[TeacherForced] | None = None,
+                       progress: ProgressFn = None) -> list[dict[int, list[int]]]:
+    """For each text, ``{i: gen(i)}`` for i = 1..T-1: the greedy continuation of w_<i with
+    exactly T-i tokens, computed with the reuse identity (for inspection and tests; EL does
+    not materialise these)."""
+    _check_lengths(ids_list)
+    tfs = tfs or teacher_forced(model, ids_list, batch_size)
+    fresh = _generate_diverged(model, ids_list, tfs, batch_size, progress)
+    out = []
+    for r, (ids, tf) in enumerate(zip(ids_list, tfs)):
+        gens, nxt = {}, []
+        for i in range(len(ids) - 1, 0, -1):
+            nxt, _ = _generation(i, ids, tf, fresh, r, nxt)
+            gens[i] = nxt
+        out.append(gens)
+    return out
+
+
+class _OverlapCounter:
+    """Σ_i overlap_i of eq. 16 for one n, fed gen(i) for i = T-1 down to 1.
+
+    overlap_i = #{n-grams of gen(i) (with multiplicity) that occur among the n-grams of the
+    true suffix w_i..w_{T-1}} / #(n-grams of that suffix); 0 when the suffix is shorter than n.
+    Along a reuse chain gen(i) = [w_i] + gen(i+1): one n-gram joins the generation's multiset,
+    at most one joins the suffix's set, so each step is O(1)."""
+
+    def __init__(self, ids: Sequence[int], n: int):
+        self.ids, self.n, self.T = ids, n, len(ids)
+        self.suffix: set[tuple[int, ...]] = set()
+        self.grams: Counter = Counter()
+        self.hits = 0           # Σ_{g in grams} [g in suffix]
+        self.overlaps: list[float] = []   # overlap_i for i = T-1, T-2, ...
+
+    def step(self, i: int, gen: list[int], reused: bool) -> None:
+        n, ids = self.n, self.ids
+        new_suffix = tuple(ids[i:i + n]) if self.T - i >= n else None
+        if reused:
+            if new_suffix is not None and new_suffix not in self.suffix:
+                self.suffix.add(new_suffix)
+                self.hits += self.grams[new_suffix]
+            if len(gen) >= n:
+                head = tuple(gen[:n])
+                self.grams[head] += 1
+                self.hits += head in self.suffix
+        else:
+            if new_suffix is not None:
+                self.suffix.add(new_suffix)
+            self.grams = Counter(tuple(gen[k:k + n]) for k in range(len(gen) - n + 1))
+            self.hits = sum(c for g, c in self.grams.items() if g in self.suffix)
+        count = self.T - i - n + 1
+        if count > 0:
+            self.overlaps.append(self.hits / count)
+
+    def value(self) -> float | None:
+        denominator = self.T - 1 - (self.n - 1)
+        if denominator <= 0:
+            return None
+        total = 0.0
+        for overlap in reversed(self.overlaps):   # i = 1, 2, ...: the definition's order, bit for bit
+            total += overlap
+        return total / denominator
+
+
+def extraction_likelihoods(model, ids_list: Sequence[Sequence[int]], ns: Sequence[int] = (10,),
+                           batch_size: int = 64, tfs: Sequence[TeacherForced] | None = None,
+                           progress: ProgressFn = None) -> dict[int, list[float | None]]:
+    """EL_n (eq. 16) of each token sequence for every n in ``ns``: {n: [value per text]}.
+
+    EL_n = Σ_{i=1..T-1} overlap_i / (T-n), overlap_i as in :class:`_OverlapCounter`; ``None``
+    for a text of n tokens or fewer (no suffix holds an n-gram). Exact and fast: see the module
+    docstring. ``tfs``: teacher-forced results already computed for these sequences."""
+    ns = tuple(ns)
+    if not ns or any(n < 1 for n in ns):
+        raise NeumuterError("EL n must be a positive integer")
+    _check_lengths(ids_list)
+    tfs = tfs or teacher_forced(model, ids_list, batch_size)
+    fresh = _generate_diverged(model, ids_list, tfs, batch_size, progress)
+    values: dict[int, list[float | None]] = {n: [] for n in ns}
+    for r, (ids, tf) in enumerate(zip(ids_list, tfs)):
+        counters = [_OverlapCounter(ids, n) for n in ns]
+        nxt: list[int] = []
+        for i in range(len(ids) - 1, 0, -1):
+            gen, reused = _generation(i, ids, tf, fresh, r, nxt)
+            for counter in counters:
+                counter.step(i, gen, reused)
+            nxt = gen
+            if not reused:
+                fresh.pop((r, i), None)
+        for n, counter in zip(ns, counters):
+            values[n].append(counter.value())
+    return values
+
+
+def extraction_likelihood(model, ids_list: Sequence[Sequence[int]], n: int = 10, batch_size: int = 64,
+                          progress: ProgressFn = None) -> list[float | None]:
+    """EL_n (eq. 16) of each token sequence (``None`` when a text has n tokens or fewer)."""
+    return extraction_likelihoods(model, ids_list, (n,), batch_size, progress=progress)[n]
+
+
+# ---------------------------------------------------------------- per-record measurement
+
+def el_key(n: int) -> str:
+    return f"el_{n}"
+
+
+def measure_ids(model, ids_list: Sequence[Sequence[int]], el_ns: Sequence[int] = (10,), batch_size: int = 64,
+                progress: ProgressFn = None) -> list[dict]:
+    """MA, EL_n for each n in ``el_ns`` (none: skip EL) and mean token loss of each token
+    sequence: ``[{"tokens", "ma", "el_10", ..., "loss"}]``."""
+    tfs = teacher_forced(model, ids_list, batch_size, progress)
+    results = [{"tokens": len(ids), "ma": tf.ma(ids)} for ids, tf in zip(ids_list, tfs)]
+    if el_ns:
+        els = extraction_likelihoods(model, ids_list, el_ns, batch_size, tfs=tfs, progress=progress)
+        for n in el_ns:
+            for result, value in zip(results, els[n]):
+                result[el_key(n)] = value
+    for result, tf in zip(results, tfs):
+        result["loss"] = tf.loss
+    return results
+
+
+def measure_records(model, tokenizer, texts: Sequence[str], el_ns: Sequence[int] = (10,),
+                    max_length: int | None = 200, batch_size: int = 64,
+                    progress: ProgressFn = None) -> list[dict]:
+    """Tokenise ``texts`` (cut to ``max_length``) and measure each: see :func:`measure_ids`."""
+    return measure_ids(model, encode(tokenizer, texts, max_length), el_ns, batch_size, progress)
+
+
+# ---------------------------------------------------------------- thresholds, MIA, summary
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return math.fsum(values) / len(values) if values else None
+
+
+def thresholds(reference: Sequence[dict], el_ns: Sequence[int] = (10,)) -> dict:
+    """Eq. 17 from measured reference texts (never seen by the model): the average MA, EL_n and
+    loss over them: ``{"ma", "el_10", ..., "loss", "records"}``."""
+    if not reference:
+        raise NeumuterError("the reference set is empty")
+    out = {"ma": _mean(r["ma"] for r in reference)}
+    for n in el_ns:
+        out[el_key(n)] = _mean(r.get(el_key(n)) for r in reference)
+    out["loss"] = _mean(r["loss"] for r in reference)
+    out["records"] = len(reference)
+    return out
+
+
+def is_forgotten(result: dict, limits: dict, el_ns: Sequence[int] = (10,)) -> bool:
+    """Eq. 17: MA ≤ the MA threshold and, for every n, EL_n ≤ the EL_n threshold (an EL_n that
+    is undefined for a short text, or a threshold that is, does not count)."""
+    if result["ma"] > limits["ma"]:
+        return False
+    for n in el_ns:
+        value, limit = result.get(el_key(n)), limits.get(el_key(n))
+        if value is not None and limit is not None and value > limit:
+            return False
+    return True
+
+
+def mark(results: Sequence[dict], limits: dict, el_ns: Sequence[int] = (10,)) -> None:
+    """Add ``forgotten`` (eq. 17) and ``mia_distance`` = |loss - mean reference loss| (B.3) to
+    each result, in place."""
+    for result in results:
+        result["mia_distance"] = abs(result["loss"] - limits["loss"])
+        result["forgotten"] = is_forgotten(result, limits, el_ns)
+
+
+MIA_RADIUS = 0.5
+
+
+def summarize(results: Sequence[dict], el_ns: Sequence[int] = (10,), limits: dict | None = None) -> dict:
+    """Means over the measured records; with thresholds, the forgotten count and the share of
+    records whose MIA loss distance is within 0.5 of the reference loss."""
+    out: dict = {"records": len(results), "tokens": sum(r["tokens"] for r in results),
+                 "ma": _mean(r["ma"] for r in results)}
+    for n in el_ns:
+        out[el_key(n)] = _mean(r.get(el_key(n)) for r in results)
+    out["loss"] = _mean(r["loss"] for r in results)
+    if limits is not None:
+        out["thresholds"] = dict(limits)
+        out["forgotten"] = sum(bool(r["forgotten"]) for r in results)
+        out["mia_distance"] = _mean(r["mia_distance"] for r in results)
+        out["mia_within_0.5"] = sum(r["mia_distance"] <= MIA_RADIUS for r in results) / len(results)
+    return out
+
+
+# ---------------------------------------------------------------- perplexity
+
+def model_context(model, tokenizer=None, cap: int = 1024) -> int:
+    """The model's context length (from its config), capped at ``cap``."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return min(value, cap)
+    value = getattr(tokenizer, "model_max_length", None)
+    if isinstance(value, int) and 0 < value < 10**9:
+        return min(value, cap)
+    return cap
+
+
+def _windows(length: int, window: int, stride: int):
+    """(begin, end, first scored position) of each window over a text of ``length`` tokens:
+    every position 1..length-1 is scored exactly once, with the most context the window
+    leaves; a window's first token has no context and is never scored."""
+    prev_end = 0
+    begin = 0
+    while True:
+        end = min(begin + window, length)
+        first = max(prev_end, begin + 1)
+        if end > first:
+            yield begin, end, first
+        prev_end = end
+        if end >= length:
+            return
+        begin += stride
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, texts: Sequence[str], window: int | None = None, stride: int | None = None,
+               batch_size: int = 32, progress: ProgressFn = None) -> dict:
+    """Corpus perplexity of (long) texts by sliding windows over each text separately.
+
+    ``window``: tokens per forward pass (default: the model's context, capped at 1024).
+    ``stride``: how far the window moves (default ``window``: non-overlapping windows, each
+    scoring all its tokens but the first). With ``stride < window`` each window scores only the
+    tokens the previous one did not, with the earlier tokens as context (the usual
+    sliding-window perplexity). Returns ``{"perplexity", "nll", "tokens", "window", "stride"}``:
+    ``tokens`` = the number of scored tokens, ``nll`` = their mean negative log-likelihood."""
+    window = window or model_context(model, tokenizer)
+    stride = stride or window
+    if window < 2:
+        raise NeumuterError("the perplexity window must be at least 2 tokens")
+    if not 1 <= stride <= window:
+        raise NeumuterError(f"the perplexity stride must be between 1 and the window ({window})")
+    pieces = []  # (token ids of the window, index of the first scored position inside it)
+    for ids in encode(tokenizer, texts, None):
+        for begin, end, first in _windows(len(ids), window, stride):
+            pieces.append((ids[begin:end], first - begin))
+    if not pieces:
+        raise NeumuterError("no text is long enough to score (each needs at least 2 tokens)")
+    chunks = [piece[0] for piece in pieces]
+    tfs = teacher_forced(model, chunks, batch_size, progress=None)
+    total, count = 0.0, 0
+    for (chunk, skip), tf in zip(pieces, tfs):
+        scored = tf.nll[skip - 1:]
+        total += math.fsum(scored)
+        count += len(scored)
+    nll = total / count
+    if progress:
+        progress(f"perplexity: {count} tokens in {len(pieces)} windows of ≤ {window} (stride {stride})")
+    return {"perplexity": math.exp(nll), "nll": nll, "tokens": count, "window": window, "stride": stride}
+
+
+# ---------------------------------------------------------------- extraction examples (Table 14)
+
+def generations(model, tokenizer, texts: Sequence[str], prefix_tokens: int = 100, new_tokens: int = 100,
+                batch_size: int = 64) -> list[dict | None]:
+    """The paper's extraction attack (Table 14): the first ``prefix_tokens`` tokens of each text
+    as the prompt, the greedy ``new_tokens``-token continuation beside the true suffix.
+
+    Each result: ``prefix``, ``true``, ``generated`` (texts), ``matching`` = the number of
+    leading generated tokens equal to the true ones, ``diverges_at`` = the first token index
+    where they differ (None if they never do within the true suffix), ``same`` / ``different``
+    = the generated text split there. ``None`` for a text no longer than the prefix."""
+    ids_list = encode(tokenizer, texts, prefix_tokens + new_tokens)
+    keep = [k for k, ids in enumerate(ids_list) if len(ids) > prefix_tokens]
+    gens = greedy_continuations(model, [(ids_list[k][:prefix_tokens], new_tokens) for k in keep], batch_size)
+    out: list[dict | None] = [None] * len(ids_list)
+    for k, gen in zip(keep, gens):
+        true = ids_list[k][prefix_tokens:]
+        matching = 0
+        while matching < min(len(gen), len(true)) and gen[matching] == true[matching]:
+            matching += 1
+        diverges = matching if matching < len(true) else None
+        out[k] = {
+            "prefix": tokenizer.decode(ids_list[k][:prefix_tokens]),
+            "true": tokenizer.decode(true),
+            "generated": tokenizer.decode(gen),
+            "matching": matching,
+            "diverges_at": diverges,
+            "same": tokenizer.decode(gen[:matching]),
+            "different": tokenizer.decode(gen[matching:]),
+        }
+    return out
+
+
+# ---------------------------------------------------------------- human-readable output
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def record_label(record: dict, position: int) -> str:
+    """How a record is named in messages and tables: its id, else its line position."""
+    value = record.get("id")
+    return str(value) if value is not None else f"#{position + 1}"
+
+
+def results_table(records: Sequence[dict], el_ns: Sequence[int] = (10,)) -> str:
+    """One row per measured record (id, tokens, MA, EL_n, loss, and with thresholds the MIA
+    distance and the forgotten mark)."""
+    from tabulate import tabulate
+
+    marked = bool(records) and "forgotten" in records[0]
+    headers = ["id", "tokens", "MA"] + [f"EL_{n}" for n in el_ns] + ["loss"]
+    if marked:
+        headers += ["MIA dist", "forgotten"]
+    rows = []
+    for k, r in enumerate(records):
+        row = [record_label(r, k), r["tokens"], _fmt(r["ma"])] + [_fmt(r.get(el_key(n))) for n in el_ns]
+        row.append(_fmt(r["loss"]))
+        if marked:
+            row += [_fmt(r["mia_distance"]), _fmt(r["forgotten"])]
+        rows.append(row)
+    return tabulate(rows, headers=headers, disable_numparse=True)
+
+
+def summary_table(summary: dict, el_ns: Sequence[int] = (10,)) -> str:
+    """The summary as a two-column table: means, thresholds, forgotten count, MIA, perplexity."""
+    from tabulate import tabulate
+
+    rows = []
+    if summary.get("records"):
+        rows.append(["records (tokens)", f"{summary['records']} ({summary['tokens']})"])
+        rows.append(["mean MA", _fmt(summary["ma"], 4)])
+        rows += [[f"mean EL_{n}", _fmt(summary.get(el_key(n)), 4)] for n in el_ns]
+        rows.append(["mean loss (nats/token)", _fmt(summary["loss"], 4)])
+    limits = summary.get("thresholds")
+    if limits:
+        rows.append(["threshold MA (eq. 17)", _fmt(limits["ma"], 4)])
+        rows += [[f"threshold EL_{n} (eq. 17)", _fmt(limits.get(el_key(n)), 4)] for n in el_ns]
+        rows.append(["reference loss (mean)", _fmt(limits["loss"], 4)])
+        rows.append(["reference records", limits["records"]])
+        rows.append(["forgotten", f"{summary['forgotten']} / {summary['records']}"])
+        rows.append(["mean MIA loss distance", _fmt(summary["mia_distance"], 4)])
+        rows.append([f"MIA distance <= {MIA_RADIUS}", f"{100 * summary['mia_within_0.5']:.1f} %"])
+    ppl = summary.get("perplexity")
+    if ppl:
+        rows.append(["perplexity", f"{ppl['perplexity']:.2f}"])
+        rows.append(["  scored tokens / window / stride", f"{ppl['tokens']} / {ppl['window']} / {ppl['stride']}"])
+    return tabulate(rows, tablefmt="simple", disable_numparse=True)
+
+
+def generation_lines(records: Sequence[dict], style: Callable[..., str] | None = None) -> list[str]:
+    """Table 14: prefix, the true suffix, and the greedy continuation with the point where it
+    leaves the true text marked (``style(text, fg=...)`` colours it, e.g. click.style)."""
+    style = style or (lambda text, **_: text)
+    lines = []
+    for k, r in enumerate(records):
+        gen = r.get("generation")
+        if not gen:
+            continue
+        where = ("identical to the true suffix" if gen["diverges_at"] is None
+                 else f"diverges at token {gen['diverges_at']}")
+        lines.append(f"== {record_label(r, k)}: {gen['matching']} leading tokens match, {where}")
+        lines.append(f"prefix:    {gen['prefix']!r}")
+        lines.append(f"true:      {gen['true']!r}")
+        marker = "" if gen["diverges_at"] is None else style(" >>> ", bold=True)
+        lines.append("generated: " + style(repr(gen["same"]), fg="green") + marker
+                     + (style(repr(gen["different"]), fg="red") if gen["diverges_at"] is not None else ""))
+    return lines
+
+
+__all__ = [
+    "encode", "teacher_forced", "TeacherForced", "memorization_accuracy", "token_losses",
+    "greedy_continuations", "suffix_generations", "extraction_likelihoods", "extraction_likelihood",
+    "measure_ids", "measure_records", "thresholds", "is_forgotten", "mark", "summarize",
+    "model_context", "perplexity", "generations", "el_key", "MIA_RADIUS", "record_label",
+    "results_table", "summary_table", "generation_lines",
+]
