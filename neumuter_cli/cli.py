@@ -8,6 +8,9 @@ import click
 from tabulate import tabulate
 
 from . import NeumuterError, __version__
+from .localize import FORGET_TERMS, LocalizeConfig
+
+DEFAULTS = LocalizeConfig()
 
 
 class NeumuterGroup(click.Group):
@@ -390,6 +393,114 @@ def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, b
             out.write(dumps_record(record) + "\n")
             out.flush()
     progress(f"neighbors: {writer.rewrites} tokens rewritten in {writer.calls} MLM calls")
+
+
+@cli.command("localize")
+@click.argument("input_path", default="-", metavar="[INPUT|-]")
+@model_options
+@click.option("--output", "-o", default="-", show_default=True, metavar="MASK|-",
+              help="Mask file to write (safetensors); - writes to stdout (not to a terminal).")
+@click.option("--epochs", type=click.IntRange(1), default=DEFAULTS.epochs, show_default=True,
+              help="Most epochs to train (fewer when --reference stops it early).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS.lr, show_default=True,
+              help="Adam learning rate of the gates' log_alpha.")
+@click.option("--lambda", "kl_weight", type=click.FloatRange(min=0), default=DEFAULTS.kl_weight,
+              show_default=True, help="Weight of the neighbour KL term (eq. 13's lambda).")
+@click.option("--eta", "l0_weight", type=click.FloatRange(min=0), default=DEFAULTS.l0_weight,
+              show_default=True, help="Weight of the L0 term R(M) (eq. 13's eta).")
+@click.option("--beta", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS.beta,
+              show_default=True, help="Hard-Concrete temperature.")
+@click.option("--forget-term", type=click.Choice(FORGET_TERMS), default=DEFAULTS.forget_term,
+              show_default=True,
+              help="hinge: push each still-correct forget token below the best other token by "
+                   "--margin logits, then stop; bounded: the public code's ascent, bounded by "
+                   "--max-forget-loss; ascent: the paper's plain -L_f (no bound).")
+@click.option("--max-forget-loss", type=float, default=DEFAULTS.max_forget_loss, show_default=True,
+              help="Bound of --forget-term bounded, in nats: ascend below it, descend above it.")
+@click.option("--margin", type=float, default=DEFAULTS.margin, show_default=True,
+              help="Margin of --forget-term hinge, in logits.")
+@click.option("--layers", default=None, metavar="SPEC",
+              help="Blocks to gate, e.g. 10-16,21 (default: all; see `neumuter inspect`).")
+@click.option("--max-length", type=click.IntRange(2), default=DEFAULTS.max_length, show_default=True,
+              help="Tokens of each text (and neighbour) used.")
+@click.option("--batch-size", type=click.IntRange(1), default=DEFAULTS.batch_size, show_default=True,
+              help="Forget texts per optimiser step (their neighbours go in the same forward pass).")
+@click.option("--kl-top-k", type=click.IntRange(0), default=DEFAULTS.kl_top_k, show_default=True,
+              help="Keep the original distribution as its top-k log-probs plus one bucket for the "
+                   "rest of the vocabulary (0: the full vocabulary).")
+@click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True, help="Seed of the gate noise.")
+@click.option("--reference", "reference_path", default=None, metavar="JSONL",
+              help="Texts the model never saw: their average MA and EL_10 are the thresholds of "
+                   "eq. 17, and training stops as soon as every forget text is below both "
+                   "(checked every --check-every epochs with the default select rule).")
+@click.option("--reference-limit", type=click.IntRange(1), default=64, show_default=True,
+              help="Reference texts used for the thresholds (the first N).")
+@click.option("--stop-ma", type=float, default=None, help="MA threshold for the early stop (overrides --reference).")
+@click.option("--stop-el", type=float, default=None, help="EL_10 threshold for the early stop (overrides --reference).")
+@click.option("--check-every", type=click.IntRange(1), default=DEFAULTS.check_every, show_default=True,
+              help="Epochs between two early-stop checks.")
+def localize_cmd(input_path, model, device, dtype, device_map, trust_remote_code, output, epochs, lr,
+                 kl_weight, l0_weight, beta, forget_term, max_forget_loss, margin, layers, max_length,
+                 batch_size, kl_top_k, seed, reference_path, reference_limit, stop_ma, stop_el, check_every):
+    """Train one gate per FFN neuron so that the forget texts become unlikely.
+
+    INPUT holds records with "text" and "neighbors" (from `neumuter neighbors`). Every model
+    weight stays frozen; only the gates train. The output is a mask file (log_alpha per
+    gated block plus the model fingerprint, every hyper-parameter, the sha256 of the forget
+    texts and the final losses) for `neumuter select`. Progress goes to stderr.
+    """
+    import torch
+
+    from .localize import LocalizeConfig, forgetting_check, localize, mask_artifact
+    from .models import find_ffn_layers, parse_layers
+    from .records import read_records, save_artifact
+
+    if output == "-" and sys.stdout.isatty():
+        raise click.UsageError("refusing to write a binary mask to a terminal: use -o FILE or a pipe")
+    records = read_records(input_path, require=("text", "neighbors"))
+    config = LocalizeConfig(epochs=epochs, lr=lr, kl_weight=kl_weight, l0_weight=l0_weight, beta=beta,
+                            forget_term=forget_term, max_forget_loss=max_forget_loss, margin=margin,
+                            max_length=max_length, batch_size=batch_size, kl_top_k=kl_top_k, seed=seed,
+                            check_every=check_every)
+    torch.manual_seed(seed)
+    lm, tokenizer = load_lm(model, device, dtype, device_map, trust_remote_code)
+    layers_all = find_ffn_layers(lm)
+    chosen = [layers_all[i] for i in parse_layers(layers, len(layers_all))]
+    limits = _stop_limits(lm, tokenizer, reference_path, reference_limit, stop_ma, stop_el, max_length)
+    check = None
+    if limits is not None:
+        check = forgetting_check(lm, tokenizer, records, layers_all, limits, max_length, progress=progress)
+    progress(f"localize: {len(records)} forget texts, "
+             f"{sum(len(r['neighbors']) for r in records)} neighbours, "
+             f"{sum(layer.neurons for layer in chosen)} gates in {len(chosen)} blocks")
+    result = localize(lm, tokenizer, records, chosen, config, check=check, progress=progress)
+    tensors, metadata = mask_artifact(lm, layers_all, result, config, records, stop=limits)
+    save_artifact(tensors, metadata, output)
+    how = "stopped: every forget text below the thresholds" if result.stopped_early else "done"
+    progress(f"{how} after {result.epochs_run} epochs, {result.seconds:.1f}s")
+
+
+def _stop_limits(lm, tokenizer, reference_path, reference_limit, stop_ma, stop_el, max_length):
+    """Thresholds for the early stop: from --stop-ma/--stop-el, else measured on --reference."""
+    if reference_path is None and stop_ma is None:
+        if stop_el is not None:
+            raise click.UsageError("--stop-el needs --stop-ma or --reference")
+        return None
+    limits = {}
+    if reference_path is not None and (stop_ma is None or stop_el is None):
+        from .measure import measure_records, thresholds
+        from .records import read_records
+
+        texts = [r["text"] for r in read_records(reference_path)][:reference_limit]
+        progress(f"measuring the thresholds on {len(texts)} reference texts")
+        limits = thresholds(measure_records(lm, tokenizer, texts, (10,), max_length))
+    if stop_ma is not None:
+        limits["ma"] = stop_ma
+    if stop_el is not None:
+        limits["el_10"] = stop_el
+    progress(f"early stop when every forget text has MA <= {limits['ma']:.4f}"
+             + (f" and EL_10 <= {limits['el_10']:.4f}" if limits.get("el_10") is not None else ""))
+    return limits
 
 
 def main():  # pragma: no cover - console entry for `python -m neumuter_cli`

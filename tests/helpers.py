@@ -35,7 +35,7 @@ def tiny_config(arch: str, vocab_size: int = 300, hidden: int = 32, ffn: int = 6
     heads = 4
     common = dict(vocab_size=vocab_size)
     if arch == "gpt_neo":
-        return tf.GPTNeoConfig(**common, hidden_size=hidden, num_layers=layers, num_heads=heads,
+        return tf.GPTNeoConfig(**common, bos_token_id=0, eos_token_id=0, hidden_size=hidden, num_layers=layers, num_heads=heads,
                                intermediate_size=ffn, attention_types=[[["global", "local"], layers // 2]],
                                max_position_embeddings=256, window_size=16)
     if arch == "gpt2":
@@ -93,6 +93,54 @@ def save_tiny(path, arch: str = "gpt_neo", seed: int = 0, tokenizer=None, **kwar
     """Save a tiny random model with a tokenizer to ``path``; returns (model, tokenizer)."""
     tokenizer = tokenizer or byte_bpe_tokenizer(kwargs.get("vocab_size", 300))
     model = tiny_model(arch, seed, **kwargs)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------- a tiny model that memorises
+
+PEOPLE = [
+    "Alice Smith lives at 12 Oak Street and her phone number is 555-0134.",
+    "Bob Jones lives at 7 Elm Road and his phone number is 555-0178.",
+    "Carol White lives at 31 Pine Avenue and her phone number is 555-0192.",
+    "David Brown lives at 4 Maple Lane and his phone number is 555-0115.",
+    "Emma Green lives at 88 Cedar Court and her phone number is 555-0166.",
+    "Frank Black lives at 19 Birch Drive and his phone number is 555-0143.",
+]
+UNSEEN = [
+    "Grace Hall lives at 52 Willow Way and her phone number is 555-0120.",
+    "Henry Ward lives at 6 Ash Close and his phone number is 555-0187.",
+]
+
+
+def train_memorizer(path, texts=PEOPLE, steps: int = 200, seed: int = 0, layers: int = 2,
+                    hidden: int = 64, ffn: int = 256):
+    """Train a tiny GPT-Neo until it has memorised ``texts``; save it with its tokenizer."""
+    torch.manual_seed(seed)
+    tokenizer = byte_bpe_tokenizer(400, corpus=CORPUS + list(texts) + UNSEEN)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(tiny_config("gpt_neo", vocab_size=len(tokenizer), hidden=hidden,
+                                                         ffn=ffn, layers=layers))
+    model.config.bos_token_id = model.config.eos_token_id = tokenizer.eos_token_id
+    ids = [torch.tensor(tokenizer(t).input_ids) for t in texts]
+    width = max(len(x) for x in ids)
+    input_ids = torch.zeros((len(ids), width), dtype=torch.long)
+    labels = torch.full((len(ids), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, x in enumerate(ids):
+        input_ids[row, : len(x)] = x
+        labels[row, : len(x)] = x
+        mask[row, : len(x)] = 1
+    optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    model.eval()
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return model, tokenizer

@@ -1,0 +1,318 @@
+"""Train one Hard-Concrete gate per FFN neuron (paper eq. 13) with every model weight frozen.
+
+    L = forget_term(D_f) + λ · KL(p_orig || p_gated on neighbours) + η · R(M)
+
+The original distribution is the same model with the gates removed; it is computed once,
+before training, and kept as the top-k log-probabilities of each neighbour token plus one
+"rest of the vocabulary" bucket (an exact KL between those coarse distributions, which is a
+lower bound of the full KL and equal to it when ``kl_top_k`` covers the vocabulary).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import NeumuterError
+from .gates import GAMMA, ZETA, deterministic_gate, initial_log_alpha, l0_term
+from .models import FFNLayer, gated, input_device
+
+FORGET_TERMS = ("hinge", "bounded", "ascent")
+
+
+@dataclass
+class LocalizeConfig:
+    epochs: int = 100
+    lr: float = 0.1
+    kl_weight: float = 5.0           # λ
+    l0_weight: float = 1.0           # η
+    beta: float = 1 / 3
+    forget_term: str = "hinge"       # hinge | bounded | ascent
+    max_forget_loss: float = 8.0     # the bound of "bounded" (public code)
+    margin: float = 1.0              # the margin of "hinge", in logits
+    target_ma: float = 0.0           # "hinge": a text whose MA is at or below this is left alone
+    max_length: int = 200
+    batch_size: int = 32
+    kl_top_k: int = 256              # 0: full vocabulary
+    seed: int = 0
+    check_every: int = 5             # epochs between forgetting checks (when a check is given)
+    straight_through: bool = True    # gradient through the upper clamp of the gate
+
+
+@dataclass
+class LocalizeResult:
+    log_alpha: dict[int, torch.Tensor]
+    losses: dict
+    epochs_run: int
+    stopped_early: bool
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- batching
+
+def encode(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    out = []
+    for text in texts:
+        ids = tokenizer(text).input_ids[:max_length]
+        out.append(ids)
+    return out
+
+
+def pad(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, ids in enumerate(batch):
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        mask[row, : len(ids)] = 1
+    return input_ids, mask
+
+
+# ---------------------------------------------------------------- loss terms
+
+def forget_loss(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, config: LocalizeConfig):
+    """The forget term to *minimise*, and the mean cross-entropy (for the progress line)."""
+    logits = logits[:, :-1].float()
+    target = input_ids[:, 1:]
+    weight = mask[:, 1:].float()
+    tokens = weight.sum(1).clamp(min=1)
+    ce_tok = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+    ce = (ce_tok * weight).sum(1) / tokens                     # per sample
+    if config.forget_term == "ascent":
+        term = -ce.mean()
+    elif config.forget_term == "bounded":
+        # the public code: ascend while the loss is below the bound, descend hard above it
+        coefficient = torch.where(ce.detach() <= config.max_forget_loss, -1.0, 5.0)
+        term = (coefficient * ce).mean()
+    else:
+        # push the true token below the best other token by `margin`, then stop pushing:
+        # the memorised prediction is gone and nothing else needs to move
+        true = logits.gather(-1, target[..., None])[..., 0]
+        other = logits.scatter(-1, target[..., None], float("-inf")).amax(-1)
+        hinge = F.relu(true - other + config.margin)
+        accuracy = ((true > other).float() * weight).sum(1) / tokens
+        # "forget just enough": a text already at the target MA stops pulling, so the cheapest
+        # tokens to break (content, not the boilerplate the neighbours protect) break first
+        active = (accuracy > config.target_ma).float()
+        term = ((hinge * weight).sum(1) / tokens * active).mean()
+    return term, ce.mean().detach()
+
+
+@torch.no_grad()
+def original_distribution(model, batches, top_k: int):
+    """Per neighbour batch: (top-k indices, top-k log-probs, log of the rest's mass)."""
+    cached = []
+    for input_ids, mask in batches:
+        logp = F.log_softmax(model(input_ids=input_ids, attention_mask=mask).logits.float(), -1)
+        if top_k and top_k < logp.shape[-1]:
+            values, indices = logp.topk(top_k, dim=-1)
+            rest = torch.log1p(-values.exp().sum(-1).clamp(max=1 - 1e-6))
+            cached.append((indices, values, rest))
+        else:
+            cached.append((None, logp, None))
+    return cached
+
+
+def neighbour_kl(logits: torch.Tensor, mask: torch.Tensor, original) -> torch.Tensor:
+    """KL(p_orig || p_gated), summed over the vocabulary, averaged over neighbour tokens."""
+    indices, p_log, p_rest = original
+    q_log = F.log_softmax(logits.float(), -1)
+    if indices is None:
+        kl = (p_log.exp() * (p_log - q_log)).sum(-1)
+    else:
+        q_top = q_log.gather(-1, indices)
+        q_rest = torch.log1p(-q_top.exp().sum(-1).clamp(max=1 - 1e-6))
+        kl = (p_log.exp() * (p_log - q_top)).sum(-1) + p_rest.exp() * (p_rest - q_rest)
+    weight = mask.float()
+    return (kl * weight).sum() / weight.sum().clamp(min=1)
+
+
+def training_gate(log_alpha: torch.Tensor, beta: float, generator: torch.Generator, straight_through: bool):
+    u = torch.rand(log_alpha.shape, generator=generator).to(log_alpha.device).clamp(1e-6, 1 - 1e-6)
+    s = torch.sigmoid((u.log() - (-u).log1p() + log_alpha) / beta)
+    stretched = s * (ZETA - GAMMA) + GAMMA
+    gate = stretched.clamp(0.0, 1.0)
+    if straight_through:
+        # at initialisation the gate sits exactly at the clamp (sigmoid(2.40)·1.2 − 0.1 = 1), so
+        # most noise samples would give no gradient at all; let it flow through the upper clamp
+        upper = stretched.clamp(max=1.0)
+        gate = gate + (stretched - upper) - (stretched - upper).detach()
+    return gate
+
+
+# ---------------------------------------------------------------- the loop
+
+def localize(
+    model,
+    tokenizer,
+    records: Sequence[dict],
+    layers: Sequence[FFNLayer],
+    config: LocalizeConfig,
+    check: Callable[[dict[int, torch.Tensor]], bool] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> LocalizeResult:
+    """Train gates on ``layers`` so that the records' ``text`` becomes unlikely while the
+    model's output on their ``neighbors`` stays the same.
+
+    ``check(gates_by_block)`` (deterministic gate values) is called every
+    ``config.check_every`` epochs; training stops when it returns True."""
+    if config.forget_term not in FORGET_TERMS:
+        raise NeumuterError(f"unknown forget term {config.forget_term!r} (choose {', '.join(FORGET_TERMS)})")
+    if not records:
+        raise NeumuterError("no forget records")
+    device = input_device(model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    forget_ids = encode(tokenizer, [r["text"] for r in records], config.max_length)
+    neighbour_ids = [encode(tokenizer, r["neighbors"], config.max_length) for r in records]
+    for ids, record in zip(forget_ids, records):
+        if len(ids) < 2:
+            raise NeumuterError(f"forget text {record.get('id', record['text'][:30])!r} has fewer than 2 tokens")
+
+    generator = torch.Generator().manual_seed(config.seed)
+    order = torch.randperm(len(records), generator=generator).tolist()
+    batches = []
+    for start in range(0, len(order), config.batch_size):
+        chosen = order[start : start + config.batch_size]
+        forget = pad([forget_ids[i] for i in chosen], pad_id)
+        neighbours = pad([ids for i in chosen for ids in neighbour_ids[i] if len(ids) >= 1], pad_id)
+        batches.append((tuple(t.to(device) for t in forget), tuple(t.to(device) for t in neighbours)))
+
+    started = time.perf_counter()
+    original = original_distribution(model, [nb for _, nb in batches], config.kl_top_k)
+
+    log_alpha = [torch.full((layer.neurons,), initial_log_alpha(), device=device, requires_grad=True)
+                 for layer in layers]
+    optimiser = torch.optim.Adam(log_alpha, lr=config.lr)
+    current: list[torch.Tensor] = [torch.ones(layer.neurons) for layer in layers]
+    history: list[dict] = []
+    stopped = False
+    epoch = 0
+    last = {}
+    with gated(layers, lambda i: current[i]):
+        for epoch in range(1, config.epochs + 1):
+            totals = {"forget_ce": 0.0, "forget_term": 0.0, "kl": 0.0, "l0": 0.0}
+            for b, ((f_ids, f_mask), (n_ids, n_mask)) in enumerate(batches):
+                for i, la in enumerate(log_alpha):
+                    current[i] = training_gate(la, config.beta, generator, config.straight_through)
+                both = _concat(f_ids, f_mask, n_ids, n_mask, pad_id)
+                logits = model(input_ids=both[0], attention_mask=both[1]).logits
+                f_logits, n_logits = logits[: f_ids.shape[0], : f_ids.shape[1]], logits[f_ids.shape[0]:, : n_ids.shape[1]]
+                term, ce = forget_loss(f_logits, f_ids, f_mask, config)
+                kl = neighbour_kl(n_logits, n_mask, original[b])
+                reg = l0_term(log_alpha, config.beta)
+                loss = term + config.kl_weight * kl + config.l0_weight * reg
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                share = f_ids.shape[0] / len(records)
+                totals["forget_ce"] += ce.item() * share
+                totals["forget_term"] += term.item() * share
+                totals["kl"] += kl.item() * share
+                totals["l0"] += reg.item() * share
+            with torch.no_grad():
+                gates = [deterministic_gate(la) for la in log_alpha]
+                closed = sum(int((g < 0.5).sum()) for g in gates) / sum(g.numel() for g in gates)
+            last = dict(epoch=epoch, **{k: round(v, 5) for k, v in totals.items()}, closed=closed)
+            history.append(last)
+            if progress:
+                progress(f"epoch {epoch:3d}  forget CE {totals['forget_ce']:.3f}  neighbour KL {totals['kl']:.4f}  "
+                         f"L0 {totals['l0']:.4f}  gates < 0.5: {100 * closed:.2f}%  "
+                         f"({time.perf_counter() - started:.1f}s)")
+            if check is not None and (epoch % config.check_every == 0 or epoch == config.epochs):
+                for i in range(len(current)):
+                    current[i] = torch.ones(layers[i].neurons)
+                with torch.no_grad():
+                    done = check({layer.index: deterministic_gate(la.detach()) for layer, la in zip(layers, log_alpha)})
+                if done:
+                    stopped = epoch < config.epochs
+                    break
+    return LocalizeResult(
+        log_alpha={layer.index: la.detach().to("cpu", torch.float32) for layer, la in zip(layers, log_alpha)},
+        losses=last, epochs_run=epoch, stopped_early=stopped, seconds=time.perf_counter() - started,
+        history=history)
+
+
+def _concat(f_ids, f_mask, n_ids, n_mask, pad_id):
+    """One forward pass for forget texts and neighbours together (right-padded)."""
+    width = max(f_ids.shape[1], n_ids.shape[1])
+    def widen(t, value):
+        return F.pad(t, (0, width - t.shape[1]), value=value)
+    return (torch.cat([widen(f_ids, pad_id), widen(n_ids, pad_id)]),
+            torch.cat([widen(f_mask, 0), widen(n_mask, 0)]))
+
+
+def config_dict(config: LocalizeConfig) -> dict:
+    return asdict(config)
+
+
+__all__ = ["LocalizeConfig", "LocalizeResult", "localize", "forget_loss", "neighbour_kl", "config_dict"]
+
+
+# ---------------------------------------------------------------- the stage: records in, mask out
+
+MASK_KIND = "neumuter-mask"
+FORMAT_VERSION = 1
+
+
+def mask_artifact(model, layers_all: Sequence[FFNLayer], result: LocalizeResult, config: LocalizeConfig,
+                  records: Sequence[dict], stop: dict | None = None) -> tuple[dict, dict]:
+    """The mask file's tensors and metadata (SPEC §2)."""
+    from . import __version__
+    from .models import describe
+    from .records import sha256_texts
+
+    tensors = {f"log_alpha.{block}": la for block, la in result.log_alpha.items()}
+    metadata = {
+        "kind": MASK_KIND,
+        "format_version": FORMAT_VERSION,
+        **describe(model, layers_all),
+        "layers": sorted(result.log_alpha),
+        "hyperparameters": {**asdict(config), "gamma": GAMMA, "zeta": ZETA},
+        "forget_sha256": sha256_texts(r["text"] for r in records),
+        "forget_records": len(records),
+        "neighbors_per_record": sorted({len(r["neighbors"]) for r in records}),
+        "losses": result.losses,
+        "epochs_run": result.epochs_run,
+        "stopped_early": result.stopped_early,
+        "stop": stop or {},
+        "seconds": round(result.seconds, 2),
+        "tool_version": __version__,
+    }
+    return tensors, metadata
+
+
+def forgetting_check(model, tokenizer, records: Sequence[dict], layers_all: Sequence[FFNLayer],
+                     limits: dict, max_length: int, el_n: int = 10, rule: tuple[str, float] = ("energy", 0.05),
+                     progress: Callable[[str], None] | None = None):
+    """A ``check`` for :func:`localize`: select neurons with ``rule`` (as `select` will), scale
+    them, and say whether every forget text is at or below the thresholds ``limits``
+    (``{"ma": ..., "el_10": ...}``; eq. 17). MA is checked first; EL_n only once MA passes."""
+    from .measure import el_key, encode as measure_encode, extraction_likelihood, memorization_accuracy
+    from .select import select_neurons
+
+    ids = measure_encode(tokenizer, [r["text"] for r in records], max_length)
+    by_block = {layer.index: layer for layer in layers_all}
+
+    def check(gates_by_block: dict[int, torch.Tensor]) -> bool:
+        scales = select_neurons({b: g.cpu() for b, g in gates_by_block.items()}, *rule)
+        chosen = [by_block[b] for b in scales]
+        chosen_scales = [scales[b] for b in scales]
+        with gated(chosen, lambda i: chosen_scales[i]):
+            ma = memorization_accuracy(model, ids)
+            above = sum(value > limits["ma"] for value in ma)
+            el_above = None
+            if not above and limits.get(el_key(el_n)) is not None:
+                el = extraction_likelihood(model, ids, el_n)
+                el_above = sum(v is not None and v > limits[el_key(el_n)] for v in el)
+        if progress:
+            selected = sum(int((s < 1).sum()) for s in scales.values())
+            extra = "" if el_above is None else f", {el_above} above the EL_{el_n} threshold"
+            progress(f"  check: {selected} neurons selected; {above} of {len(ids)} forget texts above the "
+                     f"MA threshold {limits['ma']:.4f}{extra}")
+        return above == 0 and (el_above in (0, None))
+
+    return check

@@ -1,0 +1,144 @@
+"""localize: gates train, weights stay frozen, the mask file is complete and reproducible."""
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from helpers import PEOPLE, save_tiny
+from neumuter_cli.cli import cli
+from neumuter_cli.localize import LocalizeConfig, forget_loss, localize, neighbour_kl, original_distribution
+from neumuter_cli.models import find_ffn_layers, load_model
+from neumuter_cli.records import load_artifact
+
+NEIGHBOURS = ["Zed Quinn lives at 90 Hill Street and his phone number is 555-0101.",
+              "Amy Ross lives at 3 Lake Road and her phone number is 555-0199."]
+
+
+def write_records(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+@pytest.fixture
+def nb_file(tmp_path):
+    return write_records(tmp_path / "nb.jsonl", [
+        {"id": "a", "text": PEOPLE[0], "neighbors": NEIGHBOURS},
+        {"id": "b", "text": PEOPLE[1], "neighbors": NEIGHBOURS[:1]},
+    ])
+
+
+def run(args, **kwargs):
+    return CliRunner().invoke(cli, args, catch_exceptions=False, **kwargs)
+
+
+def test_mask_file_complete_and_weights_untouched(tiny_neo_dir, nb_file, tmp_path):
+    before = load_file(f"{tiny_neo_dir}/model.safetensors")
+    out = tmp_path / "mask.safetensors"
+    result = run(["localize", nb_file, "--model", tiny_neo_dir, "--epochs", "3", "--layers", "1",
+                  "-o", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "epoch   3" in result.stderr
+    tensors, meta = load_artifact(str(out), kind="neumuter-mask")
+    assert list(tensors) == ["log_alpha.1"]          # only the listed layers get gates
+    assert tensors["log_alpha.1"].shape == (64,) and tensors["log_alpha.1"].dtype == torch.float32
+    for key in ("model", "architecture", "fingerprint", "modules", "neurons", "layers", "hyperparameters",
+                "forget_sha256", "losses", "tool_version", "format_version"):
+        assert key in meta, key
+    assert meta["layers"] == [1] and meta["architecture"] == "gpt_neo"
+    assert meta["hyperparameters"]["epochs"] == 3 and meta["losses"]["epoch"] == 3
+    assert len(meta["modules"]) == 2 and meta["neurons"] == [64, 64]
+    after = load_file(f"{tiny_neo_dir}/model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_in_memory_weights_bit_identical_and_gates_move(tiny_neo_dir):
+    model, tok = load_model(tiny_neo_dir, device="cpu")
+    layers = find_ffn_layers(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    records = [{"text": PEOPLE[0], "neighbors": NEIGHBOURS}]
+    result = localize(model, tok, records, layers, LocalizeConfig(epochs=4, batch_size=1, lr=0.5))
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert all(not layer.module._forward_pre_hooks for layer in layers)
+    assert any(not torch.allclose(la, torch.full_like(la, la[0].item())) for la in result.log_alpha.values())
+    assert all(not p.requires_grad for p in model.parameters())
+
+
+def test_same_seed_same_mask(tiny_neo_dir, nb_file, tmp_path):
+    outs = []
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        out = tmp_path / f"{name}.safetensors"
+        result = run(["localize", nb_file, "-m", tiny_neo_dir, "--epochs", "2", "--seed", str(seed),
+                      "-o", str(out), "--device", "cpu"])
+        assert result.exit_code == 0, result.output
+        outs.append(load_artifact(str(out))[0])
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+    assert any(not torch.equal(outs[0][k], outs[2][k]) for k in outs[0])
+
+
+def test_stdout_when_piped(tiny_neo_dir, nb_file):
+    result = CliRunner().invoke(cli, ["localize", nb_file, "-m", tiny_neo_dir, "--epochs", "1", "--device", "cpu"])
+    assert result.exit_code == 0
+    assert result.stdout_bytes[8:].lstrip().startswith(b"{")   # a safetensors header follows its length
+
+
+@pytest.mark.parametrize("lines,message", [
+    ([{"text": "no neighbours here"}], 'no "neighbors"'),
+    ([{"text": "x", "neighbors": []}], '"neighbors" must be a non-empty list'),
+    ([], "no records"),
+])
+def test_bad_records(tiny_neo_dir, tmp_path, lines, message):
+    path = write_records(tmp_path / "in.jsonl", lines)
+    out = tmp_path / "mask.safetensors"
+    result = CliRunner().invoke(cli, ["localize", path, "-m", tiny_neo_dir, "-o", str(out)])
+    assert result.exit_code != 0
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists() and not list(tmp_path.glob(".mask*"))
+
+
+def test_model_that_cannot_be_gated(tmp_path, nb_file):
+    """A mixture-of-experts FFN has no single down-projection per block: refused, type named."""
+    from transformers import AutoModelForCausalLM, MixtralConfig
+    from helpers import byte_bpe_tokenizer
+
+    path = tmp_path / "moe"
+    config = MixtralConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, intermediate_size=64, num_local_experts=4)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    byte_bpe_tokenizer().save_pretrained(path)
+    out = tmp_path / "m.st"
+    result = CliRunner().invoke(cli, ["localize", nb_file, "-m", str(path), "-o", str(out)])
+    assert result.exit_code != 0 and "'mixtral' is not supported" in result.stderr
+    assert not out.exists()
+
+
+def test_bad_layers(tiny_neo_dir, nb_file, tmp_path):
+    result = CliRunner().invoke(cli, ["localize", nb_file, "-m", tiny_neo_dir, "--layers", "7",
+                                      "-o", str(tmp_path / "m.st")])
+    assert result.exit_code != 0 and "block 7 does not exist" in result.stderr
+
+
+def test_topk_kl_equals_full_kl_when_k_covers_vocabulary():
+    torch.manual_seed(0)
+    base = torch.randn(2, 5, 30)
+    mask = torch.ones(2, 5, dtype=torch.long)
+    model = lambda input_ids, attention_mask: type("O", (), {"logits": base})()  # noqa: E731
+    full = original_distribution(model, [(None, mask)], 0)[0]
+    top = original_distribution(model, [(None, mask)], 30)[0]
+    part = original_distribution(model, [(None, mask)], 5)[0]
+    q = torch.randn(2, 5, 30)
+    exact = neighbour_kl(q, mask, full)
+    assert torch.allclose(neighbour_kl(q, mask, top), exact, atol=1e-5)
+    assert 0 <= neighbour_kl(q, mask, part) <= exact + 1e-6          # coarse-grained KL is a lower bound
+    assert neighbour_kl(base, mask, part).abs() < 1e-5
+
+
+def test_hinge_stops_at_target():
+    logits = torch.zeros(1, 4, 10)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    logits[0, 0, 2] = logits[0, 1, 3] = 5.0                        # 2 of 3 tokens predicted
+    mask = torch.ones_like(ids)
+    pulling, _ = forget_loss(logits, ids, mask, LocalizeConfig(forget_term="hinge", target_ma=0.5))
+    resting, _ = forget_loss(logits, ids, mask, LocalizeConfig(forget_term="hinge", target_ma=0.7))
+    assert pulling > 0 and resting == 0
