@@ -14,15 +14,16 @@ restricted distribution, drawn from a generator of its own per (record, neighbou
 result does not depend on the batch size or on how the stream is grouped.
 
 Speed: every MLM call advances many sequences (records × neighbours) by one visited position
-each (continuous batching: a finished sequence frees its row for the next one; sequences are
-taken longest first so the rows of a call have similar lengths), and the vocabulary projection
-is computed only at the masked positions, not at every token.
+each; the rows of a call have similar lengths (little padding); the vocabulary projection, and
+for BERT-like encoders the whole last layer, are computed only at the masked positions.
 
 A text longer than the MLM's window is rewritten whole: position ``p`` is predicted from the
 window of the current text centred on ``p`` (clamped to the text's ends).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import random
 import time
@@ -41,7 +42,9 @@ DEFAULT_RATIO = 1.0
 DEFAULT_TEMPERATURE = 0.0   # 0 = argmax (greedy)
 DEFAULT_TOP_K = 0           # 0 = the whole vocabulary (when sampling)
 DEFAULT_BATCH_SIZE = 32     # sequences advanced by one MLM call
-GROUP_BATCHES = 4           # records are read and scheduled in groups of about this many batches
+GROUP_BATCHES = 4           # records are read and rewritten in groups of about this many batches
+MIN_ROWS = 8                # a call is not cut for padding's sake below this many rows ...
+PAD_WASTE = 0.1             # ... and above it, once padding would exceed this share of its tokens
 
 ProgressFn = Callable[[str], None]
 
@@ -132,7 +135,9 @@ class NeighborWriter:
         self._position_rng = random.Random(seed)
         self._records_seen = 0
         self._head = model.get_output_embeddings()
-        self._gather: torch.Tensor | None = None
+        self._gather: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, masked columns) of a call
+        self._fast_layer = None
+        self._check_fast_path()
         self.calls = 0     # MLM calls so far
         self.rewrites = 0  # token positions predicted so far
 
@@ -212,28 +217,44 @@ class NeighborWriter:
         return min(max(start, 0), len(seq.tokens) - self.context)
 
     def _run(self, sequences: list[_Sequence]) -> None:
-        if not sequences:
-            return
-        # longest first: the rows of one call then have similar lengths (little padding), and
-        # the long ones do not trail alone at the end
-        queue = sorted(sequences, key=lambda s: (-min(len(s.tokens), self.context), -len(s.positions)))
-        queue.reverse()  # pop() from the end
-        active: list[_Sequence] = []
+        """Advance every sequence by one visited position per round until all are done; a
+        round is a few MLM calls of up to ``batch_size`` rows of similar lengths."""
+        # widest first, and in that order for good: a sequence's width never changes
+        pending = sorted(sequences, key=lambda s: (-self._width(s), -len(s.positions)))
         total = sum(len(s.positions) for s in sequences)
         done, last_report = 0, time.monotonic()
-        with torch.inference_mode(), self._only_masked_logits():
-            while queue or active:
-                while queue and len(active) < self.batch_size:
-                    active.append(queue.pop())
-                choices = self._step(active)
-                for seq, choice in zip(active, choices):
-                    seq.tokens[seq.positions[seq.step]] = choice
-                    seq.step += 1
-                done += len(active)
-                active = [seq for seq in active if seq.step < len(seq.positions)]
+        with torch.inference_mode(), self._narrowed():
+            while pending:
+                for chunk in self._chunks(pending):
+                    for seq, choice in zip(chunk, self._step(chunk)):
+                        seq.tokens[seq.positions[seq.step]] = choice
+                        seq.step += 1
+                done += len(pending)
+                pending = [seq for seq in pending if seq.step < len(seq.positions)]
                 if self.progress and time.monotonic() - last_report > 10:
                     last_report = time.monotonic()
                     self.progress(f"neighbors: {done}/{total} tokens of this group rewritten")
+
+    def _width(self, seq: _Sequence) -> int:
+        return min(len(seq.tokens), self.context) + 2
+
+    def _chunks(self, pending: list[_Sequence]) -> Iterator[list[_Sequence]]:
+        """Cut the (widest-first) sequences into calls: at most ``batch_size`` rows, and a new
+        call once padding would exceed PAD_WASTE of a call that has MIN_ROWS rows already."""
+        chunk: list[_Sequence] = []
+        widths = 0
+        for seq in pending:
+            width = self._width(seq)
+            if chunk:
+                full = len(chunk) >= self.batch_size
+                waste = 1 - (widths + width) / ((len(chunk) + 1) * self._width(chunk[0]))
+                if full or (len(chunk) >= MIN_ROWS and waste > PAD_WASTE):
+                    yield chunk
+                    chunk, widths = [], 0
+            chunk.append(seq)
+            widths += width
+        if chunk:
+            yield chunk
 
     def _step(self, active: list[_Sequence]) -> list[int]:
         """One MLM call: mask the next position of every active sequence, predict it."""
@@ -252,13 +273,7 @@ class NeighborWriter:
         for i, row in enumerate(rows):
             input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
             attention[i, : len(row)] = 1
-        index = torch.arange(len(rows))
-        masked_t = torch.tensor(masked, dtype=torch.long)
-        self._gather = (index.to(self.device), masked_t.to(self.device))
-        logits = self.model(input_ids=input_ids.to(self.device),
-                            attention_mask=attention.to(self.device)).logits
-        if logits.dim() == 3:  # the head was not narrowed to the masked positions
-            logits = logits[index.to(logits.device), masked_t.to(logits.device)]
+        logits = self._logits(input_ids, attention, masked)
         self.calls += 1
         self.rewrites += len(rows)
         return self._choose(logits.float(), active)
@@ -281,30 +296,111 @@ class NeighborWriter:
             picks.append(int(ids[i, j]))
         return picks
 
-    def _only_masked_logits(self):
-        """While active, the vocabulary projection sees only the masked positions."""
-        import contextlib
+    @contextlib.contextmanager
+    def _narrowed(self):
+        """While active, the MLM computes its output only at the masked positions.
 
-        head = self._head
-        if head is None:
-            return contextlib.nullcontext()
+        Encoders of the BERT family (BERT, RoBERTa, ELECTRA, ...) run their last layer for the
+        masked rows only (keys and values still come from every position); any other MLM runs
+        whole and only its vocabulary projection is narrowed. The fast path is used only if it
+        gave the full model's logits on a probe batch (see :meth:`_check_fast_path`)."""
+        handles = []
+        try:
+            if self._fast_layer is not None:
+                layer = self._fast_layer
+                layer.forward = functools.partial(_last_layer_at_masked, layer, self)
+                handles.append(lambda: layer.__dict__.pop("forward", None))
+            elif self._head is not None:
+                hook = self._head.register_forward_pre_hook(self._narrow_head_input)
+                handles.append(hook.remove)
+            yield
+        finally:
+            for undo in handles:
+                undo()
+            self._gather = None
 
-        def narrow(module, args):
-            hidden = args[0]
-            if hidden.dim() != 3 or self._gather is None:
-                return None
-            rows, cols = self._gather
-            return (hidden[rows, cols], *args[1:])
+    def _narrow_head_input(self, module, args):
+        hidden = args[0]
+        if hidden.dim() != 3 or self._gather is None:
+            return None
+        rows, cols = self._gather
+        return (hidden[rows, cols], *args[1:])
 
-        @contextlib.contextmanager
-        def hooked():
-            handle = head.register_forward_pre_hook(narrow)
+    def _logits(self, input_ids, attention, masked) -> torch.Tensor:
+        """(rows, vocab) logits at the masked positions; ``masked`` = their column per row."""
+        rows = torch.arange(len(masked), device=self.device)
+        cols = torch.tensor(masked, dtype=torch.long, device=self.device)
+        self._gather = (rows, cols)
+        logits = self.model(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device)).logits
+        if logits.dim() == 3:
+            logits = logits[:, 0] if logits.shape[1] == 1 else logits[rows, cols]
+        return logits
+
+    def _check_fast_path(self) -> None:
+        """Keep the narrowed last layer only if it reproduces the full model on a probe batch."""
+        layer = _bert_like_last_layer(self.model)
+        if layer is None:
+            return
+        vocab = [i for i in range(min(self.model.config.vocab_size, 1000)) if i not in set(self.banned.tolist())]
+        gen = torch.Generator().manual_seed(0)
+        lengths, masked = (9, 6), [3, 5]
+        input_ids = torch.full((2, max(lengths)), self.pad_id, dtype=torch.long)
+        attention = torch.zeros_like(input_ids)
+        for row, length in enumerate(lengths):
+            body = torch.tensor(vocab)[torch.randint(len(vocab), (length - 2,), generator=gen)]
+            input_ids[row, :length] = torch.cat([torch.tensor([self.cls_id]), body, torch.tensor([self.sep_id])])
+            input_ids[row, masked[row]] = self.mask_id
+            attention[row, :length] = 1
+        with torch.inference_mode():
+            full = self._logits(input_ids, attention, masked)
+            self._fast_layer = layer
             try:
-                yield
-            finally:
-                handle.remove()
-                self._gather = None
-        return hooked()
+                with self._narrowed():
+                    fast = self._logits(input_ids, attention, masked)
+                ok = fast.shape == full.shape and torch.allclose(fast, full, rtol=1e-4, atol=1e-4 * float(full.abs().max()))
+            except Exception:  # an encoder layer of another shape: run the layer whole
+                ok = False
+            if not ok:
+                self._fast_layer = None
+        self._gather = None
+
+
+def _bert_like_last_layer(model):
+    """The last encoder layer if it has the BERT layout (self-attention query/key/value,
+    attention output, intermediate, output), else None."""
+    layers = getattr(getattr(model.base_model, "encoder", None), "layer", None)
+    if not layers:
+        return None
+    layer = layers[-1]
+    attention = getattr(getattr(layer, "attention", None), "self", None)
+    needed = [getattr(attention, name, None) for name in ("query", "key", "value", "num_attention_heads",
+                                                            "attention_head_size")]
+    needed += [getattr(layer.attention, "output", None), getattr(layer, "intermediate", None),
+               getattr(layer, "output", None)]
+    if any(x is None for x in needed) or getattr(layer, "is_decoder", False) \
+            or getattr(attention, "position_embedding_type", "absolute") != "absolute":
+        return None
+    return layer
+
+
+def _last_layer_at_masked(layer, writer: "NeighborWriter", hidden_states, attention_mask=None, *args, **kwargs):
+    """A BERT layer computed for the masked row of each sequence only: (rows, 1, hidden)."""
+    rows, cols = writer._gather
+    batch, width, _ = hidden_states.shape
+    attention = layer.attention.self
+    heads, size = attention.num_attention_heads, attention.attention_head_size
+    here = hidden_states[rows, cols].unsqueeze(1)
+    query = attention.query(here).view(batch, 1, heads, size).transpose(1, 2)
+    key = attention.key(hidden_states).view(batch, width, heads, size).transpose(1, 2)
+    value = attention.value(hidden_states).view(batch, width, heads, size).transpose(1, 2)
+    if attention_mask is not None and attention_mask.dim() == 4:
+        attention_mask = attention_mask[:, :, :1, :]  # row 0 ([CLS]) is never padding
+    scale = getattr(attention, "scaling", size ** -0.5)
+    context = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                               scale=scale)
+    context = context.transpose(1, 2).reshape(batch, 1, heads * size)
+    mixed = layer.attention.output(context, here)
+    return layer.output(layer.intermediate(mixed), mixed)
 
 
 def _special_id(tokenizer, *names: str) -> int:

@@ -40,10 +40,10 @@ def wordpiece_tokenizer(vocab_size: int = 200) -> PreTrainedTokenizerFast:
                                    cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
 
 
-def save_mlm(path, window: int = 64, favourites: tuple[int, ...] = (), seed: int = 0):
+def save_mlm(path, window: int = 64, favourites: tuple[int, ...] = (), seed: int = 0, tokenizer=None):
     """A tiny random BERT MLM. With ``favourites``, the head ignores the text and ranks those
     token ids first, in that order (a deterministic "predict token X" model)."""
-    tokenizer = wordpiece_tokenizer()
+    tokenizer = tokenizer or wordpiece_tokenizer()
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=window, initializer_range=0.2,
@@ -85,14 +85,16 @@ def small_window_mlm(tmp_path_factory):
     return load_mlm(save_mlm(tmp_path_factory.mktemp("mlm16"), window=16), "cpu")
 
 
-TARGET = 60  # the token the "constant" MLM writes everywhere
-
-
 @pytest.fixture(scope="module")
 def constant_mlm(tmp_path_factory):
-    """Predicts [MASK] first (banned: special), then TARGET, whatever the text."""
-    path = save_mlm(tmp_path_factory.mktemp("const"), window=16, favourites=(4, TARGET))
-    return load_mlm(path, "cpu")
+    """Predicts [MASK] first (banned: special), then a token none of TEXTS holds, whatever the
+    text. Returns (model, tokenizer, that token)."""
+    tokenizer = wordpiece_tokenizer()
+    used = {i for text in TEXTS for i in ids_of(tokenizer, text)}
+    target = next(i for i in range(len(SPECIALS), len(tokenizer)) if i not in used)
+    mask = tokenizer.mask_token_id
+    path = save_mlm(tmp_path_factory.mktemp("const"), window=16, favourites=(mask, target), tokenizer=tokenizer)
+    return (*load_mlm(path, "cpu"), target)
 
 
 def naive_neighbors(model, tokenizer, texts, k, ratio, seed, context=None):
@@ -137,6 +139,16 @@ def test_greedy_equals_the_one_call_per_token_yardstick(mlm, ratio):
     assert fast != [[ids, ids] for ids in token_ids]  # something was rewritten
 
 
+def test_narrowed_last_layer_is_used_and_agrees_with_the_plain_head_hook(mlm):
+    model, tokenizer = mlm
+    token_ids = [ids_of(tokenizer, t) for t in TEXTS]
+    fast = NeighborWriter(model, tokenizer, k=2, ratio=0.8, seed=1, batch_size=4)
+    assert fast._fast_layer is not None  # BERT: the last layer runs for the masked rows only
+    plain = NeighborWriter(model, tokenizer, k=2, ratio=0.8, seed=1, batch_size=4)
+    plain._fast_layer = None  # every layer whole, only the vocabulary projection narrowed
+    assert fast.rewrite_ids(token_ids) == plain.rewrite_ids(token_ids)
+
+
 def test_long_texts_are_rewritten_whole_by_sliding_windows(small_window_mlm):
     model, tokenizer = small_window_mlm
     text = " ".join(TEXTS)
@@ -150,31 +162,30 @@ def test_long_texts_are_rewritten_whole_by_sliding_windows(small_window_mlm):
 
 
 def test_long_text_every_token_replaced(constant_mlm):
-    model, tokenizer = constant_mlm
+    model, tokenizer, target = constant_mlm
     text = " ".join(TEXTS)
     (out,), = NeighborWriter(model, tokenizer).rewrite_ids([ids_of(tokenizer, text)])
-    assert out == [TARGET] * len(ids_of(tokenizer, text))
+    assert out == [target] * len(ids_of(tokenizer, text))
 
 
 def test_ratio_half_rewrites_half_the_positions(constant_mlm):
-    model, tokenizer = constant_mlm
+    model, tokenizer, target = constant_mlm
     original = ids_of(tokenizer, TEXTS[0] + " " + TEXTS[3])
-    assert TARGET not in original
     changed = []
     for seed in (0, 1):
         (out,), = NeighborWriter(model, tokenizer, ratio=0.5, seed=seed).rewrite_ids([original])
         assert len(out) == len(original)
         positions = [i for i, (a, b) in enumerate(zip(original, out)) if a != b]
         assert len(positions) == int(len(original) * 0.5)
-        assert all(out[i] == TARGET for i in positions)
+        assert all(out[i] == target for i in positions)
         changed.append(positions)
     assert changed[0] != changed[1]
 
 
 def test_special_tokens_are_never_predicted(constant_mlm):
-    model, tokenizer = constant_mlm  # its first choice is [MASK] everywhere
+    model, tokenizer, target = constant_mlm  # its first choice is [MASK] everywhere
     [[out]] = NeighborWriter(model, tokenizer).rewrite_ids([ids_of(tokenizer, "the dog")])
-    assert out == [TARGET] * len(ids_of(tokenizer, "the dog"))
+    assert out == [target] * len(ids_of(tokenizer, "the dog"))
     writer = NeighborWriter(model, tokenizer, temperature=5.0, k=3)  # nearly uniform
     for per_text in writer.rewrite_ids([ids_of(tokenizer, t) for t in TEXTS]):
         for neighbour in per_text:
