@@ -31,6 +31,7 @@ def iter_records(path: str, require: Iterable[str] = ("text",), stream: IO[str] 
     """
     name = _display_name(path)
     require = tuple(require)
+    owned = stream is None and path != "-"   # close only what is opened here
     if stream is None:
         if path == "-":
             stream = sys.stdin
@@ -42,6 +43,8 @@ def iter_records(path: str, require: Iterable[str] = ("text",), stream: IO[str] 
     count = 0
     try:
         for lineno, line in enumerate(stream, 1):
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")   # a byte-order mark some editors write
             if not line.strip():
                 continue
             try:
@@ -54,7 +57,7 @@ def iter_records(path: str, require: Iterable[str] = ("text",), stream: IO[str] 
     except UnicodeDecodeError:
         raise NeumuterError(f"{name}: not UTF-8 text") from None
     finally:
-        if path != "-":
+        if owned:
             stream.close()
     if count == 0:
         raise NeumuterError(f"{name}: no records (empty input)")
@@ -87,6 +90,12 @@ def dumps_record(record: dict) -> str:
     return json.dumps(record, ensure_ascii=False)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_output(path: str, mode: str = "w", binary_to_terminal_ok: bool = True):
     """Open ``path`` for writing under a temporary name in the same folder and rename it into
@@ -109,6 +118,7 @@ def atomic_output(path: str, mode: str = "w", binary_to_terminal_ok: bool = True
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
             yield handle
+        os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes it private; give it a new file's mode
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -132,6 +142,7 @@ def atomic_directory(path: str, force: bool = False):
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())   # mkdtemp makes it private; give it a new folder's mode
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=parent))
             os.replace(target, old / "x")
@@ -147,11 +158,23 @@ def atomic_directory(path: str, force: bool = False):
 def save_artifact(tensors: dict[str, torch.Tensor], metadata: dict, path: str) -> None:
     """Write tensors plus a metadata map to a safetensors file (``-`` = stdout).
 
-    Metadata values that are not strings are stored as JSON."""
-    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    Metadata values are stored as JSON, except strings that do not read as JSON (kept as they
+    are). NaN/inf tensors are written (``load_artifact`` refuses them)."""
+    meta = {k: _metadata_value(v) for k, v in metadata.items()}
     data = st_save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata=meta)
     with atomic_output(path, "wb", binary_to_terminal_ok=False) as out:
         out.write(data)
+
+
+def _metadata_value(value) -> str:
+    """A metadata value as stored: a string as it is, unless it would read back as JSON
+    (``"1"``, ``"null"``): then, like every other value, as JSON."""
+    if isinstance(value, str):
+        try:
+            json.loads(value)
+        except ValueError:
+            return value
+    return json.dumps(value)
 
 
 def load_artifact(path: str, kind: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
@@ -183,8 +206,9 @@ def load_artifact(path: str, kind: str | None = None) -> tuple[dict[str, torch.T
         except (json.JSONDecodeError, TypeError):
             meta[key] = value
     if kind is not None and meta.get("kind") != kind:
-        found = meta.get("kind", "no neumuter kind")
-        raise NeumuterError(f"{name}: not a neumuter {kind} file (found: {found})")
+        if "kind" not in meta:
+            raise NeumuterError(f"{name}: not a {kind} file (its metadata names no neumuter kind)")
+        raise NeumuterError(f"{name}: this is a {meta['kind']} file, not a {kind} file")
     for key, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise NeumuterError(f"{name}: tensor {key} holds NaN or infinite values")
