@@ -191,6 +191,17 @@ def _el_sizes(ctx, param, values):
     return tuple(sizes)
 
 
+def _records_or_none(path):
+    from .records import read_records
+
+    try:
+        return read_records(path)
+    except NeumuterError as exc:
+        if str(exc).endswith("no records (empty input)"):
+            return []
+        raise
+
+
 @cli.command("measure")
 @click.argument("input_path", default="-", metavar="[INPUT|-]")
 @model_options
@@ -201,8 +212,12 @@ def _el_sizes(ctx, param, values):
 @click.option("--reference", metavar="UNSEEN.jsonl",
               help="Texts the model never saw: their mean MA and EL_n are the thresholds (eq. 17) "
                    "and their mean loss the anchor of the MIA distance (B.3).")
+@click.option("--thresholds", "thresholds_path", metavar="FILE.json",
+              help="Thresholds measured before, instead of --reference: the output of "
+                   "`measure UNSEEN.jsonl --format json` (its summary means are the thresholds), or an "
+                   "object with \"ma\", \"el_N\" and \"loss\".")
 @click.option("--check", is_flag=True, default=False,
-              help="Exit 1 unless every record is forgotten (needs --reference).")
+              help="Exit 1 unless every record is forgotten (needs --reference or --thresholds).")
 @click.option("--ppl", "ppl_path", metavar="CORPUS.jsonl",
               help="Also report the perplexity of these (long) texts, by windows.")
 @click.option("--ppl-window", type=click.IntRange(2), default=None, metavar="N",
@@ -225,7 +240,7 @@ def _el_sizes(ctx, param, values):
 @click.option("--output", "-o", default="-", show_default=True, metavar="FILE|-",
               help="Where the data goes (written atomically); - is stdout.")
 def measure_cmd(input_path, model, device, dtype, device_map, trust_remote_code, max_length, el_ns,
-                reference, check, ppl_path, ppl_window, ppl_stride, n_generations, prefix_tokens,
+                reference, thresholds_path, check, ppl_path, ppl_window, ppl_stride, n_generations, prefix_tokens,
                 new_tokens, batch_size, fmt, output):
     """Measure how well a model remembers texts: MA, EL_n, loss; thresholds; MIA; perplexity.
 
@@ -236,7 +251,13 @@ def measure_cmd(input_path, model, device, dtype, device_map, trust_remote_code,
 
     With --reference, the thresholds are the reference texts' mean MA and EL_n (eq. 17); a record
     is "forgotten" when its MA and every EL_n are at or below them. Its "mia_distance" is
-    |loss - mean reference loss| (B.3); the summary gives the share within 0.5.
+    |loss - mean reference loss| (B.3); the summary gives the share within 0.5. Measuring the
+    reference set is the slow part (the model never saw it, so nearly every prefix needs a real
+    generation): save it once with `measure UNSEEN.jsonl --format json -o ref.json` and pass
+    --thresholds ref.json afterwards.
+
+    --ppl adds the perplexity of a corpus (each text cut into windows, see --ppl-window and
+    --ppl-stride) to the summary; with --ppl, INPUT may be left out.
 
     \b
     Output (the data goes to stdout or -o):
@@ -251,19 +272,26 @@ def measure_cmd(input_path, model, device, dtype, device_map, trust_remote_code,
     import json
     import time
 
-    from .measure import (generation_lines, generations, mark, measure_ids, perplexity, record_label,
-                          results_table, summary_table, summarize, thresholds)
+    from .measure import (generation_lines, generations, mark, measure_ids, perplexity, read_thresholds,
+                          record_label, results_table, summary_table, summarize, thresholds)
     from .records import atomic_output, dumps_record, read_records
 
-    if check and not reference:
-        raise click.UsageError("--check needs --reference (the thresholds come from it)")
+    if reference and thresholds_path:
+        raise click.UsageError("give --reference or --thresholds, not both")
+    if check and not (reference or thresholds_path):
+        raise click.UsageError("--check needs --reference or --thresholds (the thresholds come from it)")
     if fmt == "auto":
         fmt = "table" if output == "-" and sys.stdout.isatty() else "jsonl"
-    only_ppl = input_path == "-" and ppl_path and sys.stdin.isatty()
     if input_path == "-" and sys.stdin.isatty() and not ppl_path:
         raise NeumuterError("no input: give a JSONL file or pipe one into stdin")
-    records = [] if only_ppl else read_records(input_path)
+    if input_path == "-" and ppl_path:   # perplexity alone: no records on stdin is fine
+        records = [] if sys.stdin.isatty() else _records_or_none(input_path)
+    else:
+        records = read_records(input_path)
+    if check and not records:
+        raise NeumuterError("--check: no records to check")
     ref_records = read_records(reference) if reference else None
+    limits = read_thresholds(thresholds_path, el_ns) if thresholds_path else None
     ppl_texts = [r["text"] for r in read_records(ppl_path)] if ppl_path else None
 
     last = [0.0]
@@ -288,9 +316,9 @@ def measure_cmd(input_path, model, device, dtype, device_map, trust_remote_code,
         return measure_ids(lm, ids, el_ns, batch_size, throttled)
 
     results = measure_set(records, "<stdin>" if input_path == "-" else input_path) if records else []
-    limits = None
     if ref_records is not None:
         limits = thresholds(measure_set(ref_records, reference), el_ns)
+    if limits is not None:
         mark(results, limits, el_ns)
     out_records = [{**record, **result} for record, result in zip(records, results)]
     if n_generations and records:

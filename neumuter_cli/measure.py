@@ -16,16 +16,17 @@ identities make it cheap:
   ``gen(i+1)``; so ``gen(i) = [w_i] + gen(i+1)`` (lengths: ``1 + (T-i-1) = T-i``). Walking the
   prefixes from the longest to the shortest, only the prefixes whose greedy token differs from
   the true one need a real generation. A memorised text (MA ≈ 0.94) needs ~6 % of them.
-* Lock-step batches. Every continuation ends at the same absolute position ``T-1`` of its own
-  text, so the rows of a batch share absolute positions: a row whose prefix is longer than the
-  batch's shortest is fed its own true tokens until its prefix ends, then its own greedy tokens.
-  No padding, no attention mask, no position-id tricks: every row is computed exactly as a
-  single-sequence KV-cached decode would compute it (up to float reduction order, see below).
+* Lock-step batches. Every continuation of a text ends at the same absolute position ``T-1``,
+  so the rows of a batch can share absolute positions: rows sorted by prefix length, a batch is
+  prefilled up to its shortest prefix, then decoded one position at a time, each row fed its
+  own true tokens until its prefix ends and its own greedy tokens after that. No padding, no
+  attention mask, no position-id tricks: each row is computed as a single-sequence KV-cached
+  decode computes it (up to float reduction order, see below). The KV cache is given room for
+  the whole batch up front, so a step writes one position in place instead of copying the
+  whole cache (transformers' ``DynamicLayer`` concatenates at every step).
 
-Rows are sorted by prefix length, so a batch's rows start close together and little work is
-spent re-feeding true tokens. Overlaps are counted incrementally along the reuse chains (a
-multiset of the generation's n-grams, a set of the suffix's n-grams), so the n-gram
-bookkeeping is O(T) per text instead of O(T²).
+Overlaps are counted incrementally along the reuse chains (a multiset of the generation's
+n-grams, a set of the suffix's n-grams), so the n-gram bookkeeping is O(T) per text, not O(T²).
 
 Float: the argmax of a batched or cached computation can differ from another computation of the
 same logits in the last bits; only a near-tie (a top-2 logit gap around 1e-6) can flip. The
@@ -34,6 +35,7 @@ naive reference (``baselines/naive_metrics.py``) is itself such a computation.
 from __future__ import annotations
 
 import inspect
+import json
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -44,6 +46,11 @@ import torch.nn.functional as F
 
 from . import NeumuterError
 from .models import input_device
+
+try:  # transformers >= 4.56: per-layer KV caches
+    from transformers.cache_utils import DynamicLayer as _DynamicLayer
+except ImportError:  # pragma: no cover
+    _DynamicLayer = None
 
 ProgressFn = Callable[[str], None] | None
 
@@ -67,12 +74,13 @@ def _forward_params(model) -> set[str]:
     return cached
 
 
-def _call(model, input_ids: torch.Tensor, cache=None, last_only: bool = False, attention_mask=None):
-    """One forward pass; returns (logits float32, cache). Works with the transformers 5 ``cache``
+def _call(model, input_ids: torch.Tensor, cache=None, last_only: bool = False, attention_mask=None,
+          use_cache: bool = True):
+    """One forward pass; returns (logits, cache). Works with the transformers 5 ``cache``
     keyword and the older ``past_key_values``; asks for the last position's logits only when
     ``last_only`` and the model supports it."""
     params = _forward_params(model)
-    kwargs = {"input_ids": input_ids, "use_cache": True}
+    kwargs = {"input_ids": input_ids, "use_cache": use_cache}
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask
     if cache is not None:
@@ -83,13 +91,70 @@ def _call(model, input_ids: torch.Tensor, cache=None, last_only: bool = False, a
         elif "num_logits_to_keep" in params:  # pragma: no cover - transformers < 4.50
             kwargs["num_logits_to_keep"] = 1
     out = model(**kwargs)
-    new_cache = out.get("cache", None)
-    if new_cache is None:
-        new_cache = out.get("past_key_values", None)
+    new_cache = None
+    if use_cache:
+        new_cache = out.get("cache", None)
+        if new_cache is None:
+            new_cache = out.get("past_key_values", None)
     logits = out.logits
     if last_only:
         logits = logits[:, -1]
     return logits, new_cache
+
+
+if _DynamicLayer is not None:
+    class _RoomyLayer(_DynamicLayer):
+        """A transformers ``DynamicLayer`` whose keys and values live in a buffer with room for
+        more positions: a decode step writes its position in place and returns a view, instead
+        of ``torch.cat``-ing the whole cache into a new tensor at every step (on CPU that copy
+        costs as much as the model itself). Same values, same shapes, same attention."""
+
+        @classmethod
+        def wrap(cls, layer, capacity: int):
+            new = cls.__new__(cls)
+            new.__dict__.update(layer.__dict__)
+            new._room(layer.keys, layer.values, capacity)
+            return new
+
+        def _room(self, keys, values, capacity):
+            b, h, length, _ = keys.shape
+            capacity = max(capacity, length)
+            self._kbuf = keys.new_empty(b, h, capacity, keys.shape[-1])
+            self._vbuf = values.new_empty(b, values.shape[1], capacity, values.shape[-1])
+            self._kbuf[:, :, :length] = keys
+            self._vbuf[:, :, :length] = values
+            self.keys, self.values = self._kbuf[:, :, :length], self._vbuf[:, :, :length]
+
+        def _owns(self, keys, values) -> bool:
+            return (isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor) and keys.dim() == 4
+                    and keys.data_ptr() == self._kbuf.data_ptr() and values.data_ptr() == self._vbuf.data_ptr()
+                    and keys.shape[:2] == self._kbuf.shape[:2] and values.shape[:2] == self._vbuf.shape[:2])
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            keys, values = self.keys, self.values
+            length, extra = keys.shape[-2], key_states.shape[-2]
+            if not self._owns(keys, values) or length + extra > self._kbuf.shape[-2]:
+                # rows dropped or reordered, or out of room: a new buffer (twice the size)
+                self._room(keys, values, 2 * (length + extra))
+            self._kbuf[:, :, length:length + extra] = key_states
+            self._vbuf[:, :, length:length + extra] = value_states
+            self.keys = self._kbuf[:, :, :length + extra]
+            self.values = self._vbuf[:, :, :length + extra]
+            return self.keys, self.values
+
+
+def _make_roomy(cache, capacity: int):
+    """Give every plain ``DynamicLayer`` of a fresh cache room for ``capacity`` positions (see
+    ``_RoomyLayer``); any other cache or layer type is left as it is."""
+    layers = getattr(cache, "layers", None)
+    if _DynamicLayer is None or not isinstance(layers, list) or getattr(cache, "offloading", False):
+        return cache
+    for k, layer in enumerate(layers):
+        if (type(layer) is _DynamicLayer and getattr(layer, "is_initialized", False)
+                and isinstance(layer.keys, torch.Tensor) and layer.keys.dim() == 4
+                and isinstance(layer.values, torch.Tensor) and layer.values.dim() == 4):
+            layers[k] = _RoomyLayer.wrap(layer, capacity)
+    return cache
 
 
 def encode(tokenizer, texts: Iterable[str], max_length: int | None = 200) -> list[list[int]]:
@@ -151,7 +216,8 @@ def teacher_forced(model, ids_list: Sequence[Sequence[int]], batch_size: int = 3
             x[row, :lengths[row]] = torch.tensor(ids_list[k], dtype=torch.long)
             mask[row, :lengths[row]] = 1
         padded = min(lengths) != longest
-        logits, _ = _call(model, x.to(device), attention_mask=mask.to(device) if padded else None)
+        logits, _ = _call(model, x.to(device), attention_mask=mask.to(device) if padded else None,
+                          use_cache=False)
         logits = logits[:, :-1].float()
         targets = x[:, 1:].to(logits.device)
         preds = logits.argmax(-1).cpu()
@@ -183,10 +249,11 @@ def greedy_continuations(model, rows: Sequence[tuple[Sequence[int], int]], batch
     """Greedy continuations, exactly ``new`` tokens each (no stop at EOS), for rows
     ``(context_ids, new)``.
 
-    Rows are sorted by context length and run in lock-step batches of ``batch_size``: a batch
-    is prefilled with the first ``p0`` tokens of every row (``p0`` = its shortest context), then
-    decoded one absolute position at a time with a KV cache; a row is fed its own context
-    tokens until its context ends and its own greedy tokens after that. No padding is needed."""
+    Rows are sorted by context length and run in lock-step batches of ``batch_size``: every row
+    of a batch sits at the same absolute position. A batch is prefilled with the first ``p0``
+    tokens of each row (``p0`` = its shortest context), then decoded one position at a time with
+    a KV cache; a row is fed its own context tokens until its context ends and its own greedy
+    tokens after that. No padding, no attention mask, no position-id tricks."""
     results: list[list[int] | None] = [None] * len(rows)
     todo = []
     for j, (context, new) in enumerate(rows):
@@ -197,37 +264,43 @@ def greedy_continuations(model, rows: Sequence[tuple[Sequence[int], int]], batch
         else:
             todo.append(j)
     todo.sort(key=lambda j: (len(rows[j][0]), len(rows[j][0]) + rows[j][1]))
-    device = input_device(model)
     done = 0
     for first in range(0, len(todo), batch_size):
         batch = todo[first:first + batch_size]
-        starts = [len(rows[j][0]) for j in batch]
-        stops = [starts[r] + rows[j][1] for r, j in enumerate(batch)]
-        p0, last = min(starts), max(stops)
-        # every row's context tokens, padded after its own context (never fed there)
-        true_tok = torch.zeros(len(batch), last, dtype=torch.long)
-        for r, j in enumerate(batch):
-            true_tok[r, :starts[r]] = torch.tensor(list(rows[j][0]), dtype=torch.long)
-        true_tok = true_tok.to(device)
-        start_t = torch.tensor(starts, device=device)
-        out = torch.zeros(len(batch), last, dtype=torch.long, device=device)
-        logits, cache = _call(model, true_tok[:, :p0], last_only=True)
-        nxt = logits.argmax(-1)                         # prediction for position p0
-        for p in range(p0, last):
-            out[:, p] = nxt
-            if p == last - 1:
-                break
-            feed = torch.where(start_t > p, true_tok[:, p], nxt)
-            logits, cache = _call(model, feed[:, None], cache=cache, last_only=True)
-            nxt = logits.argmax(-1)                     # prediction for position p + 1
-        out = out.cpu()
-        for r, j in enumerate(batch):
-            results[j] = out[r, starts[r]:stops[r]].tolist()
-        del cache
+        for j, tokens in zip(batch, _lockstep_batch(model, [rows[j] for j in batch])):
+            results[j] = tokens
         done += len(batch)
         if progress:
             progress(f"greedy generation: {done}/{len(todo)} continuations")
     return results  # type: ignore[return-value]
+
+
+def _lockstep_batch(model, rows, roomy: bool = True) -> list[list[int]]:
+    """Every row prefilled to the shortest context, then fed its own context tokens until its
+    context ends and its own greedy tokens after that."""
+    device = input_device(model)
+    starts = [len(context) for context, _ in rows]
+    stops = [start + new for start, (_, new) in zip(starts, rows)]
+    p0, last = min(starts), max(stops)
+    true_tok = torch.zeros(len(rows), last, dtype=torch.long)
+    for r, (context, _) in enumerate(rows):
+        true_tok[r, :starts[r]] = torch.tensor(list(context), dtype=torch.long)
+    true_tok = true_tok.to(device)
+    start_t = torch.tensor(starts, device=device)
+    out = torch.zeros(len(rows), last, dtype=torch.long, device=device)
+    logits, cache = _call(model, true_tok[:, :p0], last_only=True)
+    if roomy:
+        cache = _make_roomy(cache, last)
+    nxt = logits.argmax(-1)                         # prediction for position p0
+    for p in range(p0, last):
+        out[:, p] = nxt
+        if p == last - 1:
+            break
+        feed = torch.where(start_t > p, true_tok[:, p], nxt)
+        logits, cache = _call(model, feed[:, None], cache=cache, last_only=True)
+        nxt = logits.argmax(-1)                     # prediction for position p + 1
+    out = out.cpu()
+    return [out[r, starts[r]:stops[r]].tolist() for r in range(len(rows))]
 
 
 # ---------------------------------------------------------------- extraction likelihood
@@ -412,6 +485,34 @@ def thresholds(reference: Sequence[dict], el_ns: Sequence[int] = (10,)) -> dict:
         out[el_key(n)] = _mean(r.get(el_key(n)) for r in reference)
     out["loss"] = _mean(r["loss"] for r in reference)
     out["records"] = len(reference)
+    return out
+
+
+def read_thresholds(path: str, el_ns: Sequence[int] = (10,)) -> dict:
+    """Thresholds saved by an earlier run, so the reference set is measured once: the output of
+    ``measure UNSEEN.jsonl --format json`` (its summary means are the thresholds), the output of
+    a run with ``--reference`` (its thresholds), or a plain object ``{"ma", "el_N", "loss"}``."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except OSError as exc:
+        raise NeumuterError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise NeumuterError(f"{path}: not a JSON file ({str(exc).splitlines()[0][:100]})") from None
+    if isinstance(data, dict) and isinstance(data.get("summary"), dict):
+        data = data["summary"]
+        if isinstance(data.get("thresholds"), dict):
+            data = data["thresholds"]
+    if not isinstance(data, dict):
+        raise NeumuterError(f"{path}: expected a JSON object with the thresholds")
+    out = {}
+    for key in ["ma"] + [el_key(n) for n in el_ns] + ["loss"]:
+        value = data.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise NeumuterError(f"{path}: no number for threshold {key!r} (measure the reference set "
+                                f"with the same --el-n)")
+        out[key] = float(value)
+    out["records"] = data.get("records")
     return out
 
 
@@ -639,7 +740,7 @@ def generation_lines(records: Sequence[dict], style: Callable[..., str] | None =
 
 
 __all__ = [
-    "encode", "teacher_forced", "TeacherForced", "memorization_accuracy", "token_losses",
+    "encode", "read_thresholds", "teacher_forced", "TeacherForced", "memorization_accuracy", "token_losses",
     "greedy_continuations", "suffix_generations", "extraction_likelihoods", "extraction_likelihood",
     "measure_ids", "measure_records", "thresholds", "is_forgotten", "mark", "summarize",
     "model_context", "perplexity", "generations", "el_key", "MIA_RADIUS", "record_label",

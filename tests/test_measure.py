@@ -157,9 +157,31 @@ def test_reuse_identity_gives_the_true_greedy_continuations(memorizer, reference
 def test_greedy_continuations_rows_of_different_lengths(memorizer):
     model, tok, _ = memorizer
     ids = tok(SECRET).input_ids
-    rows = [(ids[:3], 9), (ids[:11], 2), (ids[:1], 0), (ids[:6], 20), (ids[:3], 1)]
-    got = greedy_continuations(model, rows, batch_size=4)
-    assert got == [slow_greedy(model, list(c), k) for c, k in rows]
+    rows = [(ids[:3], 9), (ids[:11], 2), (ids[:1], 0), (ids[:6], 20), (ids[:3], 1), (ids[:40], 2), (ids[:4], 3)]
+    want = [slow_greedy(model, list(c), k) for c, k in rows]
+    assert greedy_continuations(model, rows, batch_size=4) == want
+    assert greedy_continuations(model, rows, batch_size=2) == want
+
+
+def test_roomy_cache_gives_bit_identical_logits(memorizer):
+    """The in-place KV cache (no torch.cat per step) must not change a single bit, also after
+    rows are dropped from it."""
+    from neumuter_cli.measure import _call, _make_roomy
+
+    model, tok, _ = memorizer
+    ids = torch.tensor([tok(SECRET).input_ids[:20], tok(OTHERS[0]).input_ids[:20]])
+    _, plain = _call(model, ids[:, :8], last_only=True)
+    _, roomy = _call(model, ids[:, :8], last_only=True)
+    roomy = _make_roomy(roomy, 10)                  # too small on purpose: it must grow
+    assert type(roomy.layers[0]).__name__ == "_RoomyLayer"
+    for p in range(8, 20):
+        if p == 14:                                  # drop row 0 from both caches
+            plain.batch_select_indices(torch.tensor([1]))
+            roomy.batch_select_indices(torch.tensor([1]))
+            ids = ids[1:]
+        a, plain = _call(model, ids[:, p:p + 1], cache=plain, last_only=True)
+        b, roomy = _call(model, ids[:, p:p + 1], cache=roomy, last_only=True)
+        assert torch.equal(a, b), p
 
 
 def test_teacher_forced_padding_and_loss(memorizer):
@@ -290,6 +312,13 @@ def test_cli_json_table_generations_and_ppl(memorizer, tmp_path):
     assert data["summary"]["perplexity"]["window"] == 8 and data["summary"]["perplexity"]["perplexity"] > 1
     assert data["records"][0]["generation"]["prefix"] and "generation" not in data["records"][1]
 
+    # perplexity alone: nothing on stdin
+    result = runner.invoke(cli, ["measure", "-m", path, "--ppl", ref, "--ppl-window", "8", "--format", "json"],
+                           input="")
+    assert result.exit_code == 0, result.output
+    alone = json.loads(result.stdout)
+    assert alone["records"] == [] and alone["summary"]["perplexity"] == data["summary"]["perplexity"]
+
     out = tmp_path / "out.txt"
     result = runner.invoke(cli, ["measure", forget, "-m", path, "--format", "table", "-o", str(out),
                                  "--generations", "1", "--prefix-tokens", "4", "--new-tokens", "6"])
@@ -322,12 +351,42 @@ def test_cli_bad_input(memorizer, tmp_path, content, message):
     assert not out.exists()
 
 
+def test_cli_thresholds_file_replaces_the_reference(memorizer, tmp_path):
+    _, _, path = memorizer
+    forget = write_jsonl(tmp_path / "forget.jsonl", [SECRET, NOISE])
+    ref = write_jsonl(tmp_path / "ref.jsonl", OTHERS)
+    saved = tmp_path / "ref.json"
+    runner = CliRunner()
+    result = runner.invoke(cli, ["measure", ref, "-m", path, "--format", "json", "-o", str(saved)])
+    assert result.exit_code == 0, result.output
+    direct = runner.invoke(cli, ["measure", forget, "-m", path, "--reference", ref, "--format", "json"])
+    cached = runner.invoke(cli, ["measure", forget, "-m", path, "--thresholds", str(saved), "--format", "json"])
+    assert direct.exit_code == cached.exit_code == 0, cached.output
+    want, got = json.loads(direct.stdout), json.loads(cached.stdout)
+    assert got["records"] == want["records"]
+    assert got["summary"]["thresholds"] == want["summary"]["thresholds"]
+    # a run made with --reference carries its thresholds too
+    again = tmp_path / "again.json"
+    again.write_text(direct.stdout)
+    result = runner.invoke(cli, ["measure", forget, "-m", path, "--thresholds", str(again), "--check"])
+    assert result.exit_code == 1 and "1 of 2 records are not forgotten" in result.stderr
+    # missing EL size, not JSON
+    result = runner.invoke(cli, ["measure", forget, "-m", path, "--thresholds", str(saved), "--el-n", "5"])
+    assert result.exit_code == 1 and "el_5" in result.output
+    bad = tmp_path / "bad.json"
+    bad.write_text("{nope")
+    result = runner.invoke(cli, ["measure", forget, "-m", path, "--thresholds", str(bad)])
+    assert result.exit_code == 1 and "not a JSON file" in result.output
+
+
 def test_cli_usage_errors(memorizer, tmp_path):
     _, _, path = memorizer
     forget = write_jsonl(tmp_path / "f.jsonl", [SECRET])
     runner = CliRunner()
     result = runner.invoke(cli, ["measure", forget, "-m", path, "--check"])
     assert result.exit_code != 0 and "--check needs --reference" in result.output
+    result = runner.invoke(cli, ["measure", forget, "-m", path, "--reference", forget, "--thresholds", forget])
+    assert result.exit_code != 0 and "not both" in result.output
     result = runner.invoke(cli, ["measure", forget, "-m", path, "--el-n", "ten"])
     assert result.exit_code != 0 and "--el-n" in result.output
     short = write_jsonl(tmp_path / "s.jsonl", ["a"])
