@@ -263,7 +263,7 @@ def measure_cmd(input_path, model, device, dtype, device_map, trust_remote_code,
     Output (the data goes to stdout or -o):
       jsonl  one line per record: every input key kept, plus tokens, ma, el_N,
              loss [, mia_distance, forgotten] [, generation]; the summary
-             goes to stderr as a table
+             goes to stderr as a table (with no records: one summary line)
       json   one object {"records": [...], "summary": {...}}
       table  the per-record table, the summary and any generations
     Progress goes to stderr. With --check, exit status 1 unless every record is
@@ -335,6 +335,8 @@ def measure_cmd(input_path, model, device, dtype, device_map, trust_remote_code,
         if fmt == "jsonl":
             for record in out_records:
                 out.write(dumps_record(record) + "\n")
+            if not out_records:                 # --ppl alone: the summary is the data
+                out.write(json.dumps({"summary": summary}) + "\n")
         elif fmt == "json":
             out.write(json.dumps({"records": out_records, "summary": summary}, ensure_ascii=False, indent=2) + "\n")
         else:
@@ -458,10 +460,11 @@ def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, b
                    "rest of the vocabulary (0: the full vocabulary).")
 @click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True, help="Seed of the gate noise.")
 @click.option("--reference", "reference_path", default=None, metavar="JSONL",
-              help="Texts the model never saw: their average MA and EL_10 are the thresholds of "
-                   "eq. 17, and training stops as soon as every forget text is below both "
-                   "(checked every --check-every epochs with the default select rule).")
-@click.option("--reference-limit", type=click.IntRange(1), default=64, show_default=True,
+              help="Texts the model never saw: their average MA is eq. 17's MA threshold, and "
+                   "training stops as soon as every forget text is at or below it with the "
+                   "neurons that `select` (default rule) would choose; checked every "
+                   "--check-every epochs. Verify EL with `neumuter measure` afterwards.")
+@click.option("--reference-limit", type=click.IntRange(1), default=200, show_default=True,
               help="Reference texts used for the thresholds (the first N).")
 @click.option("--stop-ma", type=float, default=None, help="MA threshold for the early stop (overrides --reference).")
 @click.option("--stop-el", type=float, default=None, help="EL_10 threshold for the early stop (overrides --reference).")
@@ -509,25 +512,27 @@ def localize_cmd(input_path, model, device, dtype, device_map, trust_remote_code
 
 
 def _stop_limits(lm, tokenizer, reference_path, reference_limit, stop_ma, stop_el, max_length):
-    """Thresholds for the early stop: from --stop-ma/--stop-el, else measured on --reference."""
+    """Thresholds for the early stop: --stop-ma/--stop-el, else the MA threshold measured on
+    --reference (teacher-forced, cheap; EL_10 is only checked when --stop-el gives it)."""
     if reference_path is None and stop_ma is None:
         if stop_el is not None:
             raise click.UsageError("--stop-el needs --stop-ma or --reference")
         return None
     limits = {}
-    if reference_path is not None and (stop_ma is None or stop_el is None):
-        from .measure import measure_records, thresholds
+    if stop_ma is None:
+        from .measure import encode, memorization_accuracy
         from .records import read_records
 
         texts = [r["text"] for r in read_records(reference_path)][:reference_limit]
-        progress(f"measuring the thresholds on {len(texts)} reference texts")
-        limits = thresholds(measure_records(lm, tokenizer, texts, (10,), max_length))
-    if stop_ma is not None:
+        values = memorization_accuracy(lm, encode(tokenizer, texts, max_length))
+        limits["ma"] = sum(values) / len(values)
+        progress(f"MA threshold {limits['ma']:.4f} (mean over {len(texts)} reference texts)")
+    else:
         limits["ma"] = stop_ma
     if stop_el is not None:
         limits["el_10"] = stop_el
     progress(f"early stop when every forget text has MA <= {limits['ma']:.4f}"
-             + (f" and EL_10 <= {limits['el_10']:.4f}" if limits.get("el_10") is not None else ""))
+             + (f" and EL_10 <= {stop_el:.4f}" if stop_el is not None else ""))
     return limits
 
 

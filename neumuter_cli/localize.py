@@ -40,6 +40,7 @@ class LocalizeConfig:
     seed: int = 0
     check_every: int = 5             # epochs between forgetting checks (when a check is given)
     straight_through: bool = True    # gradient through the upper clamp of the gate
+    noise: bool = True               # Hard-Concrete samples while training (False: the deterministic gate)
 
 
 @dataclass
@@ -131,9 +132,13 @@ def neighbour_kl(logits: torch.Tensor, mask: torch.Tensor, original) -> torch.Te
     return (kl * weight).sum() / weight.sum().clamp(min=1)
 
 
-def training_gate(log_alpha: torch.Tensor, beta: float, generator: torch.Generator, straight_through: bool):
-    u = torch.rand(log_alpha.shape, generator=generator).to(log_alpha.device).clamp(1e-6, 1 - 1e-6)
-    s = torch.sigmoid((u.log() - (-u).log1p() + log_alpha) / beta)
+def training_gate(log_alpha: torch.Tensor, beta: float, generator: torch.Generator, straight_through: bool,
+                  noise: bool = True):
+    if noise:
+        u = torch.rand(log_alpha.shape, generator=generator).to(log_alpha.device).clamp(1e-6, 1 - 1e-6)
+        s = torch.sigmoid((u.log() - (-u).log1p() + log_alpha) / beta)
+    else:
+        s = torch.sigmoid(log_alpha)
     stretched = s * (ZETA - GAMMA) + GAMMA
     gate = stretched.clamp(0.0, 1.0)
     if straight_through:
@@ -197,7 +202,7 @@ def localize(
             totals = {"forget_ce": 0.0, "forget_term": 0.0, "kl": 0.0, "l0": 0.0}
             for b, ((f_ids, f_mask), (n_ids, n_mask)) in enumerate(batches):
                 for i, la in enumerate(log_alpha):
-                    current[i] = training_gate(la, config.beta, generator, config.straight_through)
+                    current[i] = training_gate(la, config.beta, generator, config.straight_through, config.noise)
                 both = _concat(f_ids, f_mask, n_ids, n_mask, pad_id)
                 logits = model(input_ids=both[0], attention_mask=both[1]).logits
                 f_logits, n_logits = logits[: f_ids.shape[0], : f_ids.shape[1]], logits[f_ids.shape[0]:, : n_ids.shape[1]]
