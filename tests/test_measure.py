@@ -318,6 +318,8 @@ def test_cli_json_table_generations_and_ppl(memorizer, tmp_path):
     assert result.exit_code == 0, result.output
     alone = json.loads(result.stdout)
     assert alone["records"] == [] and alone["summary"]["perplexity"] == data["summary"]["perplexity"]
+    result = runner.invoke(cli, ["measure", "-m", path, "--ppl", ref, "--ppl-window", "8"], input="")
+    assert json.loads(result.stdout)["summary"]["perplexity"] == data["summary"]["perplexity"]
 
     out = tmp_path / "out.txt"
     result = runner.invoke(cli, ["measure", forget, "-m", path, "--format", "table", "-o", str(out),
