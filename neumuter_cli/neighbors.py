@@ -130,8 +130,8 @@ class NeighborWriter:
         self.sep_id = _special_id(tokenizer, "sep_token_id", "eos_token_id")
         self.mask_id = tokenizer.mask_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.banned = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
         self.device = model.get_input_embeddings().weight.device
+        self.banned = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long, device=self.device)
         self._position_rng = random.Random(seed)
         self._records_seen = 0
         self._head = model.get_output_embeddings()
@@ -279,7 +279,7 @@ class NeighborWriter:
         return self._choose(logits.float(), active)
 
     def _choose(self, logits: torch.Tensor, active: list[_Sequence]) -> list[int]:
-        logits[:, self.banned.to(logits.device)] = float("-inf")
+        logits[:, self.banned] = float("-inf")
         if self.temperature == 0:
             return logits.argmax(dim=-1).tolist()
         logits = logits / self.temperature
@@ -341,7 +341,8 @@ class NeighborWriter:
         layer = _bert_like_last_layer(self.model)
         if layer is None:
             return
-        vocab = [i for i in range(min(self.model.config.vocab_size, 1000)) if i not in set(self.banned.tolist())]
+        banned = set(self.banned.tolist())
+        vocab = [i for i in range(min(self.model.config.vocab_size, 1000)) if i not in banned]
         gen = torch.Generator().manual_seed(0)
         lengths, masked = (9, 6), [3, 5]
         input_ids = torch.full((2, max(lengths)), self.pad_id, dtype=torch.long)
