@@ -191,6 +191,12 @@ def _check_lengths(ids_list: Sequence[Sequence[int]], minimum: int = 2) -> None:
             raise NeumuterError(f"text {k + 1} has {len(ids)} token(s): at least {minimum} are needed to measure it")
 
 
+def _check_context(model, length: int, what: str) -> None:
+    context = model_context(model, cap=1 << 62)
+    if length > context:
+        raise NeumuterError(f"{what} of {length} tokens is longer than the model's context ({context} tokens)")
+
+
 @torch.no_grad()
 def teacher_forced(model, ids_list: Sequence[Sequence[int]], batch_size: int = 32,
                    progress: ProgressFn = None) -> list[TeacherForced]:
@@ -199,6 +205,8 @@ def teacher_forced(model, ids_list: Sequence[Sequence[int]], batch_size: int = 3
     ones are right-padded with an attention mask (exact for causal LMs: padding comes after
     every real position)."""
     _check_lengths(ids_list)
+    if ids_list:
+        _check_context(model, max(map(len, ids_list)), "a text (use a smaller --max-length or window)")
     device = input_device(model)
     vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else 1
     order = sorted(range(len(ids_list)), key=lambda k: -len(ids_list[k]))
@@ -264,6 +272,8 @@ def greedy_continuations(model, rows: Sequence[tuple[Sequence[int], int]], batch
         else:
             todo.append(j)
     todo.sort(key=lambda j: (len(rows[j][0]), len(rows[j][0]) + rows[j][1]))
+    if todo:
+        _check_context(model, max(len(rows[j][0]) + rows[j][1] - 1 for j in todo), "a generation")
     done = 0
     for first in range(0, len(todo), batch_size):
         batch = todo[first:first + batch_size]

@@ -253,6 +253,10 @@ def test_perplexity_windows(memorizer):
     assert slide["perplexity"] != pytest.approx(cut["perplexity"], rel=1e-6)
     with pytest.raises(NeumuterError, match="stride"):
         perplexity(model, tok, texts, window=16, stride=17)
+    with pytest.raises(NeumuterError, match="longer than the model's context"):
+        perplexity(model, tok, [SECRET * 10], window=300)   # the tiny model has 256 positions
+    with pytest.raises(NeumuterError, match="longer than the model's context"):
+        greedy_continuations(model, [(ids[0][:10], 250)])
 
 
 def test_generations_mark_the_divergence(memorizer):
