@@ -449,6 +449,10 @@ def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, b
               help="Bound of --forget-term bounded, in nats: ascend below it, descend above it.")
 @click.option("--margin", type=float, default=DEFAULTS.margin, show_default=True,
               help="Margin of --forget-term hinge, in logits.")
+@click.option("--target-ma", type=click.FloatRange(0, 1), default=None,
+              help="With --forget-term hinge, a forget text whose MA (under the training gates) is at "
+                   "or below this stops pulling, so no more is broken than needed [default: half the "
+                   "MA threshold with --reference/--stop-ma, else 0].")
 @click.option("--layers", default=None, metavar="SPEC",
               help="Blocks to gate, e.g. 10-16,21 (default: all; see `neumuter inspect`).")
 @click.option("--max-length", type=click.IntRange(2), default=DEFAULTS.max_length, show_default=True,
@@ -471,7 +475,7 @@ def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, b
 @click.option("--check-every", type=click.IntRange(1), default=DEFAULTS.check_every, show_default=True,
               help="Epochs between two early-stop checks.")
 def localize_cmd(input_path, model, device, dtype, device_map, trust_remote_code, output, epochs, lr,
-                 kl_weight, l0_weight, beta, forget_term, max_forget_loss, margin, layers, max_length,
+                 kl_weight, l0_weight, beta, forget_term, max_forget_loss, margin, target_ma, layers, max_length,
                  batch_size, kl_top_k, seed, reference_path, reference_limit, stop_ma, stop_el, check_every):
     """Train one gate per FFN neuron so that the forget texts become unlikely.
 
@@ -498,6 +502,10 @@ def localize_cmd(input_path, model, device, dtype, device_map, trust_remote_code
     layers_all = find_ffn_layers(lm)
     chosen = [layers_all[i] for i in parse_layers(layers, len(layers_all))]
     limits = _stop_limits(lm, tokenizer, reference_path, reference_limit, stop_ma, stop_el, max_length)
+    if target_ma is not None:
+        config.target_ma = target_ma
+    elif limits is not None:
+        config.target_ma = limits["ma"] / 2
     check = None
     if limits is not None:
         check = forgetting_check(lm, tokenizer, records, layers_all, limits, max_length, progress=progress)

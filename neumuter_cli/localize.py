@@ -26,21 +26,20 @@ FORGET_TERMS = ("hinge", "bounded", "ascent")
 @dataclass
 class LocalizeConfig:
     epochs: int = 100
-    lr: float = 0.1
-    kl_weight: float = 5.0           # λ
-    l0_weight: float = 1.0           # η
+    lr: float = 0.5
+    kl_weight: float = 3.0           # λ
+    l0_weight: float = 0.1           # η
     beta: float = 1 / 3
     forget_term: str = "hinge"       # hinge | bounded | ascent
     max_forget_loss: float = 8.0     # the bound of "bounded" (public code)
     margin: float = 1.0              # the margin of "hinge", in logits
     target_ma: float = 0.0           # "hinge": a text whose MA is at or below this is left alone
     max_length: int = 200
-    batch_size: int = 32
+    batch_size: int = 1
     kl_top_k: int = 256              # 0: full vocabulary
     seed: int = 0
     check_every: int = 5             # epochs between forgetting checks (when a check is given)
     straight_through: bool = True    # gradient through the upper clamp of the gate
-    noise: bool = True               # Hard-Concrete samples while training (False: the deterministic gate)
 
 
 @dataclass
@@ -132,13 +131,9 @@ def neighbour_kl(logits: torch.Tensor, mask: torch.Tensor, original) -> torch.Te
     return (kl * weight).sum() / weight.sum().clamp(min=1)
 
 
-def training_gate(log_alpha: torch.Tensor, beta: float, generator: torch.Generator, straight_through: bool,
-                  noise: bool = True):
-    if noise:
-        u = torch.rand(log_alpha.shape, generator=generator).to(log_alpha.device).clamp(1e-6, 1 - 1e-6)
-        s = torch.sigmoid((u.log() - (-u).log1p() + log_alpha) / beta)
-    else:
-        s = torch.sigmoid(log_alpha)
+def training_gate(log_alpha: torch.Tensor, beta: float, generator: torch.Generator, straight_through: bool):
+    u = torch.rand(log_alpha.shape, generator=generator).to(log_alpha.device).clamp(1e-6, 1 - 1e-6)
+    s = torch.sigmoid((u.log() - (-u).log1p() + log_alpha) / beta)
     stretched = s * (ZETA - GAMMA) + GAMMA
     gate = stretched.clamp(0.0, 1.0)
     if straight_through:
@@ -202,7 +197,7 @@ def localize(
             totals = {"forget_ce": 0.0, "forget_term": 0.0, "kl": 0.0, "l0": 0.0}
             for b, ((f_ids, f_mask), (n_ids, n_mask)) in enumerate(batches):
                 for i, la in enumerate(log_alpha):
-                    current[i] = training_gate(la, config.beta, generator, config.straight_through, config.noise)
+                    current[i] = training_gate(la, config.beta, generator, config.straight_through)
                 both = _concat(f_ids, f_mask, n_ids, n_mask, pad_id)
                 logits = model(input_ids=both[0], attention_mask=both[1]).logits
                 f_logits, n_logits = logits[: f_ids.shape[0], : f_ids.shape[1]], logits[f_ids.shape[0]:, : n_ids.shape[1]]
@@ -284,7 +279,6 @@ def mask_artifact(model, layers_all: Sequence[FFNLayer], result: LocalizeResult,
         "epochs_run": result.epochs_run,
         "stopped_early": result.stopped_early,
         "stop": stop or {},
-        "seconds": round(result.seconds, 2),
         "tool_version": __version__,
     }
     return tensors, metadata
