@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from . import NeumuterError
 from .gates import GAMMA, ZETA, deterministic_gate, initial_log_alpha, l0_term
+from .measure import encode
 from .models import FFNLayer, gated, input_device
 
 FORGET_TERMS = ("hinge", "bounded", "ascent")
@@ -53,14 +54,6 @@ class LocalizeResult:
 
 
 # ---------------------------------------------------------------- batching
-
-def encode(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
-    out = []
-    for text in texts:
-        ids = tokenizer(text).input_ids[:max_length]
-        out.append(ids)
-    return out
-
 
 def pad(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(ids) for ids in batch)
@@ -290,10 +283,10 @@ def forgetting_check(model, tokenizer, records: Sequence[dict], layers_all: Sequ
     """A ``check`` for :func:`localize`: select neurons with ``rule`` (as `select` will), scale
     them, and say whether every forget text is at or below the thresholds ``limits``
     (``{"ma": ..., "el_10": ...}``; eq. 17). MA is checked first; EL_n only once MA passes."""
-    from .measure import el_key, encode as measure_encode, extraction_likelihood, memorization_accuracy
+    from .measure import el_key, extraction_likelihood, memorization_accuracy
     from .select import select_neurons
 
-    ids = measure_encode(tokenizer, [r["text"] for r in records], max_length)
+    ids = encode(tokenizer, [r["text"] for r in records], max_length)
     by_block = {layer.index: layer for layer in layers_all}
 
     def check(gates_by_block: dict[int, torch.Tensor]) -> bool:
