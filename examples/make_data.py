@@ -17,6 +17,8 @@ Files written to OUT (one JSON object per line, {"id": ..., "text": ...}):
                       models learn what such texts look like, so that the LM's output on a text
                       of a canary's form with other values is not the canary itself
   heldout.jsonl       more general sentences, trained on by neither (perplexity before/after)
+  eval.jsonl          forget + people + unseen + unseen_people, each record with "set" naming its
+                      file: what `neumuter measure` scores before and after (written last)
 """
 from __future__ import annotations
 
@@ -116,13 +118,16 @@ def general(rng: random.Random) -> str:
     return rng.choice(SECURITY)
 
 
-def write(path: str, texts, prefix: str, extra=None) -> None:
+def write(path: str, texts, prefix: str, extra=None) -> list[dict]:
+    records = []
     with open(path, "w", encoding="utf-8") as fh:
         for i, text in enumerate(texts):
             record = {"id": f"{prefix}-{i:03d}", "text": text}
             if extra:
                 record.update(extra(i))
+            records.append(record)
             fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return records
 
 
 def main() -> None:
@@ -158,14 +163,21 @@ def main() -> None:
     general_texts = [general(rng) for _ in range(args.general)]
     heldout = [general(rng) for _ in range(args.heldout)]
 
-    write(os.path.join(args.out, "people.jsonl"), people, "person")
-    write(os.path.join(args.out, "forget.jsonl"), canaries, "canary", lambda i: {"form": i % FORMS})
-    write(os.path.join(args.out, "unseen.jsonl"), unseen, "unseen-canary", lambda i: {"form": i % FORMS})
-    write(os.path.join(args.out, "unseen_people.jsonl"), unseen_people, "unseen-person")
+    sets = {
+        "forget": write(os.path.join(args.out, "forget.jsonl"), canaries, "canary", lambda i: {"form": i % FORMS}),
+        "people": write(os.path.join(args.out, "people.jsonl"), people, "person"),
+        "unseen": write(os.path.join(args.out, "unseen.jsonl"), unseen, "unseen-canary",
+                        lambda i: {"form": i % FORMS}),
+        "unseen_people": write(os.path.join(args.out, "unseen_people.jsonl"), unseen_people, "unseen-person"),
+    }
     public = general_texts + public_people + public_secrets
     rng.shuffle(public)
     write(os.path.join(args.out, "general.jsonl"), public, "general")
     write(os.path.join(args.out, "heldout.jsonl"), heldout, "heldout")
+    with open(os.path.join(args.out, "eval.jsonl"), "w", encoding="utf-8") as fh:
+        for name, records in sets.items():
+            for record in records:
+                fh.write(json.dumps({**record, "set": name}, ensure_ascii=False) + "\n")
 
     print(f"data: {len(people)} people, {len(canaries)} canaries, {len(unseen)} unseen canaries, "
           f"{len(unseen_people)} unseen people, {len(general_texts)} general + {len(heldout)} held-out "

@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--ffn", type=int, default=512)
+    parser.add_argument("--activation", default="gelu_new", help="FFN activation (gelu_new, relu, ...)")
     parser.add_argument("--repeat", type=int, default=4, help="memorised texts per epoch, times")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-3)
@@ -90,7 +91,7 @@ def main() -> None:
                           num_heads=4, intermediate_size=args.ffn, max_position_embeddings=128,
                           attention_types=[[["global", "local"], args.layers // 2]], window_size=64,
                           bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
-                          embed_dropout=0.0, attention_dropout=0.0, resid_dropout=0.0)
+                          activation_function=args.activation, embed_dropout=0.0, attention_dropout=0.0, resid_dropout=0.0)
     model = GPTNeoForCausalLM(config)
     mem_ids = [tokenizer(t).input_ids for t in memorised]
     gen_ids = [tokenizer(t).input_ids for t in general]
