@@ -1,6 +1,6 @@
 """Train the demo's small masked LM, the writer of the neighbour texts.
 
-A BERT (hidden 128, FFN 512) on the LM's byte-level BPE vocabulary plus [CLS]/[SEP]/[MASK]/[PAD],
+A BERT (3 blocks, hidden 128, FFN 512) on the LM's byte-level BPE vocabulary plus [CLS]/[SEP]/[MASK]/[PAD],
 trained on general.jsonl only (general sentences, other fictitious people and secret-like
 lines with other values: a stand-in for the public text a real BERT has read). It
 never sees the LM's people, a canary or an unseen text: it learns the form of the texts (a
@@ -26,12 +26,12 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--ffn", type=int, default=512)
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=24)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--mask-rate", type=float, default=0.25)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
 
     import torch
