@@ -718,7 +718,7 @@ def summary_table(summary: dict, el_ns: Sequence[int] = (10,)) -> str:
         rows.append(["threshold MA (eq. 17)", _fmt(limits["ma"], 4)])
         rows += [[f"threshold EL_{n} (eq. 17)", _fmt(limits.get(el_key(n)), 4)] for n in el_ns]
         rows.append(["reference loss (mean)", _fmt(limits["loss"], 4)])
-        rows.append(["reference records", limits["records"]])
+        rows.append(["reference records", _fmt(limits.get("records"))])
         rows.append(["forgotten", f"{summary['forgotten']} / {summary['records']}"])
         rows.append(["mean MIA loss distance", _fmt(summary["mia_distance"], 4)])
         rows.append([f"MIA distance <= {MIA_RADIUS}", f"{100 * summary['mia_within_0.5']:.1f} %"])
@@ -740,6 +740,8 @@ def generation_lines(records: Sequence[dict], style: Callable[..., str] | None =
             continue
         where = ("identical to the true suffix" if gen["diverges_at"] is None
                  else f"diverges at token {gen['diverges_at']}")
+        if lines:
+            lines.append("")
         lines.append(f"== {record_label(r, k)}: {gen['matching']} leading tokens match, {where}")
         lines.append(f"prefix:    {gen['prefix']!r}")
         lines.append(f"true:      {gen['true']!r}")
