@@ -6,7 +6,8 @@ tokenizer; choose a random proportion ``ratio`` of its token positions (all of t
 the MLM predict it from the *current* text (the positions already visited hold their
 predictions) and write the prediction back. Special tokens are never predicted.
 
-The choice of positions follows the yardstick (``baselines/naive_neighbors.py``) exactly: one
+The choice of positions follows the yardstick (``baselines/naive_neighbors.py``; it cuts texts
+to the window, this module does not) exactly: one
 ``random.Random(seed)`` for the whole stream, and for each text, for each neighbour in order,
 ``sorted(rng.sample(range(n_tokens), max(1, int(n_tokens * ratio))))``. The prediction is the
 argmax (``temperature = 0``) or a sample from the temperature-scaled, optionally top-k
