@@ -493,6 +493,12 @@ def localize_cmd(input_path, model, device, dtype, device_map, trust_remote_code
     if output == "-" and sys.stdout.isatty():
         raise click.UsageError("refusing to write a binary mask to a terminal: use -o FILE or a pipe")
     records = read_records(input_path, require=("text", "neighbors"))
+    if stop_el is not None and reference_path is None and stop_ma is None:
+        raise click.UsageError("--stop-el needs --stop-ma or --reference")
+    # read before the model loads, so that a bad file fails in a second, not after the load
+    reference_texts = None
+    if reference_path is not None and stop_ma is None:
+        reference_texts = [r["text"] for r in read_records(reference_path)][:reference_limit]
     config = LocalizeConfig(epochs=epochs, lr=lr, kl_weight=kl_weight, l0_weight=l0_weight, beta=beta,
                             forget_term=forget_term, max_forget_loss=max_forget_loss, margin=margin,
                             max_length=max_length, batch_size=batch_size, kl_top_k=kl_top_k, seed=seed,
@@ -501,7 +507,7 @@ def localize_cmd(input_path, model, device, dtype, device_map, trust_remote_code
     lm, tokenizer = load_lm(model, device, dtype, device_map, trust_remote_code)
     layers_all = find_ffn_layers(lm)
     chosen = [layers_all[i] for i in parse_layers(layers, len(layers_all))]
-    limits = _stop_limits(lm, tokenizer, reference_path, reference_limit, stop_ma, stop_el, max_length)
+    limits = _stop_limits(lm, tokenizer, reference_texts, stop_ma, stop_el, max_length)
     if target_ma is not None:
         config.target_ma = target_ma
     elif limits is not None:
@@ -519,19 +525,16 @@ def localize_cmd(input_path, model, device, dtype, device_map, trust_remote_code
     progress(f"{how} after {result.epochs_run} epochs, {result.seconds:.1f}s")
 
 
-def _stop_limits(lm, tokenizer, reference_path, reference_limit, stop_ma, stop_el, max_length):
+def _stop_limits(lm, tokenizer, reference_texts, stop_ma, stop_el, max_length):
     """Thresholds for the early stop: --stop-ma/--stop-el, else the MA threshold measured on
-    --reference (teacher-forced, cheap; EL_10 is only checked when --stop-el gives it)."""
-    if reference_path is None and stop_ma is None:
-        if stop_el is not None:
-            raise click.UsageError("--stop-el needs --stop-ma or --reference")
+    the --reference texts (teacher-forced, cheap; EL_10 is only checked when --stop-el gives it)."""
+    if reference_texts is None and stop_ma is None:
         return None
     limits = {}
     if stop_ma is None:
         from .measure import encode, memorization_accuracy
-        from .records import read_records
 
-        texts = [r["text"] for r in read_records(reference_path)][:reference_limit]
+        texts = reference_texts
         values = memorization_accuracy(lm, encode(tokenizer, texts, max_length))
         limits["ma"] = sum(values) / len(values)
         progress(f"MA threshold {limits['ma']:.4f} (mean over {len(texts)} reference texts)")

@@ -198,6 +198,9 @@ def localize(
                 kl = neighbour_kl(n_logits, n_mask, original[b])
                 reg = l0_term(log_alpha, config.beta)
                 loss = term + config.kl_weight * kl + config.l0_weight * reg
+                if not torch.isfinite(loss):
+                    raise NeumuterError(f"epoch {epoch}: the loss is not finite ({loss.item()}); "
+                                        "try a smaller --lr or --dtype float32")
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()

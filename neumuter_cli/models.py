@@ -76,6 +76,8 @@ def _check_model_path(model: str) -> None:
     if os.path.exists(model):
         if os.path.isdir(model) and not os.path.isfile(os.path.join(model, "config.json")):
             raise NeumuterError(f"{model}: not a model directory (no config.json)")
+        if os.path.isfile(model):
+            raise NeumuterError(f"{model}: a file, not a model directory or .gguf file")
         return
     parts = model.split("/")
     hub_name = len(parts) <= 2 and all(p and not p.startswith((".", "~")) for p in parts)
@@ -265,11 +267,12 @@ def fold_scales(layers: Sequence[FFNLayer], scales: Sequence[torch.Tensor]) -> N
         weight = layer.module.weight
         if scale.shape != (layer.neurons,):
             raise NeumuterError(f"{layer.path}: {scale.numel()} scales for {layer.neurons} neurons")
-        factor = scale.to(device=weight.device, dtype=torch.float32)
+        compute = torch.promote_types(weight.dtype, torch.float32)  # float64 weights stay float64
+        factor = scale.to(device=weight.device, dtype=compute)
         if layer.conv1d:
-            weight.copy_((weight.float() * factor[:, None]).to(weight.dtype))
+            weight.copy_((weight.to(compute) * factor[:, None]).to(weight.dtype))
         else:
-            weight.copy_((weight.float() * factor[None, :]).to(weight.dtype))
+            weight.copy_((weight.to(compute) * factor[None, :]).to(weight.dtype))
 
 
 def neuron_columns(layer: FFNLayer) -> torch.Tensor:

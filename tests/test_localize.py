@@ -7,6 +7,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from helpers import PEOPLE, save_tiny
+from neumuter_cli import NeumuterError
 from neumuter_cli.cli import cli
 from neumuter_cli.localize import LocalizeConfig, forget_loss, localize, neighbour_kl, original_distribution
 from neumuter_cli.models import find_ffn_layers, load_model
@@ -142,3 +143,13 @@ def test_hinge_stops_at_target():
     pulling, _ = forget_loss(logits, ids, mask, LocalizeConfig(forget_term="hinge", target_ma=0.5))
     resting, _ = forget_loss(logits, ids, mask, LocalizeConfig(forget_term="hinge", target_ma=0.7))
     assert pulling > 0 and resting == 0
+
+
+def test_a_non_finite_loss_stops_with_a_clear_error(tiny_neo_dir):
+    model, tok = load_model(tiny_neo_dir, device="cpu")
+    layers = find_ffn_layers(model)
+    with torch.no_grad():
+        layers[0].module.weight[0, 0] = float("nan")
+    records = [{"text": PEOPLE[0], "neighbors": [PEOPLE[1]]}]
+    with pytest.raises(NeumuterError, match="loss is not finite"):
+        localize(model, tok, records, layers, LocalizeConfig(epochs=2, batch_size=1))

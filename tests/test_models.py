@@ -65,6 +65,17 @@ def test_gates_and_folding(arch, tmp_path):
         assert (reloaded(x).logits - gated_logits).abs().max() <= 1e-5
 
 
+def test_folding_keeps_float64_precision():
+    model = tiny_model("llama").double()
+    layers = find_ffn_layers(model)
+    scales = [torch.full((layer.neurons,), 1 / 3, dtype=torch.float64) for layer in layers]
+    expected = [layer.module.weight.clone() * (1 / 3) for layer in layers]
+    fold_scales(layers, scales)
+    for layer, want in zip(layers, expected):
+        assert layer.module.weight.dtype == torch.float64
+        assert (layer.module.weight - want).abs().max() <= 1e-15
+
+
 def test_hooks_are_removed_even_on_error():
     model = tiny_model("llama")
     layers = find_ffn_layers(model)

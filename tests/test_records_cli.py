@@ -122,13 +122,26 @@ def test_bad_reference_file_is_named(tiny_neo_dir, tmp_path):
     assert_clean_failure(result, f'{reference}:2: record has no "text"', out)
 
 
+def test_localize_checks_its_reference_before_loading_the_model(tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"text": "a b c", "neighbors": ["d e f"]}\n')
+    out = tmp_path / "out"
+    out.mkdir()
+    # the model does not exist either: the reference error must come first
+    result = CliRunner().invoke(cli, ["localize", str(source), "-m", str(tmp_path / "no-model"),
+                                      "--reference", str(tmp_path / "absent.jsonl"), "-o", str(out / "m")])
+    assert_clean_failure(result, f"cannot read {tmp_path / 'absent.jsonl'}: No such file or directory", out)
+
+
 @pytest.mark.parametrize("command", ["measure", "localize", "inspect"])
-@pytest.mark.parametrize("model", ["missing", "empty-dir"])
+@pytest.mark.parametrize("model", ["missing", "empty-dir", "a-file.jsonl"])
 def test_missing_model_fails_cleanly(command, model, tmp_path):
     source = write_input(tmp_path, GOOD)
     path = tmp_path / model
     if model == "empty-dir":
         path.mkdir()
+    if model == "a-file.jsonl":  # the records given to -m by mistake
+        path.write_text(GOOD)
     out = tmp_path / "out"
     out.mkdir()
     args = {"measure": ["measure", str(source), "-o", str(out / "m.jsonl")],
@@ -139,7 +152,8 @@ def test_missing_model_fails_cleanly(command, model, tmp_path):
     lines = result.stderr.splitlines()
     # progress ("loading ...") may come first; the error is the one line that ends the run
     assert [line for line in lines if line.startswith("Error: ")] == lines[-1:], lines
-    assert str(path) in lines[-1] and ("not found" in lines[-1] or "not a model directory" in lines[-1])
+    assert str(path) in lines[-1] and any(why in lines[-1] for why in
+                                          ("not found", "not a model directory", "a file, not a model"))
     assert "Traceback" not in result.output and result.stdout == ""
     assert os.listdir(out) == []
 
