@@ -62,7 +62,8 @@ def invoke(args):
     return result
 
 
-def test_forget_a_canary_keep_the_people(memorizer, tmp_path):
+@pytest.mark.parametrize("seed", ["0", "1", "2"])
+def test_forget_a_canary_keep_the_people(memorizer, tmp_path, seed):
     forget = tmp_path / "forget.jsonl"
     forget.write_text(json.dumps({"id": "canary", "text": CANARIES[0]}) + "\n")
     unseen = tmp_path / "unseen.jsonl"
@@ -70,8 +71,11 @@ def test_forget_a_canary_keep_the_people(memorizer, tmp_path):
     mlm = save_mlm(tmp_path / "mlm", tokenizer=fixed_wordpiece(PEOPLE + UNSEEN + CANARIES))
     nb, mask, scales, muted = (str(tmp_path / x) for x in ("nb.jsonl", "mask.st", "scales.st", "muted"))
 
-    invoke(["neighbors", str(forget), "--mlm", mlm, "-k", "3", "--temperature", "1", "-o", nb, "--device", "cpu", "--seed", "1"])
-    invoke(["localize", nb, "-m", memorizer, "--reference", str(unseen), "--epochs", "150", "--lr", "0.5",
+    # r = 0.5: the neighbours keep half of the canary's tokens, so the gates that carry its form
+    # (shared with the people's sentences) are protected; that is what keeps the people >= 90 %
+    invoke(["neighbors", str(forget), "--mlm", mlm, "-k", "3", "-r", "0.5", "--temperature", "1", "-o", nb,
+            "--device", "cpu", "--seed", seed])
+    invoke(["localize", nb, "-m", memorizer, "--reference", str(unseen), "--epochs", "300", "--lr", "0.5",
             "--lambda", "3", "--eta", "0.1", "--batch-size", "1", "-o", mask, "--device", "cpu"])
     invoke(["select", mask, "-o", scales])
     invoke(["apply", scales, "-m", memorizer, "-o", muted, "--device", "cpu"])
@@ -83,4 +87,4 @@ def test_forget_a_canary_keep_the_people(memorizer, tmp_path):
     assert mean_ma(memorizer, CANARIES[:1])[0] > 0.95 and min(before_people) > 0.95
     assert after_forget <= unseen_level, (after_forget, unseen_level)
     kept = sum(after_people) / sum(before_people)
-    assert kept >= 0.85, kept
+    assert kept >= 0.90, kept
