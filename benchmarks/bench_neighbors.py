@@ -32,7 +32,8 @@ SHARED = "/work/shared"
 
 def run_ours(model, tokenizer, texts, args):
     wall, cpu = time.perf_counter(), time.process_time()
-    writer = NeighborWriter(model, tokenizer, k=args.k, ratio=args.r, seed=args.seed, batch_size=args.batch_size)
+    writer = NeighborWriter(model, tokenizer, k=args.k, ratio=args.r, seed=args.seed, batch_size=args.batch_size,
+                            temperature=0.0)  # the yardstick is greedy
     token_ids = [tokenizer.convert_tokens_to_ids(tokenizer.tokenize(t)) for t in texts]
     ids = writer.rewrite_ids(token_ids)
     strings = [[tokenizer.convert_tokens_to_string(tokenizer.convert_ids_to_tokens(x)) for x in per] for per in ids]

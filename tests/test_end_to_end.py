@@ -73,7 +73,7 @@ def test_forget_a_canary_keep_the_people(memorizer, tmp_path, seed):
 
     # r = 0.5: the neighbours keep half of the canary's tokens, so the gates that carry its form
     # (shared with the people's sentences) are protected; that is what keeps the people >= 90 %
-    invoke(["neighbors", str(forget), "--mlm", mlm, "-k", "3", "-r", "0.5", "--temperature", "1", "-o", nb,
+    invoke(["neighbors", str(forget), "--mlm", mlm, "-k", "3", "-r", "0.5", "--temperature", "1", "--top-k", "0", "-o", nb,
             "--device", "cpu", "--seed", seed])
     invoke(["localize", nb, "-m", memorizer, "--reference", str(unseen), "--epochs", "300", "--lr", "0.5",
             "--lambda", "3", "--eta", "0.1", "--batch-size", "1", "-o", mask, "--device", "cpu"])

@@ -133,7 +133,7 @@ def ids_of(tokenizer, text):
 def test_greedy_equals_the_one_call_per_token_yardstick(mlm, ratio):
     model, tokenizer = mlm
     token_ids = [ids_of(tokenizer, t) for t in TEXTS]
-    writer = NeighborWriter(model, tokenizer, k=2, ratio=ratio, seed=3, batch_size=3)
+    writer = NeighborWriter(model, tokenizer, k=2, ratio=ratio, seed=3, batch_size=3, temperature=0.0)
     fast = writer.rewrite_ids(token_ids)
     assert fast == naive_neighbors(model, tokenizer, TEXTS, k=2, ratio=ratio, seed=3)
     assert fast != [[ids, ids] for ids in token_ids]  # something was rewritten
@@ -142,9 +142,9 @@ def test_greedy_equals_the_one_call_per_token_yardstick(mlm, ratio):
 def test_narrowed_last_layer_is_used_and_agrees_with_the_plain_head_hook(mlm):
     model, tokenizer = mlm
     token_ids = [ids_of(tokenizer, t) for t in TEXTS]
-    fast = NeighborWriter(model, tokenizer, k=2, ratio=0.8, seed=1, batch_size=4)
+    fast = NeighborWriter(model, tokenizer, k=2, ratio=0.8, seed=1, batch_size=4, temperature=0.0)
     assert fast._fast_layer is not None  # BERT: the last layer runs for the masked rows only
-    plain = NeighborWriter(model, tokenizer, k=2, ratio=0.8, seed=1, batch_size=4)
+    plain = NeighborWriter(model, tokenizer, k=2, ratio=0.8, seed=1, batch_size=4, temperature=0.0)
     plain._fast_layer = None  # every layer whole, only the vocabulary projection narrowed
     assert fast.rewrite_ids(token_ids) == plain.rewrite_ids(token_ids)
 
@@ -154,7 +154,7 @@ def test_long_texts_are_rewritten_whole_by_sliding_windows(small_window_mlm):
     text = " ".join(TEXTS)
     n = len(ids_of(tokenizer, text))
     assert n > 3 * 16
-    writer = NeighborWriter(model, tokenizer, k=1, ratio=1.0, batch_size=2)
+    writer = NeighborWriter(model, tokenizer, k=1, ratio=1.0, batch_size=2, temperature=0.0)
     fast = writer.rewrite_ids([ids_of(tokenizer, text), ids_of(tokenizer, TEXTS[2])])
     assert len(fast[0][0]) == n
     assert writer.rewrites == n + len(ids_of(tokenizer, TEXTS[2]))
@@ -164,7 +164,7 @@ def test_long_texts_are_rewritten_whole_by_sliding_windows(small_window_mlm):
 def test_long_text_every_token_replaced(constant_mlm):
     model, tokenizer, target = constant_mlm
     text = " ".join(TEXTS)
-    (out,), = NeighborWriter(model, tokenizer).rewrite_ids([ids_of(tokenizer, text)])
+    (out,), = NeighborWriter(model, tokenizer, ratio=1.0, temperature=0.0).rewrite_ids([ids_of(tokenizer, text)])
     assert out == [target] * len(ids_of(tokenizer, text))
 
 
@@ -173,7 +173,7 @@ def test_ratio_half_rewrites_half_the_positions(constant_mlm):
     original = ids_of(tokenizer, TEXTS[0] + " " + TEXTS[3])
     changed = []
     for seed in (0, 1):
-        (out,), = NeighborWriter(model, tokenizer, ratio=0.5, seed=seed).rewrite_ids([original])
+        (out,), = NeighborWriter(model, tokenizer, ratio=0.5, seed=seed, temperature=0.0).rewrite_ids([original])
         assert len(out) == len(original)
         positions = [i for i, (a, b) in enumerate(zip(original, out)) if a != b]
         assert len(positions) == int(len(original) * 0.5)
@@ -184,7 +184,7 @@ def test_ratio_half_rewrites_half_the_positions(constant_mlm):
 
 def test_special_tokens_are_never_predicted(constant_mlm):
     model, tokenizer, target = constant_mlm  # its first choice is [MASK] everywhere
-    [[out]] = NeighborWriter(model, tokenizer).rewrite_ids([ids_of(tokenizer, "the dog")])
+    [[out]] = NeighborWriter(model, tokenizer, ratio=1.0, temperature=0.0).rewrite_ids([ids_of(tokenizer, "the dog")])
     assert out == [target] * len(ids_of(tokenizer, "the dog"))
     writer = NeighborWriter(model, tokenizer, temperature=5.0, k=3)  # nearly uniform
     for per_text in writer.rewrite_ids([ids_of(tokenizer, t) for t in TEXTS]):
@@ -194,10 +194,10 @@ def test_special_tokens_are_never_predicted(constant_mlm):
 
 def test_sampling_gives_distinct_neighbours_and_greedy_identical_ones(mlm):
     model, tokenizer = mlm
-    sampled = NeighborWriter(model, tokenizer, k=4, temperature=1.0)(TEXTS)
+    sampled = NeighborWriter(model, tokenizer, k=4, ratio=1.0, temperature=1.0)(TEXTS)
     for per_text in sampled:
         assert len(per_text) == 4 and len(set(per_text)) == 4
-    writer = NeighborWriter(model, tokenizer, k=3, temperature=0.0)
+    writer = NeighborWriter(model, tokenizer, k=3, ratio=1.0, temperature=0.0)
     greedy = writer(TEXTS)
     assert all(len(set(per_text)) == 1 for per_text in greedy)
     assert writer.rewrites == sum(len(ids_of(tokenizer, t)) for t in TEXTS)  # made once, not 3 times
@@ -205,7 +205,7 @@ def test_sampling_gives_distinct_neighbours_and_greedy_identical_ones(mlm):
 
 def test_top_k_one_is_the_argmax(mlm):
     model, tokenizer = mlm
-    greedy = NeighborWriter(model, tokenizer, k=2, ratio=0.6, seed=5)(TEXTS)
+    greedy = NeighborWriter(model, tokenizer, k=2, ratio=0.6, seed=5, temperature=0.0)(TEXTS)
     top1 = NeighborWriter(model, tokenizer, k=2, ratio=0.6, seed=5, temperature=2.0, top_k=1)(TEXTS)
     assert top1 == greedy
 
