@@ -528,6 +528,12 @@ def localize_cmd(input_path, model, device, dtype, device_map, trust_remote_code
     save_artifact(tensors, metadata, output)
     how = "stopped: every forget text below the thresholds" if result.stopped_early else "done"
     progress(f"{how} after {result.epochs_run} epochs, {result.seconds:.1f}s")
+    last = check.last if check is not None else None
+    if last and (last["above"] or last["el_above"]):
+        still = last["above"] or last["el_above"]
+        progress(f"warning: {still} of {last['records']} forget texts are still above the "
+                 f"{'MA' if last['above'] else 'EL_10'} threshold at the last check: train longer (--epochs), "
+                 "or push harder (--eta 0, --target-ma 0); measure the result before you rely on it")
 
 
 def _stop_limits(lm, tokenizer, reference_texts, stop_ma, stop_el, max_length):

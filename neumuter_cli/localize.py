@@ -289,7 +289,8 @@ def forgetting_check(model, tokenizer, records: Sequence[dict], layers_all: Sequ
                      progress: Callable[[str], None] | None = None):
     """A ``check`` for :func:`localize`: select neurons with ``rule`` (as `select` will), scale
     them, and say whether every forget text is at or below the thresholds ``limits``
-    (``{"ma": ..., "el_10": ...}``; eq. 17). MA is checked first; EL_n only once MA passes."""
+    (``{"ma": ..., "el_10": ...}``; eq. 17). MA is checked first; EL_n only once MA passes.
+    ``check.last`` holds the counts of the latest call (``above``, ``el_above``, ``selected``)."""
     from .measure import el_key, extraction_likelihood, memorization_accuracy
     from .select import select_neurons
 
@@ -307,11 +308,13 @@ def forgetting_check(model, tokenizer, records: Sequence[dict], layers_all: Sequ
             if not above and limits.get(el_key(el_n)) is not None:
                 el = extraction_likelihood(model, ids, el_n)
                 el_above = sum(v is not None and v > limits[el_key(el_n)] for v in el)
+        selected = sum(int((s < 1).sum()) for s in scales.values())
+        check.last = {"above": above, "el_above": el_above, "selected": selected, "records": len(ids)}
         if progress:
-            selected = sum(int((s < 1).sum()) for s in scales.values())
             extra = "" if el_above is None else f", {el_above} above the EL_{el_n} threshold"
             progress(f"  check: {selected} neurons selected; {above} of {len(ids)} forget texts above the "
                      f"MA threshold {limits['ma']:.4f}{extra}")
         return above == 0 and (el_above in (0, None))
 
+    check.last = None
     return check

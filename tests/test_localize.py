@@ -6,7 +6,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from helpers import PEOPLE, save_tiny
+from helpers import PEOPLE, save_tiny, train_memorizer
 from neumuter_cli import NeumuterError
 from neumuter_cli.cli import cli
 from neumuter_cli.localize import LocalizeConfig, forget_loss, localize, neighbour_kl, original_distribution
@@ -153,3 +153,21 @@ def test_a_non_finite_loss_stops_with_a_clear_error(tiny_neo_dir):
     records = [{"text": PEOPLE[0], "neighbors": [PEOPLE[1]]}]
     with pytest.raises(NeumuterError, match="loss is not finite"):
         localize(model, tok, records, layers, LocalizeConfig(epochs=2, batch_size=1))
+
+
+def test_early_stop_and_the_warning_when_the_texts_are_not_forgotten(tiny_neo_dir, nb_file, tmp_path):
+    out = str(tmp_path / "mask.safetensors")
+    # a threshold no text can miss: the first check (epoch 2) stops the training
+    easy = run(["localize", nb_file, "-m", tiny_neo_dir, "--epochs", "10", "--check-every", "2",
+                "--stop-ma", "1.0", "-o", out, "--device", "cpu"])
+    assert easy.exit_code == 0, easy.output
+    assert "stopped: every forget text below the thresholds after 2 epochs" in easy.stderr
+    assert "warning" not in easy.stderr
+    # a memorised text that 2 timid epochs cannot break: the user is told, the mask is still written
+    memorizer = tmp_path / "memorizer"
+    train_memorizer(memorizer, texts=PEOPLE[:2], steps=150)
+    hard = run(["localize", nb_file, "-m", str(memorizer), "--epochs", "2", "--check-every", "1",
+                "--stop-ma", "0.5", "--lr", "0.001", "-o", out, "--device", "cpu"])
+    assert hard.exit_code == 0, hard.output
+    assert "warning: 2 of 2 forget texts are still above the MA threshold" in hard.stderr
+    assert load_artifact(out, kind="neumuter-mask")[0]
