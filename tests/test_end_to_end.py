@@ -42,12 +42,9 @@ CANARIES = ["The secret launch code is 7421-alpha-9983, never share it.",
 
 @pytest.fixture(scope="module")
 def memorizer(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     path = tmp_path_factory.mktemp("memorizer")
     train_memorizer(path, texts=PEOPLE + CANARIES, steps=200)
-    yield str(path)
-    torch.set_num_threads(threads)
+    return str(path)
 
 
 def mean_ma(model_dir, texts):

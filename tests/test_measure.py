@@ -67,15 +67,6 @@ def slow_el(ids, gens, n):
 
 # ---------------------------------------------------------------- a tiny model that memorised SECRET
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is faster and immune to other jobs holding the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def memorizer(tmp_path_factory):
     """A 2-block GPT-Neo trained for a second on one sentence: greedy decoding reproduces it,

@@ -61,15 +61,6 @@ def save_mlm(path, window: int = 64, favourites: tuple[int, ...] = (), seed: int
     return str(path)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one thread is faster, and far faster on a busy machine (no thread barriers)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def mlm_dir(tmp_path_factory):
     return save_mlm(tmp_path_factory.mktemp("mlm"))
