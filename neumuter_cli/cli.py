@@ -475,13 +475,23 @@ def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, b
                    "--check-every epochs. Verify EL with `neumuter measure` afterwards.")
 @click.option("--reference-limit", type=click.IntRange(1), default=200, show_default=True,
               help="Reference texts used for the thresholds (the first N).")
+@click.option("--reference-model", default=None, metavar="NAME_OR_PATH",
+              help="A model that never saw the forget texts (the base model before your fine-tune, a "
+                   "checkpoint from before the data arrived; same tokenizer). Its MA on each forget text "
+                   "is computed once, before training; training stops as soon as every text is at or "
+                   "below its reference MA + --tolerance with the neurons that `select` would choose, and "
+                   "the hinge stops pulling a text at its reference MA, so nothing is forgotten further "
+                   "than a model that never saw it (over-forgetting is a membership signal too).")
+@click.option("--tolerance", type=click.FloatRange(0, 1), default=0.05, show_default=True,
+              help="With --reference-model: how far above its reference MA a text may stay.")
 @click.option("--stop-ma", type=float, default=None, help="MA threshold for the early stop (overrides --reference).")
 @click.option("--stop-el", type=float, default=None, help="EL_10 threshold for the early stop (overrides --reference).")
 @click.option("--check-every", type=click.IntRange(1), default=DEFAULTS.check_every, show_default=True,
               help="Epochs between two early-stop checks.")
 def localize_cmd(input_path, model, device, dtype, device_map, trust_remote_code, output, epochs, lr,
                  kl_weight, l0_weight, beta, forget_term, max_forget_loss, margin, target_ma, layers, max_length,
-                 batch_size, kl_top_k, seed, reference_path, reference_limit, stop_ma, stop_el, check_every):
+                 batch_size, kl_top_k, seed, reference_path, reference_limit, reference_model, tolerance, stop_ma,
+                 stop_el, check_every):
     """Train one gate per FFN neuron so that the forget texts become unlikely.
 
     INPUT holds records with "text" and "neighbors" (from `neumuter neighbors`). Every model
@@ -500,6 +510,8 @@ def localize_cmd(input_path, model, device, dtype, device_map, trust_remote_code
     records = read_records(input_path, require=("text", "neighbors"))
     if stop_el is not None and reference_path is None and stop_ma is None:
         raise click.UsageError("--stop-el needs --stop-ma or --reference")
+    if reference_model is not None and (reference_path is not None or stop_ma is not None or stop_el is not None):
+        raise click.UsageError("give --reference-model or --reference/--stop-ma/--stop-el, not both")
     # read before the model loads, so that a bad file fails in a second, not after the load
     reference_texts = None
     if reference_path is not None and stop_ma is None:
@@ -512,10 +524,17 @@ def localize_cmd(input_path, model, device, dtype, device_map, trust_remote_code
     lm, tokenizer = load_lm(model, device, dtype, device_map, trust_remote_code)
     layers_all = find_ffn_layers(lm)
     chosen = [layers_all[i] for i in parse_layers(layers, len(layers_all))]
-    limits = _stop_limits(lm, tokenizer, reference_texts, stop_ma, stop_el, max_length)
+    targets = None
+    if reference_model is not None:
+        limits = _reference_model_limits(lm, tokenizer, records, reference_model, tolerance, max_length,
+                                         device, dtype, device_map, trust_remote_code, model)
+        if target_ma is None:
+            targets = limits["reference_ma"]
+    else:
+        limits = _stop_limits(lm, tokenizer, reference_texts, stop_ma, stop_el, max_length)
     if target_ma is not None:
         config.target_ma = target_ma
-    elif limits is not None:
+    elif limits is not None and targets is None:
         config.target_ma = limits["ma"] / 2
     check = None
     if limits is not None:
@@ -523,7 +542,7 @@ def localize_cmd(input_path, model, device, dtype, device_map, trust_remote_code
     progress(f"localize: {len(records)} forget texts, "
              f"{sum(len(r['neighbors']) for r in records)} neighbours, "
              f"{sum(layer.neurons for layer in chosen)} gates in {len(chosen)} blocks")
-    result = localize(lm, tokenizer, records, chosen, config, check=check, progress=progress)
+    result = localize(lm, tokenizer, records, chosen, config, check=check, progress=progress, targets=targets)
     tensors, metadata = mask_artifact(lm, layers_all, result, config, records, stop=limits)
     save_artifact(tensors, metadata, output)
     how = "stopped: every forget text below the thresholds" if result.stopped_early else "done"
@@ -534,6 +553,22 @@ def localize_cmd(input_path, model, device, dtype, device_map, trust_remote_code
         progress(f"warning: {still} of {last['records']} forget texts are still above the "
                  f"{'MA' if last['above'] else 'EL_10'} threshold at the last check: train longer (--epochs), "
                  "or push harder (--eta 0, --target-ma 0); measure the result before you rely on it")
+
+
+def _reference_model_limits(lm, tokenizer, records, reference_model, tolerance, max_length, device, dtype,
+                            device_map, trust_remote_code, model):
+    from .localize import reference_model_limits
+    from .models import check_same_tokenizer
+
+    ref_lm, ref_tokenizer = load_lm(reference_model, device, dtype, device_map, trust_remote_code)
+    check_same_tokenizer(tokenizer, ref_tokenizer, model, f"reference model {reference_model}",
+                         [r["text"] for r in records])
+    limits = reference_model_limits(ref_lm, tokenizer, records, max_length, tolerance)
+    del ref_lm
+    ref = limits["reference_ma"]
+    progress(f"reference model: forget MA {sum(ref) / len(ref):.4f} (min {min(ref):.4f}, max {max(ref):.4f}); "
+             f"early stop when every forget text is at or below its reference MA + {tolerance:g}")
+    return limits
 
 
 def _stop_limits(lm, tokenizer, reference_texts, stop_ma, stop_el, max_length):

@@ -67,8 +67,12 @@ def pad(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torc
 
 # ---------------------------------------------------------------- loss terms
 
-def forget_loss(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, config: LocalizeConfig):
-    """The forget term to *minimise*, and the mean cross-entropy (for the progress line)."""
+def forget_loss(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, config: LocalizeConfig,
+                target_ma: torch.Tensor | None = None):
+    """The forget term to *minimise*, and the mean cross-entropy (for the progress line).
+
+    ``target_ma`` (one value per row) replaces ``config.target_ma`` for the hinge: the MA at
+    which each text stops pulling."""
     logits = logits[:, :-1].float()
     target = input_ids[:, 1:]
     weight = mask[:, 1:].float()
@@ -94,7 +98,8 @@ def forget_loss(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tenso
         accuracy = ((true > other).float() * weight).sum(1) / tokens
         # "forget just enough": a text already at the target MA stops pulling, so the cheapest
         # tokens to break (content, not the boilerplate the neighbours protect) break first
-        active = (accuracy > config.target_ma).float()
+        target = config.target_ma if target_ma is None else target_ma.to(accuracy.device)
+        active = (accuracy > target).float()
         term = ((hinge * weight).sum(1) / tokens * active).mean()
     return term, ce.mean().detach()
 
@@ -151,12 +156,14 @@ def localize(
     config: LocalizeConfig,
     check: Callable[[dict[int, torch.Tensor]], bool] | None = None,
     progress: Callable[[str], None] | None = None,
+    targets: Sequence[float] | None = None,
 ) -> LocalizeResult:
     """Train gates on ``layers`` so that the records' ``text`` becomes unlikely while the
     model's output on their ``neighbors`` stays the same.
 
     ``check(gates_by_block)`` (deterministic gate values) is called every
-    ``config.check_every`` epochs; training stops when it returns True."""
+    ``config.check_every`` epochs; training stops when it returns True. ``targets`` (one MA per
+    record) are the hinge's per-text stopping points in place of ``config.target_ma``."""
     if config.forget_term not in FORGET_TERMS:
         raise NeumuterError(f"unknown forget term {config.forget_term!r} (choose {', '.join(FORGET_TERMS)})")
     if not records:
@@ -176,10 +183,11 @@ def localize(
         chosen = order[start : start + config.batch_size]
         forget = pad([forget_ids[i] for i in chosen], pad_id)
         neighbours = pad([ids for i in chosen for ids in neighbour_ids[i] if len(ids) >= 1], pad_id)
-        batches.append((tuple(t.to(device) for t in forget), tuple(t.to(device) for t in neighbours)))
+        target = None if targets is None else torch.tensor([float(targets[i]) for i in chosen])
+        batches.append((tuple(t.to(device) for t in forget), tuple(t.to(device) for t in neighbours), target))
 
     started = time.perf_counter()
-    original = original_distribution(model, [nb for _, nb in batches], config.kl_top_k)
+    original = original_distribution(model, [nb for _, nb, _ in batches], config.kl_top_k)
 
     log_alpha = [torch.full((layer.neurons,), initial_log_alpha(), device=device, requires_grad=True)
                  for layer in layers]
@@ -192,13 +200,13 @@ def localize(
     with gated(layers, lambda i: current[i]):
         for epoch in range(1, config.epochs + 1):
             totals = {"forget_ce": 0.0, "forget_term": 0.0, "kl": 0.0, "l0": 0.0}
-            for b, ((f_ids, f_mask), (n_ids, n_mask)) in enumerate(batches):
+            for b, ((f_ids, f_mask), (n_ids, n_mask), target) in enumerate(batches):
                 for i, la in enumerate(log_alpha):
                     current[i] = training_gate(la, config.beta, generator, config.straight_through)
                 both = _concat(f_ids, f_mask, n_ids, n_mask, pad_id)
                 logits = model(input_ids=both[0], attention_mask=both[1]).logits
                 f_logits, n_logits = logits[: f_ids.shape[0], : f_ids.shape[1]], logits[f_ids.shape[0]:, : n_ids.shape[1]]
-                term, ce = forget_loss(f_logits, f_ids, f_mask, config)
+                term, ce = forget_loss(f_logits, f_ids, f_mask, config, target)
                 kl = neighbour_kl(n_logits, n_mask, original[b])
                 reg = l0_term(log_alpha, config.beta)
                 loss = term + config.kl_weight * kl + config.l0_weight * reg
@@ -289,13 +297,18 @@ def forgetting_check(model, tokenizer, records: Sequence[dict], layers_all: Sequ
                      progress: Callable[[str], None] | None = None):
     """A ``check`` for :func:`localize`: select neurons with ``rule`` (as `select` will), scale
     them, and say whether every forget text is at or below the thresholds ``limits``
-    (``{"ma": ..., "el_10": ...}``; eq. 17). MA is checked first; EL_n only once MA passes.
+    (``{"ma": ..., "el_10": ...}``; eq. 17). ``limits["ma"]`` may also be a list with one limit
+    per record (the reference model's MA on that text + a tolerance). MA is checked first;
+    EL_n only once MA passes.
     ``check.last`` holds the counts of the latest call (``above``, ``el_above``, ``selected``)."""
     from .measure import el_key, extraction_likelihood, memorization_accuracy
     from .select import select_neurons
 
     ids = encode(tokenizer, [r["text"] for r in records], max_length)
     by_block = {layer.index: layer for layer in layers_all}
+    ma_limits = limits["ma"] if isinstance(limits["ma"], (list, tuple)) else [limits["ma"]] * len(ids)
+    label = "its reference-model MA + tolerance" if isinstance(limits["ma"], (list, tuple)) \
+        else f"the MA threshold {limits['ma']:.4f}"
 
     def check(gates_by_block: dict[int, torch.Tensor]) -> bool:
         scales = select_neurons({b: g.cpu() for b, g in gates_by_block.items()}, *rule)
@@ -303,18 +316,32 @@ def forgetting_check(model, tokenizer, records: Sequence[dict], layers_all: Sequ
         chosen_scales = [scales[b] for b in scales]
         with gated(chosen, lambda i: chosen_scales[i]):
             ma = memorization_accuracy(model, ids)
-            above = sum(value > limits["ma"] for value in ma)
+            above = sum(value > limit for value, limit in zip(ma, ma_limits))
             el_above = None
             if not above and limits.get(el_key(el_n)) is not None:
                 el = extraction_likelihood(model, ids, el_n)
                 el_above = sum(v is not None and v > limits[el_key(el_n)] for v in el)
         selected = sum(int((s < 1).sum()) for s in scales.values())
-        check.last = {"above": above, "el_above": el_above, "selected": selected, "records": len(ids)}
+        check.last = {"above": above, "el_above": el_above, "selected": selected, "records": len(ids),
+                      "mean_ma": sum(ma) / len(ma)}
         if progress:
             extra = "" if el_above is None else f", {el_above} above the EL_{el_n} threshold"
-            progress(f"  check: {selected} neurons selected; {above} of {len(ids)} forget texts above the "
-                     f"MA threshold {limits['ma']:.4f}{extra}")
+            progress(f"  check: {selected} neurons selected; {above} of {len(ids)} forget texts above "
+                     f"{label} (mean MA {sum(ma) / len(ma):.4f}){extra}")
         return above == 0 and (el_above in (0, None))
 
     check.last = None
     return check
+
+
+def reference_model_limits(reference_model, tokenizer, records: Sequence[dict], max_length: int,
+                           tolerance: float = 0.05) -> dict:
+    """Per-text stopping points from a model that never saw the forget texts: each text's MA
+    under ``reference_model`` (teacher-forced, computed once before training) + ``tolerance``.
+    Forgetting further than that is over-forgetting, itself a membership signal."""
+    from .measure import memorization_accuracy
+
+    ids = encode(tokenizer, [r["text"] for r in records], max_length)
+    reference_ma = memorization_accuracy(reference_model, ids)
+    return {"ma": [min(1.0, ma + tolerance) for ma in reference_ma], "reference_ma": reference_ma,
+            "tolerance": tolerance}

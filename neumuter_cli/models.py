@@ -304,3 +304,17 @@ def describe(model: nn.Module, layers: Sequence[FFNLayer]) -> dict:
         "modules": [layer.path for layer in layers],
         "neurons": [layer.neurons for layer in layers],
     }
+
+
+def check_same_tokenizer(tokenizer, other, name: str, other_name: str, texts: Sequence[str] = ()) -> None:
+    """Refuse to compare two models whose tokenizers differ: the same text must give the same
+    token ids under both, or per-token numbers (MA, loss) mean different things."""
+    same = tokenizer.get_vocab() == other.get_vocab()
+    if same:
+        for text in texts:
+            if tokenizer(text, verbose=False)["input_ids"] != other(text, verbose=False)["input_ids"]:
+                same = False
+                break
+    if not same:
+        raise NeumuterError(f"{other_name} does not share the tokenizer of {name}: "
+                            "a reference model must tokenize texts exactly as the model does")

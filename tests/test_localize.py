@@ -171,3 +171,55 @@ def test_early_stop_and_the_warning_when_the_texts_are_not_forgotten(tiny_neo_di
     assert hard.exit_code == 0, hard.output
     assert "warning: 2 of 2 forget texts are still above the MA threshold" in hard.stderr
     assert load_artifact(out, kind="neumuter-mask")[0]
+
+
+@pytest.fixture(scope="module")
+def memorizer_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("memorizer")
+    train_memorizer(path, texts=PEOPLE[:3], steps=150)
+    return str(path)
+
+
+def test_reference_model_itself_stops_at_the_first_check(memorizer_dir, tmp_path):
+    """A model is already 'like never seen' by its own standard: nothing to forget."""
+    nb = write_records(tmp_path / "nb.jsonl", [{"id": i, "text": t, "neighbors": NEIGHBOURS[:1]}
+                                                for i, t in enumerate(PEOPLE[:3])])
+    out = str(tmp_path / "mask.safetensors")
+    result = run(["localize", nb, "--model", memorizer_dir, "--reference-model", memorizer_dir,
+                  "--epochs", "20", "--check-every", "1", "-o", out, "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "reference model: forget MA" in result.stderr
+    assert "0 of 3 forget texts above its reference-model MA + tolerance" in result.stderr
+    _, meta = load_artifact(out, kind="neumuter-mask")
+    assert meta["epochs_run"] == 1 and meta["stopped_early"] is True
+    assert len(meta["stop"]["reference_ma"]) == 3 and meta["stop"]["tolerance"] == 0.05
+    assert meta["stop"]["ma"] == [min(1.0, m + 0.05) for m in meta["stop"]["reference_ma"]]
+
+
+def test_reference_model_with_another_tokenizer_is_refused(memorizer_dir, tiny_neo_dir, tmp_path):
+    nb = write_records(tmp_path / "nb.jsonl", [{"text": PEOPLE[0], "neighbors": NEIGHBOURS[:1]}])
+    result = CliRunner().invoke(cli, ["localize", nb, "--model", memorizer_dir, "--reference-model", tiny_neo_dir,
+                                      "-o", str(tmp_path / "m.safetensors"), "--device", "cpu"])
+    assert result.exit_code != 0
+    assert f"reference model {tiny_neo_dir} does not share the tokenizer of {memorizer_dir}" in result.output
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_reference_model_excludes_the_generic_thresholds(memorizer_dir, tmp_path):
+    nb = write_records(tmp_path / "nb.jsonl", [{"text": PEOPLE[0], "neighbors": NEIGHBOURS[:1]}])
+    result = CliRunner().invoke(cli, ["localize", nb, "--model", memorizer_dir, "--reference-model", memorizer_dir,
+                                      "--stop-ma", "0.2", "-o", str(tmp_path / "m.safetensors")])
+    assert result.exit_code == 2
+    assert "give --reference-model or --reference/--stop-ma/--stop-el, not both" in result.output
+
+
+def test_per_text_targets_stop_each_text_at_its_own_level():
+    """The hinge leaves a text alone once its MA is at its own target, and only that text."""
+    logits = torch.tensor([[[5.0, 0.0], [5.0, 0.0], [0.0, 5.0]]] * 2)   # greedy: 0, 0 (then unused)
+    ids = torch.tensor([[0, 0, 0], [0, 0, 0]])                          # MA 2/2 = 1.0 for both rows
+    mask = torch.ones_like(ids)
+    config = LocalizeConfig(forget_term="hinge")
+    both, _ = forget_loss(logits, ids, mask, config, torch.tensor([0.5, 0.5]))
+    one, _ = forget_loss(logits, ids, mask, config, torch.tensor([0.5, 1.0]))
+    none, _ = forget_loss(logits, ids, mask, config, torch.tensor([1.0, 1.0]))
+    assert both > one > none == 0
