@@ -8,7 +8,7 @@ import click
 from tabulate import tabulate
 
 from . import NeumuterError, __version__
-from .localize import FORGET_TERMS, LocalizeConfig
+from .localize import FORGET_TERMS, OPTIMIZERS, LocalizeConfig
 
 DEFAULTS = LocalizeConfig()
 
@@ -488,10 +488,17 @@ def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, b
 @click.option("--stop-el", type=float, default=None, help="EL_10 threshold for the early stop (overrides --reference).")
 @click.option("--check-every", type=click.IntRange(1), default=DEFAULTS.check_every, show_default=True,
               help="Epochs between two early-stop checks.")
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=DEFAULTS.optimizer, show_default=True,
+              help="adam: each gate steps at the learning rate whatever the size of its gradient (the public "
+                   "code); shared-adam: one step size for all gates, so gates move in proportion to their "
+                   "gradients and only the ones that matter most close.")
+@click.option("--prune/--no-prune", default=DEFAULTS.prune, show_default=True,
+              help="When the early stop fires, keep only the smallest set of most-closed gates that still "
+                   "passes the check (bisection, a pass over the forget texts per probe) and reopen the rest.")
 def localize_cmd(input_path, model, device, dtype, device_map, trust_remote_code, output, epochs, lr,
                  kl_weight, l0_weight, beta, forget_term, max_forget_loss, margin, target_ma, layers, max_length,
                  batch_size, kl_top_k, seed, reference_path, reference_limit, reference_model, tolerance, stop_ma,
-                 stop_el, check_every):
+                 stop_el, check_every, optimizer, prune):
     """Train one gate per FFN neuron so that the forget texts become unlikely.
 
     INPUT holds records with "text" and "neighbors" (from `neumuter neighbors`). Every model
@@ -519,7 +526,7 @@ def localize_cmd(input_path, model, device, dtype, device_map, trust_remote_code
     config = LocalizeConfig(epochs=epochs, lr=lr, kl_weight=kl_weight, l0_weight=l0_weight, beta=beta,
                             forget_term=forget_term, max_forget_loss=max_forget_loss, margin=margin,
                             max_length=max_length, batch_size=batch_size, kl_top_k=kl_top_k, seed=seed,
-                            check_every=check_every)
+                            check_every=check_every, optimizer=optimizer, prune=prune)
     torch.manual_seed(seed)
     lm, tokenizer = load_lm(model, device, dtype, device_map, trust_remote_code)
     layers_all = find_ffn_layers(lm)

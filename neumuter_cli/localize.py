@@ -22,6 +22,7 @@ from .measure import encode
 from .models import FFNLayer, gated, input_device
 
 FORGET_TERMS = ("hinge", "bounded", "ascent")
+OPTIMIZERS = ("shared-adam", "adam")
 
 
 @dataclass
@@ -41,6 +42,8 @@ class LocalizeConfig:
     seed: int = 0
     check_every: int = 5             # epochs between forgetting checks (when a check is given)
     straight_through: bool = True    # gradient through the upper clamp of the gate
+    optimizer: str = "adam"          # adam: a step per gate | shared-adam: one step size for all gates
+    prune: bool = True               # after a passing check, keep the smallest top-ranked set that still passes
 
 
 @dataclass
@@ -51,6 +54,7 @@ class LocalizeResult:
     stopped_early: bool
     seconds: float
     history: list[dict] = field(default_factory=list)
+    pruned: dict | None = None
 
 
 # ---------------------------------------------------------------- batching
@@ -146,6 +150,36 @@ def training_gate(log_alpha: torch.Tensor, beta: float, generator: torch.Generat
     return gate
 
 
+class SharedAdam(torch.optim.Optimizer):
+    """Adam with one second moment for all the parameters of a group instead of one per entry.
+
+    Plain Adam divides each gate's gradient by that gate's own running RMS, so every gate with
+    a small but steady pull moves at the full learning rate and closes as fast as an important
+    one. With a shared RMS the steps keep the gradients' proportions: the gates that matter
+    most for the forget texts close first, the rest barely move, and the mask stays sparse."""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            beta1, beta2 = group["betas"]
+            state = self.state.setdefault("group", {"step": 0, "v": 0.0})
+            state["step"] += 1
+            square = sum(float(p.grad.pow(2).sum()) for p in params) / sum(p.numel() for p in params)
+            state["v"] = beta2 * state["v"] + (1 - beta2) * square
+            v_hat = state["v"] / (1 - beta2 ** state["step"])
+            for p in params:
+                m = self.state[p].setdefault("m", torch.zeros_like(p))
+                m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                m_hat = m / (1 - beta1 ** state["step"])
+                p.sub_(group["lr"] * m_hat / (v_hat ** 0.5 + group["eps"]))
+
+
 # ---------------------------------------------------------------- the loop
 
 def localize(
@@ -191,10 +225,12 @@ def localize(
 
     log_alpha = [torch.full((layer.neurons,), initial_log_alpha(), device=device, requires_grad=True)
                  for layer in layers]
-    optimiser = torch.optim.Adam(log_alpha, lr=config.lr)
+    if config.optimizer not in OPTIMIZERS:
+        raise NeumuterError(f"unknown optimizer {config.optimizer!r} (choose {', '.join(OPTIMIZERS)})")
+    optimiser = (SharedAdam if config.optimizer == "shared-adam" else torch.optim.Adam)(log_alpha, lr=config.lr)
     current: list[torch.Tensor] = [torch.ones(layer.neurons) for layer in layers]
     history: list[dict] = []
-    stopped = False
+    stopped = done = False
     epoch = 0
     last = {}
     with gated(layers, lambda i: current[i]):
@@ -238,10 +274,46 @@ def localize(
                 if done:
                     stopped = epoch < config.epochs
                     break
+    final = {layer.index: la.detach().to("cpu", torch.float32) for layer, la in zip(layers, log_alpha)}
+    pruned = None
+    if check is not None and done and config.prune:
+        final, pruned = smallest_passing_set(final, check, progress)
     return LocalizeResult(
-        log_alpha={layer.index: la.detach().to("cpu", torch.float32) for layer, la in zip(layers, log_alpha)},
-        losses=last, epochs_run=epoch, stopped_early=stopped, seconds=time.perf_counter() - started,
-        history=history)
+        log_alpha=final, losses=last, epochs_run=epoch, stopped_early=stopped,
+        seconds=time.perf_counter() - started, history=history, pruned=pruned)
+
+
+def smallest_passing_set(log_alpha: dict[int, torch.Tensor], check, progress=None
+                         ) -> tuple[dict[int, torch.Tensor], dict]:
+    """Keep only the k most-closed gates (lowest log_alpha) and reopen every other one, with the
+    smallest k for which ``check`` still passes, found by bisection (``check`` passing is close to
+    monotone in k: more closed gates forget more). Returns the pruned log_alpha and counts."""
+    blocks = sorted(log_alpha)
+    flat = torch.cat([log_alpha[b] for b in blocks])
+    moved = deterministic_gate(flat) < 1.0
+    order = torch.sort(torch.where(moved, flat, torch.full_like(flat, float("inf"))), stable=True).indices
+    total = int(moved.sum())
+    opened = torch.full_like(flat, initial_log_alpha())
+
+    def keep(k: int) -> dict[int, torch.Tensor]:
+        kept = opened.clone()
+        kept[order[:k]] = flat[order[:k]]
+        out, start = {}, 0
+        for b in blocks:
+            out[b] = kept[start:start + log_alpha[b].numel()]
+            start += log_alpha[b].numel()
+        return out
+
+    low, high = 0, total                      # check(keep(high)) passed: it is the trained mask
+    while high - low > max(1, high // 50):    # 2 %: each probe costs a pass over the forget texts
+        middle = (low + high) // 2
+        if progress:
+            progress(f"  prune: trying the {middle} most-closed gates of {total}")
+        if check({b: deterministic_gate(v) for b, v in keep(middle).items()}):
+            high = middle
+        else:
+            low = middle
+    return keep(high), {"moved": total, "kept": high}
 
 
 def _concat(f_ids, f_mask, n_ids, n_mask, pad_id):
@@ -286,6 +358,7 @@ def mask_artifact(model, layers_all: Sequence[FFNLayer], result: LocalizeResult,
         "losses": result.losses,
         "epochs_run": result.epochs_run,
         "stopped_early": result.stopped_early,
+        "pruned": result.pruned or {},
         "stop": stop or {},
         "tool_version": __version__,
     }
