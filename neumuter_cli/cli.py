@@ -9,8 +9,10 @@ from tabulate import tabulate
 
 from . import NeumuterError, __version__
 from .localize import FORGET_TERMS, OPTIMIZERS, LocalizeConfig
+from .relearn import RelearnConfig
 
 DEFAULTS = LocalizeConfig()
+RELEARN_DEFAULTS = RelearnConfig()
 
 
 class NeumuterGroup(click.Group):
@@ -598,6 +600,76 @@ def _stop_limits(lm, tokenizer, reference_texts, stop_ma, stop_el, max_length):
     progress(f"early stop when every forget text has MA <= {limits['ma']:.4f}"
              + (f" and EL_10 <= {stop_el:.4f}" if stop_el is not None else ""))
     return limits
+
+
+@cli.command("relearn")
+@click.argument("input_path", default="-", metavar="[INPUT|-]")
+@model_options
+@click.option("--output", "-o", required=True, metavar="DIR",
+              help="Checkpoint directory to write (save_pretrained + tokenizer + neumuter.json).")
+@click.option("--steps", type=click.IntRange(1), default=RELEARN_DEFAULTS.steps, show_default=True,
+              help="Optimiser steps, exactly (the texts are cycled through as often as needed).")
+@click.option("--lr", type=float, default=RELEARN_DEFAULTS.lr, show_default=True,
+              help="Adam learning rate (constant). Relearning attacks in the literature use 1e-5 to 1e-4 "
+                   "on 100M-7B models; the default sits between.")
+@click.option("--batch-size", type=click.IntRange(1), default=RELEARN_DEFAULTS.batch_size, show_default=True,
+              help="Texts per optimiser step.")
+@click.option("--layers", default=None, metavar="SPEC",
+              help="Train only the weights of these decoder blocks, e.g. 20-29 (as `localize --layers`; "
+                   "default: every weight of the model, embeddings included).")
+@click.option("--first-halves", is_flag=True, default=False,
+              help="Train on the first half (by tokens, of the first --max-length) of each text instead of "
+                   "the whole text: the usual attack, which then looks whether the second halves come back.")
+@click.option("--max-length", type=click.IntRange(2), default=RELEARN_DEFAULTS.max_length, show_default=True,
+              help="Cut every text to its first N tokens.")
+@click.option("--seed", type=int, default=RELEARN_DEFAULTS.seed, show_default=True,
+              help="Seed of the data order: the same seed gives the same weights.")
+@click.option("--force", is_flag=True, default=False, help="Replace DIR if it exists and is not empty.")
+def relearn_cmd(input_path, model, device, dtype, device_map, trust_remote_code, output, steps, lr, batch_size,
+                layers, first_halves, max_length, seed, force):
+    """Fine-tune a model on texts for a few steps: the relearning attack, to red-team your own unlearning.
+
+    Unlearning that only hides a memory is undone by a little fine-tuning on related text, for
+    instance the first halves of the forgotten texts: the rest comes back. A model that never
+    saw the texts learns them no faster than from scratch. So relearn the muted model and a
+    reference model that never saw the texts with the same steps, and compare the forget
+    texts' MA afterwards:
+
+    \b
+      neumuter relearn forget.jsonl --first-halves --model muted/ --steps 20 -o relearned/
+      neumuter measure forget.jsonl --model relearned/ --reference-model REF
+
+    (and the same relearn of REF itself, to see how much a never-seen model gains).
+
+    Reads records (JSONL with "text"; INPUT or - / nothing: stdin) and trains for exactly
+    --steps Adam steps (no weight decay, constant learning rate, no warm-up, dropout off) on
+    next-token cross-entropy, --batch-size texts per step, taken in a seeded random order that
+    is reshuffled at every pass over the records. Half-precision weights are updated through
+    float32 master copies. The result is written atomically to DIR as an ordinary checkpoint
+    that `measure`, `localize` and `apply` read, with neumuter.json: the steps, learning rate,
+    batch size, blocks, seed, every step's loss, the sha256 of the texts trained on and the
+    source checkpoint's own records. Progress (step, loss) goes to stderr.
+    """
+    from dataclasses import replace
+
+    from .apply import check_output_dir, save_checkpoint
+    from .records import read_records
+    from .relearn import check_config, ffn_fingerprint, first_halves as halve, provenance, relearn
+
+    config = replace(RELEARN_DEFAULTS, steps=steps, lr=lr, batch_size=batch_size, layers=layers,
+                     max_length=max_length, seed=seed)
+    check_config(config)                # a bad --lr fails before the model loads
+    check_output_dir(output, force)
+    records = read_records(input_path)
+    lm, tokenizer = load_lm(model, device, dtype, device_map, trust_remote_code)
+    trained = halve(records, tokenizer, max_length) if first_halves else records
+    source_fingerprint = ffn_fingerprint(lm)
+    result = relearn(lm, tokenizer, trained, config, progress=progress)
+    record = provenance(lm, config, result, trained, model, source_fingerprint, input_records=records,
+                        first_halves=first_halves)
+    save_checkpoint(lm, tokenizer, output, record, force)
+    progress(f"{result.steps} steps in {result.seconds:.1f}s: loss {result.losses[0]:.4f} -> "
+             f"{result.losses[-1]:.4f} (first and last batch); checkpoint written to {output}")
 
 
 def main():  # pragma: no cover - console entry for `python -m neumuter_cli`

@@ -1,0 +1,253 @@
+"""The relearning attack: fine-tune a model on texts (e.g. the first halves of the forget texts)
+for a few optimiser steps, to red-team one's own unlearning. Knowledge that was only hidden
+comes back in a few steps; a model that never saw the texts learns them no faster than from
+scratch.
+
+Plain next-token cross-entropy on each record's ``text`` (its first ``max_length`` tokens),
+mean over the real tokens of a batch, optimised with Adam (no weight decay: decay would pull
+every weight towards zero, which is no part of relearning), constant learning rate, no
+warm-up. Dropout stays off (the model stays in eval mode), so the only randomness is the data
+order, which the seed fixes: each step takes the next ``batch_size`` texts of an endless
+stream that goes through all records in a seeded random order, reshuffled at every pass. The
+state after step k is therefore the same whatever the total number of steps.
+
+Weights stored in half precision are updated through float32 master copies (an update of
+lr ≈ 1e-5 is below half a bfloat16 step of a typical weight and would be lost otherwise).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import NeumuterError
+from .localize import pad
+from .measure import encode
+from .models import _decoder_blocks, input_device, parse_layers
+
+DEFAULT_LR = 3e-5
+DEFAULT_STEPS = 20
+DEFAULT_BATCH_SIZE = 4
+ProgressFn = Callable[[str], None] | None
+
+
+@dataclass
+class RelearnConfig:
+    steps: int = DEFAULT_STEPS
+    lr: float = DEFAULT_LR
+    batch_size: int = DEFAULT_BATCH_SIZE
+    layers: str | None = None        # block SPEC as for `localize --layers` ("10-16,21"); None: every weight
+    max_length: int = 200
+    seed: int = 0
+
+
+@dataclass
+class RelearnResult:
+    steps: int                       # optimiser steps taken
+    losses: list[float]              # the batch loss of each step, before its update
+    blocks: list[int] | None         # the decoder blocks trained; None: every weight of the model
+    trained_parameters: int
+    seconds: float
+    order: list[list[int]] = field(default_factory=list)   # record indices of each step's batch
+
+
+def check_config(config: RelearnConfig) -> None:
+    """Refuse settings that cannot train: the errors a user can fix, as one line each."""
+    if isinstance(config.steps, bool) or not isinstance(config.steps, int) or config.steps < 1:
+        raise NeumuterError(f"steps must be a whole number >= 1 (got {config.steps!r})")
+    if isinstance(config.lr, bool) or not isinstance(config.lr, (int, float)) \
+            or not math.isfinite(config.lr) or config.lr <= 0:
+        raise NeumuterError(f"the learning rate must be a finite number > 0 (got {config.lr!r})")
+    if isinstance(config.batch_size, bool) or not isinstance(config.batch_size, int) or config.batch_size < 1:
+        raise NeumuterError(f"the batch size must be a whole number >= 1 (got {config.batch_size!r})")
+    if config.max_length is not None and config.max_length < 2:
+        raise NeumuterError(f"max_length must be at least 2 tokens (got {config.max_length!r})")
+
+
+def data_order(records: int, steps: int, batch_size: int, seed: int) -> list[list[int]]:
+    """The record indices of each step's batch: an endless stream through all records, in a new
+    seeded random order at every pass, cut into batches of ``batch_size`` (a batch may span two
+    passes)."""
+    generator = torch.Generator().manual_seed(seed)
+    stream: list[int] = []
+    needed = steps * batch_size
+    while len(stream) < needed:
+        stream += torch.randperm(records, generator=generator).tolist()
+    return [stream[k * batch_size:(k + 1) * batch_size] for k in range(steps)]
+
+
+def trainable_parameters(model, layers: str | None) -> tuple[list[torch.nn.Parameter], list[int] | None]:
+    """The parameters to train: every parameter of the model (``layers`` None or "all"), or
+    those of the decoder blocks named by ``layers`` (the SPEC of `localize --layers`)."""
+    if layers is None or layers.strip().lower() in ("", "all"):
+        params = list(model.parameters())
+        return list({id(p): p for p in params}.values()), None
+    _, blocks = _decoder_blocks(model)
+    chosen = parse_layers(layers, len(blocks))
+    params = [p for index in chosen for p in blocks[index].parameters()]
+    return list({id(p): p for p in params}.values()), chosen
+
+
+def relearn(model, tokenizer, records: Sequence[dict], config: RelearnConfig, progress: ProgressFn = None,
+            on_step: Callable[[int, float], None] | None = None) -> RelearnResult:
+    """Fine-tune ``model`` in place on the records' ``text`` for exactly ``config.steps`` Adam
+    steps (see the module's notes). ``on_step(step, loss)`` is called after each update (step
+    1..steps), e.g. to measure the model along the way. Afterwards the model is back in eval
+    mode with every weight frozen, as ``models.load_model`` leaves it."""
+    check_config(config)
+    if not records:
+        raise NeumuterError("no records to relearn")
+    texts = [r["text"] for r in records]
+    ids_list = encode(tokenizer, texts, config.max_length)
+    for ids, record in zip(ids_list, records):
+        if len(ids) < 2:
+            label = record.get("id", record["text"][:30])
+            raise NeumuterError(f"text {label!r} has fewer than 2 tokens: nothing to learn from")
+    params, blocks = trainable_parameters(model, config.layers)
+    if not params:
+        raise NeumuterError("no parameters to train")
+    order = data_order(len(records), config.steps, config.batch_size, config.seed)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = input_device(model)
+
+    # half-precision weights get float32 masters: the optimiser updates those, the model gets copies
+    masters = [p.detach().float().clone() if p.dtype != torch.float32 and p.is_floating_point() else None
+               for p in params]
+    optimised = [m if m is not None else p for p, m in zip(params, masters)]
+    optimiser = torch.optim.Adam(optimised, lr=config.lr, weight_decay=0.0)
+    model.eval()
+    for p in params:
+        p.requires_grad_(True)
+    count = sum(p.numel() for p in params)
+    if progress:
+        where = "every weight" if blocks is None else f"the weights of blocks {_span(blocks)}"
+        progress(f"relearn: {len(records)} texts, {config.batch_size} per step, {config.steps} Adam steps "
+                 f"at lr {config.lr:g} on {where} ({count:,} parameters)")
+    losses: list[float] = []
+    started = time.perf_counter()
+    try:
+        for step, batch in enumerate(order, 1):
+            input_ids, mask = pad([ids_list[k] for k in batch], pad_id)
+            input_ids, mask = input_ids.to(device), mask.to(device)
+            logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
+            target = input_ids[:, 1:].to(logits.device)
+            weight = mask[:, 1:].to(logits.device).float()
+            token_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                         reduction="none").view_as(target)
+            loss = (token_loss * weight).sum() / weight.sum()
+            if not torch.isfinite(loss):
+                raise NeumuterError(f"step {step}: the loss is not finite ({loss.item()}); "
+                                    "try a smaller --lr or --dtype float32")
+            optimiser.zero_grad(set_to_none=True)
+            for m in masters:
+                if m is not None:
+                    m.grad = None
+            loss.backward()
+            for p, m in zip(params, masters):
+                if m is not None and p.grad is not None:
+                    m.grad = p.grad.float()
+                    p.grad = None
+            optimiser.step()
+            with torch.no_grad():
+                for p, m in zip(params, masters):
+                    if m is not None:
+                        p.copy_(m.to(p.dtype))
+            losses.append(loss.item())
+            if progress:
+                progress(f"step {step:4d}/{config.steps}  loss {losses[-1]:.4f}  "
+                         f"({time.perf_counter() - started:.1f}s)")
+            if on_step is not None:
+                on_step(step, losses[-1])
+    finally:
+        for p in params:
+            p.grad = None
+            p.requires_grad_(False)
+        model.eval()
+    return RelearnResult(steps=len(losses), losses=losses, blocks=blocks, trained_parameters=count,
+                         seconds=time.perf_counter() - started, order=order)
+
+
+def _span(blocks: Sequence[int]) -> str:
+    """[3, 4, 5, 9] → "3-5,9"."""
+    parts, start = [], None
+    for k, b in enumerate(blocks):
+        if start is None:
+            start = b
+        if k + 1 == len(blocks) or blocks[k + 1] != b + 1:
+            parts.append(str(start) if start == b else f"{start}-{b}")
+            start = None
+    return ",".join(parts)
+
+
+def first_halves(records: Sequence[dict], tokenizer, max_length: int | None = 200) -> list[dict]:
+    """Each record with its ``text`` cut to the first half of its tokens (of its first
+    ``max_length`` tokens, the part that `measure` scores): the relearning set of the robustness
+    check, which trains on what an attacker could know (the start of a text) and looks whether
+    the rest comes back. Other keys are kept; ``half_of_tokens`` says how many tokens were
+    halved. Records of fewer than 4 tokens are refused (no half to learn from)."""
+    out = []
+    for ids, record in zip(encode(tokenizer, [r["text"] for r in records], max_length), records):
+        if len(ids) < 4:
+            label = record.get("id", record["text"][:30])
+            raise NeumuterError(f"text {label!r} is too short to halve ({len(ids)} of at least 4 tokens)")
+        half = tokenizer.decode(ids[: len(ids) // 2], skip_special_tokens=True)
+        out.append({**record, "text": half, "half_of_tokens": len(ids)})
+    return out
+
+
+def ffn_fingerprint(model) -> str | None:
+    """The model fingerprint that mask and scales files record (None for a model whose FFNs
+    neumuter cannot gate: such a model can still be relearned)."""
+    from .models import describe, find_ffn_layers
+
+    try:
+        return describe(model, find_ffn_layers(model))["fingerprint"]
+    except NeumuterError:
+        return None
+
+
+def provenance(model, config: RelearnConfig, result: RelearnResult, records: Sequence[dict],
+               source: str, source_fingerprint: str | None = None,
+               input_records: Sequence[dict] | None = None, first_halves: bool = False) -> dict:
+    """The ``neumuter.json`` of a relearned checkpoint: what was done, on what, with what
+    outcome, and the source checkpoint's own records (``history``).
+
+    ``records`` are the texts trained on; ``input_records`` the records they were made from
+    (e.g. before :func:`first_halves`; default: ``records``). ``input_sha256`` hashes the
+    latter's texts as mask files hash the forget texts (``forget_sha256``), so the two match
+    for the same set; ``trained_sha256`` hashes what was trained on; ``first_halves`` says
+    whether those were the input's first halves."""
+    from . import __version__
+    from .apply import previous_records
+    from .records import sha256_texts
+
+    record = {
+        "kind": "neumuter-relearned",
+        "tool_version": __version__,
+        "source_model": source,
+        "source_fingerprint": source_fingerprint,
+        "fingerprint": ffn_fingerprint(model),
+        "architecture": getattr(getattr(model, "config", None), "model_type", type(model).__name__),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "input_sha256": sha256_texts(r["text"] for r in (records if input_records is None else input_records)),
+        "trained_sha256": sha256_texts(r["text"] for r in records),
+        "first_halves": first_halves,
+        "records": len(records),
+        "optimizer": "Adam (no weight decay, constant learning rate)",
+        **{k: v for k, v in asdict(config).items() if k != "layers"},
+        "layers": "all" if result.blocks is None else result.blocks,
+        "trained_parameters": result.trained_parameters,
+        "losses": [round(v, 6) for v in result.losses],
+        "final_loss": round(result.losses[-1], 6) if result.losses else None,
+        "seconds": round(result.seconds, 2),
+    }
+    record["history"] = previous_records(source)
+    return record
+
+
+__all__ = ["RelearnConfig", "RelearnResult", "relearn", "check_config", "data_order", "trainable_parameters",
+           "first_halves", "provenance", "ffn_fingerprint", "DEFAULT_LR", "DEFAULT_STEPS", "DEFAULT_BATCH_SIZE"]
