@@ -172,10 +172,15 @@ def encode(tokenizer, texts: Iterable[str], max_length: int | None = 200) -> lis
 @dataclass
 class TeacherForced:
     """One text's teacher-forced pass: ``preds[t]`` = argmax of the logits at position t (the
-    greedy guess for token t+1), ``nll[t]`` = -log p(w_{t+1} | w_<=t), for t = 0..T-2."""
+    greedy guess for token t+1), ``nll[t]`` = -log p(w_{t+1} | w_<=t), for t = 0..T-2.
+
+    With ``stats``: ``mu[t]`` and ``sigma[t]`` = the mean and standard deviation of log p(v)
+    over the vocabulary under the model's own distribution p at position t (Min-K %++)."""
 
     preds: list[int]
     nll: list[float]
+    mu: list[float] | None = None
+    sigma: list[float] | None = None
 
     def ma(self, ids: Sequence[int]) -> float:
         return sum(p == w for p, w in zip(self.preds, ids[1:])) / len(self.preds)
@@ -197,13 +202,31 @@ def _check_context(model, length: int, what: str) -> None:
         raise NeumuterError(f"{what} of {length} tokens is longer than the model's context ({context} tokens)")
 
 
+#: floor of the variance in Min-K %++'s normalisation (a one-hot distribution has none)
+MIN_VARIANCE = 1e-6
+
+
+def _vocab_stats(logits: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Mean and standard deviation of log p(v) under p = softmax(logits), for each row of a
+    (positions, vocab) tensor; two passes (the variance as E[(log p - mu)^2], not E[x^2] - mu^2,
+    which cancels), zero-probability tokens contributing nothing."""
+    logp = torch.log_softmax(logits, dim=-1)
+    p = logp.exp()
+    finite = p > 0
+    mu = torch.where(finite, p * logp, 0.0).sum(-1)
+    var = torch.where(finite, p * (logp - mu[:, None]).square(), 0.0).sum(-1)
+    sigma = var.clamp_min(MIN_VARIANCE).sqrt()
+    return mu.cpu().tolist(), sigma.cpu().tolist()
+
+
 @torch.no_grad()
 def teacher_forced(model, ids_list: Sequence[Sequence[int]], batch_size: int = 32,
-                   progress: ProgressFn = None) -> list[TeacherForced]:
+                   progress: ProgressFn = None, stats: bool = False) -> list[TeacherForced]:
     """Greedy guesses and token losses of every text in one teacher-forced forward pass each,
     batched. Texts are sorted by length; equal lengths share a batch without padding, unequal
     ones are right-padded with an attention mask (exact for causal LMs: padding comes after
-    every real position)."""
+    every real position). ``stats``: also the vocabulary mean and standard deviation of the
+    log-probabilities at each position (same pass, computed text by text to bound memory)."""
     _check_lengths(ids_list)
     if ids_list:
         _check_context(model, max(map(len, ids_list)), "a text (use a smaller --max-length or window)")
@@ -233,6 +256,8 @@ def teacher_forced(model, ids_list: Sequence[Sequence[int]], batch_size: int = 3
         for row, k in enumerate(batch):
             n = lengths[row] - 1
             results[k] = TeacherForced(preds[row, :n].tolist(), nll[row, :n].tolist())
+            if stats:
+                results[k].mu, results[k].sigma = _vocab_stats(logits[row, :n])
         if progress:
             progress(f"teacher-forced: {start if start < len(order) else len(order)}/{len(order)} texts")
     return results  # type: ignore[return-value]
@@ -456,10 +481,11 @@ def el_key(n: int) -> str:
 
 
 def measure_ids(model, ids_list: Sequence[Sequence[int]], el_ns: Sequence[int] = (10,), batch_size: int = 64,
-                progress: ProgressFn = None) -> list[dict]:
+                progress: ProgressFn = None, tfs: Sequence[TeacherForced] | None = None) -> list[dict]:
     """MA, EL_n for each n in ``el_ns`` (none: skip EL) and mean token loss of each token
-    sequence: ``[{"tokens", "ma", "el_10", ..., "loss"}]``."""
-    tfs = teacher_forced(model, ids_list, batch_size, progress)
+    sequence: ``[{"tokens", "ma", "el_10", ..., "loss"}]``. ``tfs``: the teacher-forced passes
+    of these sequences if already computed."""
+    tfs = tfs or teacher_forced(model, ids_list, batch_size, progress)
     results = [{"tokens": len(ids), "ma": tf.ma(ids)} for ids, tf in zip(ids_list, tfs)]
     if el_ns:
         els = extraction_likelihoods(model, ids_list, el_ns, batch_size, tfs=tfs, progress=progress)
