@@ -9,6 +9,7 @@ from tabulate import tabulate
 
 from . import NeumuterError, __version__
 from .localize import FORGET_TERMS, OPTIMIZERS, LocalizeConfig
+from .quantize import QUANT_TYPES
 from .relearn import RelearnConfig
 
 DEFAULTS = LocalizeConfig()
@@ -193,17 +194,6 @@ def _el_sizes(ctx, param, values):
     return tuple(sizes)
 
 
-def _records_or_none(path):
-    from .records import read_records
-
-    try:
-        return read_records(path)
-    except NeumuterError as exc:
-        if str(exc).endswith("no records (empty input)"):
-            return []
-        raise
-
-
 @cli.command("measure")
 @click.argument("input_path", default="-", metavar="[INPUT|-]")
 @model_options
@@ -218,8 +208,39 @@ def _records_or_none(path):
               help="Thresholds measured before, instead of --reference: the output of "
                    "`measure UNSEEN.jsonl --format json` (its summary means are the thresholds), or an "
                    "object with \"ma\", \"el_N\" and \"loss\".")
+@click.option("--reference-model", metavar="NAME_OR_PATH",
+              help="A model that never saw the records (the base model before the fine-tune, a retrain "
+                   "without them; any model --model takes, with the same tokenizer): each record is judged "
+                   "against this model's own MA, EL_n and loss on it, instead of eq. 17's thresholds. "
+                   "Loaded after the model is measured and freed; it is not quantised.")
+@click.option("--reference-scores", "reference_scores_path", metavar="FILE",
+              help="The reference model's numbers measured before, instead of --reference-model: the JSON "
+                   "or JSONL output of `measure INPUT --model REF` (same records in the same order, same "
+                   "--max-length and --el-n; checked record by record). For PrivLeak it must be the JSON "
+                   "output of a run with the same --holdout.")
+@click.option("--tolerance", type=click.FloatRange(0, 1), default=0.05, show_default=True,
+              help="With a reference model: a record is forgotten when its MA and every EL_n are at most "
+                   "the reference's + this, and over-forgotten when its MA is below the reference's - this.")
+@click.option("--holdout", "holdout_path", metavar="HOLDOUT.jsonl",
+              help="Texts of the same kind that neither model trained on: the summary gives the AUC of "
+                   "membership-inference attacks telling the records from them, and PrivLeak with a "
+                   "reference model.")
+@click.option("--quantize", "quantize_type", type=click.Choice(list(QUANT_TYPES), case_sensitive=False),
+              default=None, help="Round-trip every linear weight of the decoder blocks (attention and FFN "
+                                 "projections; not embeddings, LM head or norms) through this llama.cpp "
+                                 "format (gguf package) before measuring: is the text still forgotten once "
+                                 "the model is quantised? Rows whose length is not a multiple of the block "
+                                 "size are left as they are and listed in the summary.")
+@click.option("--quantize-reference", is_flag=True, default=False,
+              help="Quantise the --reference-model too (by default it stays as it is: the yardstick of "
+                   "a model that never saw the records, as it was released).")
 @click.option("--check", is_flag=True, default=False,
-              help="Exit 1 unless every record is forgotten (needs --reference or --thresholds).")
+              help="Exit 1 unless every record is forgotten (needs --reference, --thresholds, "
+                   "--reference-model or --reference-scores). With a reference model an over-forgotten "
+                   "record fails the check too: a text predicted far worse than by a model that never saw "
+                   "it stands out, itself a membership signal (see --allow-over-forgotten).")
+@click.option("--allow-over-forgotten", is_flag=True, default=False,
+              help="With --check and a reference model: let over-forgotten records pass.")
 @click.option("--ppl", "ppl_path", metavar="CORPUS.jsonl",
               help="Also report the perplexity of these (long) texts, by windows.")
 @click.option("--ppl-window", type=click.IntRange(2), default=None, metavar="N",
@@ -242,21 +263,54 @@ def _records_or_none(path):
 @click.option("--output", "-o", default="-", show_default=True, metavar="FILE|-",
               help="Where the data goes (written atomically); - is stdout.")
 def measure_cmd(input_path, model, device, dtype, device_map, trust_remote_code, max_length, el_ns,
-                reference, thresholds_path, check, ppl_path, ppl_window, ppl_stride, n_generations, prefix_tokens,
-                new_tokens, batch_size, fmt, output):
-    """Measure how well a model remembers texts: MA, EL_n, loss; thresholds; MIA; perplexity.
+                reference, thresholds_path, reference_model, reference_scores_path, tolerance, holdout_path,
+                quantize_type, quantize_reference, check, allow_over_forgotten, ppl_path, ppl_window, ppl_stride,
+                n_generations, prefix_tokens, new_tokens, batch_size, fmt, output):
+    """Measure how well a model remembers texts: MA, EL_n, loss; is it forgotten; MIA; perplexity.
 
     Reads records (JSONL with "text"; INPUT or - / nothing: stdin) and, per record, computes on
     its first --max-length tokens: MA (eq. 15, share of greedy next tokens equal to the true
     ones), EL_n (eq. 16, n-gram overlap of the greedy continuation of every prefix with the true
     suffix; exact, with prefix reuse and lock-step batches) and the mean token loss (nats).
 
-    With --reference, the thresholds are the reference texts' mean MA and EL_n (eq. 17); a record
-    is "forgotten" when its MA and every EL_n are at or below them. Its "mia_distance" is
-    |loss - mean reference loss| (B.3); the summary gives the share within 0.5. Measuring the
-    reference set is the slow part (the model never saw it, so nearly every prefix needs a real
-    generation): save it once with `measure UNSEEN.jsonl --format json -o ref.json` and pass
-    --thresholds ref.json afterwards.
+    \b
+    Is a record forgotten? Two yardsticks, give one:
+      --reference / --thresholds (the paper's eq. 17): forgotten when its MA and
+        every EL_n are at or below the mean over generic texts the model never
+        saw. Adds "mia_distance" = |loss - mean reference loss| (B.3); the
+        summary gives the share within 0.5. Measuring the reference set is the
+        slow part: save it once with `measure UNSEEN.jsonl --format json -o
+        ref.json` and pass --thresholds ref.json afterwards.
+      --reference-model / --reference-scores (forgotten like never seen): per
+        record "ref_ma", "ref_el_N", "ref_loss" under a model that never saw
+        the records; "forgotten" when MA <= ref_ma + --tolerance and EL_n <=
+        ref_el_N + --tolerance for every n; "over_forgotten" when MA < ref_ma -
+        --tolerance (forgotten further than never seen: a membership signal
+        too). The summary adds the counts and "forget_quality": TOFU's KS test
+        (scipy.stats.ks_2samp) p-value between the per-record losses under the
+        model and under the reference model (TOFU tests its truth ratio of
+        question/answer pairs; plain texts have none, so the statistic here is
+        the loss). p = 1: indistinguishable. Save the reference's numbers once
+        with `measure INPUT --model REF --format json -o ref-scores.json` and
+        pass --reference-scores ref-scores.json afterwards.
+
+    \b
+    --holdout HOLDOUT.jsonl: membership inference. For each score, oriented so
+    that higher = more member-like: loss (-loss), zlib (-loss / zlib-compressed
+    bytes of the text), mink_20/40 (Min-K% Prob: mean of the lowest 20/40 % token
+    log-probs), minkpp_20/40 (Min-K%++: the same over (log p - mu) / sigma, mu and
+    sigma of log p over the vocabulary at that position), the summary gives
+    "auc_<score>": the ROC AUC of telling the records (members) from the holdout
+    texts (scipy.stats.mannwhitneyu U / n1 n2). 1: the records stand out as
+    members (memorised); 0.5: indistinguishable. With a reference model it adds
+    "ref_auc_<score>", "privleak_<score>" and "privleak" (MUSE's PrivLeak, percent,
+    on MUSE's default Min-40%): (A - A_ref) / A_ref * 100 with MUSE's AUC A =
+    1 - auc (MUSE labels the forget set 0). 0: leaks like the reference model;
+    near -100: memorised; positive: over-unlearned. Holdout texts are cut to
+    --max-length too.
+
+    --quantize TYPE measures the model after a round trip of its block weights through a
+    llama.cpp format (q8_0, q5_0, q5_1, q4_0, q4_1, mxfp4); the summary lists the weights.
 
     --ppl adds the perplexity of a corpus (each text cut into windows, see --ppl-window and
     --ppl-stride) to the summary; with --ppl, INPUT may be left out.
@@ -264,101 +318,64 @@ def measure_cmd(input_path, model, device, dtype, device_map, trust_remote_code,
     \b
     Output (the data goes to stdout or -o):
       jsonl  one line per record: every input key kept, plus tokens, ma, el_N,
-             loss [, mia_distance, forgotten] [, generation]; the summary
-             goes to stderr as a table (with no records: one summary line)
+             loss [, mia_distance] [, ref_ma, ref_el_N, ref_loss] [, forgotten]
+             [, over_forgotten] [, generation]; the summary goes to stderr as a
+             table (with no records: one summary line)
       json   one object {"records": [...], "summary": {...}}
       table  the per-record table, the summary and any generations
     Progress goes to stderr. With --check, exit status 1 unless every record is
-    forgotten (the data is written first).
+    forgotten, and with a reference model none over-forgotten unless
+    --allow-over-forgotten (the data is written first).
     """
-    import json
-    import time
+    from .measure import MeasureConfig, run_measure
+    from .records import atomic_output
+    from .render import summary_table, write_result
 
-    from .measure import (generation_lines, generations, mark, measure_ids, perplexity, read_thresholds,
-                          record_label, results_table, summary_table, summarize, thresholds)
-    from .records import atomic_output, dumps_record, read_records
-
-    if reference and thresholds_path:
-        raise click.UsageError("give --reference or --thresholds, not both")
-    if check and not (reference or thresholds_path):
-        raise click.UsageError("--check needs --reference or --thresholds (the thresholds come from it)")
+    judged = reference or thresholds_path or reference_model or reference_scores_path
+    if check and not judged:
+        raise click.UsageError("--check needs --reference, --thresholds, --reference-model or --reference-scores "
+                               "(the verdicts come from it)")
+    if allow_over_forgotten and not (reference_model or reference_scores_path):
+        raise click.UsageError("--allow-over-forgotten needs --reference-model or --reference-scores")
+    config = MeasureConfig(
+        model=model, input_path=input_path, device=device, dtype=dtype, device_map=device_map,
+        trust_remote_code=trust_remote_code, max_length=max_length, el_ns=el_ns, batch_size=batch_size,
+        reference_path=reference, thresholds_path=thresholds_path, reference_model=reference_model,
+        reference_scores_path=reference_scores_path, tolerance=tolerance, holdout_path=holdout_path,
+        quantize=quantize_type.lower() if quantize_type else None, quantize_reference=quantize_reference,
+        ppl_path=ppl_path, ppl_window=ppl_window, ppl_stride=ppl_stride, generations=n_generations,
+        prefix_tokens=prefix_tokens, new_tokens=new_tokens)
+    try:
+        config.validate()
+    except NeumuterError as exc:
+        raise click.UsageError(str(exc)) from None
     if fmt == "auto":
         fmt = "table" if output == "-" and sys.stdout.isatty() else "jsonl"
-    if input_path == "-" and sys.stdin.isatty() and not ppl_path:
-        raise NeumuterError("no input: give a JSONL file or pipe one into stdin")
-    if input_path == "-" and ppl_path:   # perplexity alone: no records on stdin is fine
-        records = [] if sys.stdin.isatty() else _records_or_none(input_path)
-    else:
-        records = read_records(input_path)
-    if check and not records:
-        raise NeumuterError("--check: no records to check")
-    ref_records = read_records(reference) if reference else None
-    limits = read_thresholds(thresholds_path, el_ns) if thresholds_path else None
-    ppl_texts = [r["text"] for r in read_records(ppl_path)] if ppl_path else None
+    if input_path == "-" and sys.stdin.isatty():
+        if not ppl_path:
+            raise NeumuterError("no input: give a JSONL file or pipe one into stdin")
+        config.input_path = None             # perplexity alone: nothing to read on a terminal
 
-    last = [0.0]
-
-    def throttled(message):
-        now = time.monotonic()
-        if now - last[0] >= 2.0:
-            last[0] = now
-            progress(message)
-
-    lm, tokenizer = load_lm(model, device, dtype, device_map, trust_remote_code)
-
-    def measure_set(recs, name):
-        from .measure import encode
-
-        ids = encode(tokenizer, [r["text"] for r in recs], max_length)
-        for k, (r, x) in enumerate(zip(recs, ids)):
-            if len(x) < 2:
-                raise NeumuterError(f"{name}: record {record_label(r, k)} has {len(x)} token(s); "
-                                    "at least 2 are needed to measure it")
-        progress(f"measuring {len(recs)} records of {name} ({sum(map(len, ids))} tokens)")
-        return measure_ids(lm, ids, el_ns, batch_size, throttled)
-
-    results = measure_set(records, "<stdin>" if input_path == "-" else input_path) if records else []
-    if ref_records is not None:
-        limits = thresholds(measure_set(ref_records, reference), el_ns)
-    if limits is not None:
-        mark(results, limits, el_ns)
-    out_records = [{**record, **result} for record, result in zip(records, results)]
-    if n_generations and records:
-        progress(f"generating {min(n_generations, len(records))} continuations")
-        gens = generations(lm, tokenizer, [r["text"] for r in records[:n_generations]],
-                           prefix_tokens, new_tokens, batch_size)
-        for record, gen in zip(out_records, gens):
-            record["generation"] = gen
-    summary = summarize(results, el_ns, limits) if results else {}
-    if ppl_texts is not None:
-        summary["perplexity"] = perplexity(lm, tokenizer, ppl_texts, ppl_window, ppl_stride, batch_size, throttled)
+    config.require_records = check
+    result = run_measure(config, progress)
 
     with atomic_output(output, "w") as out:
-        if fmt == "jsonl":
-            for record in out_records:
-                out.write(dumps_record(record) + "\n")
-            if not out_records:                 # --ppl alone: the summary is the data
-                out.write(json.dumps({"summary": summary}) + "\n")
-        elif fmt == "json":
-            out.write(json.dumps({"records": out_records, "summary": summary}, ensure_ascii=False, indent=2) + "\n")
-        else:
-            parts = [results_table(out_records, el_ns)] if out_records else []
-            parts.append(summary_table(summary, el_ns))
-            styled = output == "-" and sys.stdout.isatty()
-            lines = generation_lines(out_records, click.style if styled else None)
-            if lines:
-                parts.append("\n".join(lines))
-            out.write("\n\n".join(parts) + "\n")
+        write_result(result, fmt, out, click.style if fmt == "table" and output == "-" and sys.stdout.isatty()
+                     else None)
     if fmt == "jsonl":
-        click.echo(summary_table(summary, el_ns), err=True)
+        click.echo(summary_table(result.summary, el_ns), err=True)
     if check:
-        missed = [record_label(r, k) for k, r in enumerate(out_records) if not r["forgotten"]]
-        if missed:
-            shown = ", ".join(missed[:10]) + (", ..." if len(missed) > 10 else "")
-            click.echo(f"check failed: {len(missed)} of {len(out_records)} records are not forgotten ({shown})",
-                       err=True)
+        failed = False
+        for labels, what in ((result.not_forgotten, "not forgotten"),
+                             ([] if allow_over_forgotten else result.over_forgotten, "over-forgotten")):
+            if labels:
+                shown = ", ".join(labels[:10]) + (", ..." if len(labels) > 10 else "")
+                click.echo(f"check failed: {len(labels)} of {len(result.records)} records are {what} ({shown})",
+                           err=True)
+                failed = True
+        if failed:
             sys.exit(1)
-        progress(f"check passed: all {len(out_records)} records are forgotten")
+        progress(f"check passed: all {len(result.records)} records are forgotten")
 
 
 @cli.command("neighbors")

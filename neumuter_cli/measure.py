@@ -1,5 +1,8 @@
 """Memorisation and utility metrics (SPEC §3): MA (eq. 15), EL_n (eq. 16), token loss, corpus
-perplexity by windows, the loss-based MIA distance (B.3) and the unlearning thresholds (eq. 17).
+perplexity by windows, the loss-based MIA distance (B.3) and the unlearning thresholds (eq. 17);
+and :func:`run_measure`, the whole ``measure`` command as one call (verdicts against a reference
+model, forget quality, MIA AUCs and PrivLeak live in :mod:`neumuter_cli.mia`, quantisation in
+:mod:`neumuter_cli.quantize`, output in :mod:`neumuter_cli.render`).
 
 Token sequences are the tokenizer's ``input_ids`` of each text (special tokens as the tokenizer
 adds them), cut to ``max_length``. Greedy decoding everywhere, never stopping at EOS.
@@ -34,9 +37,11 @@ naive reference (``baselines/naive_metrics.py``) is itself such a computation.
 """
 from __future__ import annotations
 
+import gc
 import inspect
 import json
 import math
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
@@ -172,10 +177,15 @@ def encode(tokenizer, texts: Iterable[str], max_length: int | None = 200) -> lis
 @dataclass
 class TeacherForced:
     """One text's teacher-forced pass: ``preds[t]`` = argmax of the logits at position t (the
-    greedy guess for token t+1), ``nll[t]`` = -log p(w_{t+1} | w_<=t), for t = 0..T-2."""
+    greedy guess for token t+1), ``nll[t]`` = -log p(w_{t+1} | w_<=t), for t = 0..T-2.
+
+    With ``stats``: ``mu[t]`` and ``sigma[t]`` = the mean and standard deviation of log p(v)
+    over the vocabulary under the model's own distribution p at position t (Min-K %++)."""
 
     preds: list[int]
     nll: list[float]
+    mu: list[float] | None = None
+    sigma: list[float] | None = None
 
     def ma(self, ids: Sequence[int]) -> float:
         return sum(p == w for p, w in zip(self.preds, ids[1:])) / len(self.preds)
@@ -197,13 +207,31 @@ def _check_context(model, length: int, what: str) -> None:
         raise NeumuterError(f"{what} of {length} tokens is longer than the model's context ({context} tokens)")
 
 
+#: floor of the variance in Min-K %++'s normalisation (a one-hot distribution has none)
+MIN_VARIANCE = 1e-6
+
+
+def _vocab_stats(logits: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Mean and standard deviation of log p(v) under p = softmax(logits), for each row of a
+    (positions, vocab) tensor; two passes (the variance as E[(log p - mu)^2], not E[x^2] - mu^2,
+    which cancels), zero-probability tokens contributing nothing."""
+    logp = torch.log_softmax(logits, dim=-1)
+    p = logp.exp()
+    finite = p > 0
+    mu = torch.where(finite, p * logp, 0.0).sum(-1)
+    var = torch.where(finite, p * (logp - mu[:, None]).square(), 0.0).sum(-1)
+    sigma = var.clamp_min(MIN_VARIANCE).sqrt()
+    return mu.cpu().tolist(), sigma.cpu().tolist()
+
+
 @torch.no_grad()
 def teacher_forced(model, ids_list: Sequence[Sequence[int]], batch_size: int = 32,
-                   progress: ProgressFn = None) -> list[TeacherForced]:
+                   progress: ProgressFn = None, stats: bool = False) -> list[TeacherForced]:
     """Greedy guesses and token losses of every text in one teacher-forced forward pass each,
     batched. Texts are sorted by length; equal lengths share a batch without padding, unequal
     ones are right-padded with an attention mask (exact for causal LMs: padding comes after
-    every real position)."""
+    every real position). ``stats``: also the vocabulary mean and standard deviation of the
+    log-probabilities at each position (same pass, computed text by text to bound memory)."""
     _check_lengths(ids_list)
     if ids_list:
         _check_context(model, max(map(len, ids_list)), "a text (use a smaller --max-length or window)")
@@ -233,6 +261,8 @@ def teacher_forced(model, ids_list: Sequence[Sequence[int]], batch_size: int = 3
         for row, k in enumerate(batch):
             n = lengths[row] - 1
             results[k] = TeacherForced(preds[row, :n].tolist(), nll[row, :n].tolist())
+            if stats:
+                results[k].mu, results[k].sigma = _vocab_stats(logits[row, :n])
         if progress:
             progress(f"teacher-forced: {start if start < len(order) else len(order)}/{len(order)} texts")
     return results  # type: ignore[return-value]
@@ -456,10 +486,11 @@ def el_key(n: int) -> str:
 
 
 def measure_ids(model, ids_list: Sequence[Sequence[int]], el_ns: Sequence[int] = (10,), batch_size: int = 64,
-                progress: ProgressFn = None) -> list[dict]:
+                progress: ProgressFn = None, tfs: Sequence[TeacherForced] | None = None) -> list[dict]:
     """MA, EL_n for each n in ``el_ns`` (none: skip EL) and mean token loss of each token
-    sequence: ``[{"tokens", "ma", "el_10", ..., "loss"}]``."""
-    tfs = teacher_forced(model, ids_list, batch_size, progress)
+    sequence: ``[{"tokens", "ma", "el_10", ..., "loss"}]``. ``tfs``: the teacher-forced passes
+    of these sequences if already computed."""
+    tfs = tfs or teacher_forced(model, ids_list, batch_size, progress)
     results = [{"tokens": len(ids), "ma": tf.ma(ids)} for ids, tf in zip(ids_list, tfs)]
     if el_ns:
         els = extraction_likelihoods(model, ids_list, el_ns, batch_size, tfs=tfs, progress=progress)
@@ -666,17 +697,8 @@ def generations(model, tokenizer, texts: Sequence[str], prefix_tokens: int = 100
     return out
 
 
-# ---------------------------------------------------------------- human-readable output
 
-def _fmt(value, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
+# ---------------------------------------------------------------- one `measure` run: the library entry point
 
 def record_label(record: dict, position: int) -> str:
     """How a record is named in messages and tables: its id, else its line position."""
@@ -684,71 +706,294 @@ def record_label(record: dict, position: int) -> str:
     return str(value) if value is not None else f"#{position + 1}"
 
 
-def results_table(records: Sequence[dict], el_ns: Sequence[int] = (10,)) -> str:
-    """One row per measured record (id, tokens, MA, EL_n, loss, and with thresholds the MIA
-    distance and the forgotten mark)."""
-    from tabulate import tabulate
+@dataclass
+class MeasureConfig:
+    """Everything one ``measure`` run needs (the command's options). Paths are read before any
+    model loads, so a bad file fails in a second, not after a model load.
 
-    marked = bool(records) and "forgotten" in records[0]
-    headers = ["id", "tokens", "MA"] + [f"EL_{n}" for n in el_ns] + ["loss"]
-    if marked:
-        headers += ["MIA dist", "forgotten"]
-    rows = []
-    for k, r in enumerate(records):
-        row = [record_label(r, k), r["tokens"], _fmt(r["ma"])] + [_fmt(r.get(el_key(n))) for n in el_ns]
-        row.append(_fmt(r["loss"]))
-        if marked:
-            row += [_fmt(r["mia_distance"]), _fmt(r["forgotten"])]
-        rows.append(row)
-    return tabulate(rows, headers=headers, disable_numparse=True)
+    ``input_path``: the records (``-`` = stdin; None = no records, perplexity alone).
+    Verdicts come from at most one of: ``reference_path`` (texts the model never saw, eq. 17),
+    ``thresholds_path`` (eq. 17 thresholds saved before), ``reference_model`` (a model that never
+    saw the records; compared record by record) or ``reference_scores_path`` (that model's
+    numbers saved by ``measure RECORDS --model REF``). ``holdout_path``: texts neither model
+    trained on, for the membership-inference AUCs (and PrivLeak with a reference).
+    ``quantize``: round-trip the model's block weights through this llama.cpp format first
+    (``quantize_reference``: the reference model's too)."""
+
+    model: str
+    input_path: str | None = "-"
+    device: str = "auto"
+    dtype: str = "auto"
+    device_map: str | None = None
+    trust_remote_code: bool = False
+    max_length: int | None = 200
+    el_ns: tuple[int, ...] = (10,)
+    batch_size: int = 64
+    reference_path: str | None = None
+    thresholds_path: str | None = None
+    reference_model: str | None = None
+    reference_scores_path: str | None = None
+    tolerance: float = 0.05
+    holdout_path: str | None = None
+    quantize: str | None = None
+    quantize_reference: bool = False
+    ppl_path: str | None = None
+    ppl_window: int | None = None
+    ppl_stride: int | None = None
+    generations: int = 0
+    prefix_tokens: int = 100
+    new_tokens: int = 100
+    require_records: bool = False      # refuse an empty input (with --check there is nothing to judge)
+
+    def validate(self) -> None:
+        """Refuse options that contradict each other (one clear line each)."""
+        if self.reference_path and self.thresholds_path:
+            raise NeumuterError("give --reference or --thresholds, not both")
+        if self.reference_model and self.reference_scores_path:
+            raise NeumuterError("give --reference-model or --reference-scores, not both")
+        if (self.reference_model or self.reference_scores_path) and (self.reference_path or self.thresholds_path):
+            raise NeumuterError("give --reference-model/--reference-scores (each record against a model that "
+                                "never saw it) or --reference/--thresholds (eq. 17), not both")
+        if self.quantize_reference and not (self.quantize and self.reference_model):
+            raise NeumuterError("--quantize-reference needs --quantize and --reference-model")
+        if not 0 <= self.tolerance <= 1:
+            raise NeumuterError("--tolerance must be between 0 and 1")
 
 
-def summary_table(summary: dict, el_ns: Sequence[int] = (10,)) -> str:
-    """The summary as a two-column table: means, thresholds, forgotten count, MIA, perplexity."""
-    from tabulate import tabulate
+@dataclass
+class MeasureResult:
+    """The measured records (input keys kept, metrics added) and the summary."""
 
-    rows = []
-    if summary.get("records"):
-        rows.append(["records (tokens)", f"{summary['records']} ({summary['tokens']})"])
-        rows.append(["mean MA", _fmt(summary["ma"], 4)])
-        rows += [[f"mean EL_{n}", _fmt(summary.get(el_key(n)), 4)] for n in el_ns]
-        rows.append(["mean loss (nats/token)", _fmt(summary["loss"], 4)])
-    limits = summary.get("thresholds")
-    if limits:
-        rows.append(["threshold MA (eq. 17)", _fmt(limits["ma"], 4)])
-        rows += [[f"threshold EL_{n} (eq. 17)", _fmt(limits.get(el_key(n)), 4)] for n in el_ns]
-        rows.append(["reference loss (mean)", _fmt(limits["loss"], 4)])
-        rows.append(["reference records", _fmt(limits.get("records"))])
-        rows.append(["forgotten", f"{summary['forgotten']} / {summary['records']}"])
-        rows.append(["mean MIA loss distance", _fmt(summary["mia_distance"], 4)])
-        rows.append([f"MIA distance <= {MIA_RADIUS}", f"{100 * summary['mia_within_0.5']:.1f} %"])
-    ppl = summary.get("perplexity")
-    if ppl:
-        rows.append(["perplexity", f"{ppl['perplexity']:.2f}"])
-        rows.append(["  scored tokens / window / stride", f"{ppl['tokens']} / {ppl['window']} / {ppl['stride']}"])
-    return tabulate(rows, tablefmt="simple", disable_numparse=True)
+    records: list[dict]
+    summary: dict
+    el_ns: tuple[int, ...]
+
+    @property
+    def judged(self) -> bool:
+        """Whether the records carry a verdict (``forgotten``)."""
+        return bool(self.records) and "forgotten" in self.records[0]
+
+    @property
+    def not_forgotten(self) -> list[str]:
+        return [record_label(r, k) for k, r in enumerate(self.records) if not r.get("forgotten")]
+
+    @property
+    def over_forgotten(self) -> list[str]:
+        return [record_label(r, k) for k, r in enumerate(self.records) if r.get("over_forgotten")]
 
 
-def generation_lines(records: Sequence[dict], style: Callable[..., str] | None = None) -> list[str]:
-    """Table 14: prefix, the true suffix, and the greedy continuation with the point where it
-    leaves the true text marked (``style(text, fg=...)`` colours it, e.g. click.style)."""
-    style = style or (lambda text, **_: text)
-    lines = []
-    for k, r in enumerate(records):
-        gen = r.get("generation")
-        if not gen:
-            continue
-        where = ("identical to the true suffix" if gen["diverges_at"] is None
-                 else f"diverges at token {gen['diverges_at']}")
-        if lines:
-            lines.append("")
-        lines.append(f"== {record_label(r, k)}: {gen['matching']} leading tokens match, {where}")
-        lines.append(f"prefix:    {gen['prefix']!r}")
-        lines.append(f"true:      {gen['true']!r}")
-        marker = "" if gen["diverges_at"] is None else style(" >>> ", bold=True)
-        lines.append("generated: " + style(repr(gen["same"]), fg="green") + marker
-                     + (style(repr(gen["different"]), fg="red") if gen["diverges_at"] is not None else ""))
-    return lines
+def _throttled(progress: ProgressFn, every: float = 2.0) -> ProgressFn:
+    """``progress`` at most once per ``every`` seconds (for the inner loops)."""
+    if progress is None:
+        return None
+    last = [-math.inf]
+
+    def say(message: str) -> None:
+        now = time.monotonic()
+        if now - last[0] >= every:
+            last[0] = now
+            progress(message)
+    return say
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _tokenize(tokenizer, records: Sequence[dict], max_length: int | None, name: str):
+    """Token ids of each record cut to ``max_length``, and each text's zlib length (of the
+    measured part: the text itself, or the decoded tokens when the text was cut)."""
+    from .mia import zlib_length
+
+    full = encode(tokenizer, [r["text"] for r in records], None)
+    ids = [x[:max_length] if max_length else x for x in full]
+    compressed = []
+    for k, (record, x, whole) in enumerate(zip(records, ids, full)):
+        if len(x) < 2:
+            raise NeumuterError(f"{name}: record {record_label(record, k)} has {len(x)} token(s); "
+                                "at least 2 are needed to measure it")
+        text = record["text"] if len(x) == len(whole) else tokenizer.decode(x, skip_special_tokens=True)
+        compressed.append(max(1, zlib_length(text)))
+    return ids, compressed
+
+
+def _measure_with_passes(model, ids_list, el_ns, batch_size, progress, stats: bool):
+    """:func:`measure_ids` that also returns the teacher-forced passes (for the MIA scores)."""
+    tfs = teacher_forced(model, ids_list, batch_size, progress, stats=stats)
+    return measure_ids(model, ids_list, el_ns, batch_size, progress, tfs=tfs), tfs
+
+
+def _mia_scores(tfs, compressed) -> list[dict]:
+    from .mia import mia_scores
+
+    return [mia_scores(tf.nll, tf.mu, tf.sigma, c) for tf, c in zip(tfs, compressed)]
+
+
+def _read_records_input(config: MeasureConfig) -> list[dict]:
+    from .records import read_records
+
+    if config.input_path is None:
+        return []
+    if config.input_path == "-" and config.ppl_path:   # perplexity alone: an empty stdin is fine
+        try:
+            return read_records("-")
+        except NeumuterError as exc:
+            if str(exc).endswith("no records (empty input)"):
+                return []
+            raise
+    return read_records(config.input_path)
+
+
+def _reference_aucs_from_file(scores: dict, holdout: dict, progress: ProgressFn) -> dict | None:
+    """The reference's AUCs from a saved JSON output made with the same holdout; None (and a
+    warning) when the file has none."""
+    from .mia import MIA_SCORES
+
+    summary = scores.get("summary") or {}
+    saved = summary.get("holdout")
+    keys = [f"auc_{name}" for name in MIA_SCORES]
+    if not isinstance(saved, dict) or not all(isinstance(summary.get(k), (int, float)) for k in keys):
+        if progress:
+            progress(f"warning: {scores['path']} holds no holdout AUCs, so no PrivLeak: write it with "
+                     "`measure RECORDS --model REF --holdout HOLDOUT --format json`")
+        return None
+    if any(saved.get(k) != holdout[k] for k in ("records", "tokens", "sha256")):
+        raise NeumuterError(f"{scores['path']} was measured with another holdout set (or --max-length): "
+                            "PrivLeak needs both models' AUCs on the same holdout texts")
+    return {k: float(summary[k]) for k in keys}
+
+
+def run_measure(config: MeasureConfig, progress: ProgressFn = None) -> MeasureResult:
+    """One ``measure`` run: read every input, load the model (and quantise it), measure the
+    records (MA, EL_n, loss), the eq. 17 reference set, the holdout texts, generations and
+    perplexity; then, the model freed, the reference model on the same token ids; finally the
+    verdicts, forget quality, AUCs and PrivLeak. At most one model is in memory at a time."""
+    from . import mia
+    from .models import check_same_tokenizer, load_model, load_tokenizer
+    from .quantize import _gguf_type, quantize_model
+    from .records import read_records, sha256_texts
+
+    config.validate()
+    say = progress or (lambda message: None)
+    inner = _throttled(progress)
+    el_ns = tuple(config.el_ns)
+
+    # 1. every input, before any model
+    records = _read_records_input(config)
+    name = "<stdin>" if config.input_path == "-" else str(config.input_path)
+    ref_records = read_records(config.reference_path) if config.reference_path else None
+    limits = read_thresholds(config.thresholds_path, el_ns) if config.thresholds_path else None
+    holdout_records = read_records(config.holdout_path) if config.holdout_path else None
+    ppl_texts = [r["text"] for r in read_records(config.ppl_path)] if config.ppl_path else None
+    texts = [r["text"] for r in records]
+    if config.require_records and not records:
+        raise NeumuterError("--check: no records to check")
+    for option, given in (("--reference-model", config.reference_model),
+                          ("--reference-scores", config.reference_scores_path),
+                          ("--holdout", config.holdout_path)):
+        if given and not records:
+            raise NeumuterError(f"{option} needs records to measure")
+    ref_scores = (mia.read_reference_scores(config.reference_scores_path, texts, el_ns)
+                  if config.reference_scores_path else None)
+    if config.quantize:
+        _gguf_type(config.quantize)          # an unknown type or a missing gguf fails now
+    if config.reference_model:               # compare the tokenizers before any weight loads
+        check_same_tokenizer(load_tokenizer(config.model, config.trust_remote_code),
+                             load_tokenizer(config.reference_model, config.trust_remote_code),
+                             config.model, f"reference model {config.reference_model}",
+                             texts + [r["text"] for r in holdout_records or []])
+    load = dict(device=config.device, dtype=config.dtype, device_map=config.device_map,
+                trust_remote_code=config.trust_remote_code)
+
+    # 2. the model
+    say(f"loading {config.model}")
+    lm, tokenizer = load_model(config.model, **load)
+    quantized = quantize_model(lm, config.quantize, say) if config.quantize else None
+    ids, compressed = _tokenize(tokenizer, records, config.max_length, name) if records else ([], [])
+    if ref_scores is not None:
+        for k, (entry, x) in enumerate(zip(ref_scores["records"], ids)):
+            if entry["tokens"] is not None and entry["tokens"] != len(x):
+                raise NeumuterError(f"{ref_scores['path']}: record {k + 1} was measured on {entry['tokens']} "
+                                    f"tokens, here it has {len(x)}: measure the reference with the same "
+                                    "--max-length and tokenizer")
+    with_mia = holdout_records is not None
+    results, tfs = [], []
+    if records:
+        say(f"measuring {len(records)} records of {name} ({sum(map(len, ids))} tokens)")
+        results, tfs = _measure_with_passes(lm, ids, el_ns, config.batch_size, inner, with_mia)
+    if ref_records is not None:
+        ref_ids, _ = _tokenize(tokenizer, ref_records, config.max_length, config.reference_path)
+        say(f"measuring {len(ref_records)} records of {config.reference_path} ({sum(map(len, ref_ids))} tokens)")
+        limits = thresholds(measure_ids(lm, ref_ids, el_ns, config.batch_size, inner), el_ns)
+    if limits is not None:
+        mark(results, limits, el_ns)
+    member_scores = holdout_scores = holdout_ids = holdout_compressed = None
+    if with_mia:
+        holdout_ids, holdout_compressed = _tokenize(tokenizer, holdout_records, config.max_length,
+                                                    config.holdout_path)
+        say(f"scoring {len(holdout_ids)} holdout texts ({sum(map(len, holdout_ids))} tokens)")
+        member_scores = _mia_scores(tfs, compressed)
+        holdout_scores = _mia_scores(teacher_forced(lm, holdout_ids, config.batch_size, inner, stats=True),
+                                     holdout_compressed)
+    gens = None
+    if config.generations and records:
+        say(f"generating {min(config.generations, len(records))} continuations")
+        gens = generations(lm, tokenizer, texts[:config.generations], config.prefix_tokens, config.new_tokens,
+                           config.batch_size)
+    ppl = (perplexity(lm, tokenizer, ppl_texts, config.ppl_window, config.ppl_stride, config.batch_size, inner)
+           if ppl_texts is not None else None)
+
+    # 3. the reference model, alone in memory, on the same token ids
+    ref_results = ref_aucs = ref_quantized = None
+    if config.reference_model:
+        del lm, tfs
+        _free_memory()
+        say(f"loading reference model {config.reference_model}")
+        ref_lm, _ = load_model(config.reference_model, **load)
+        ref_quantized = quantize_model(ref_lm, config.quantize, say) if config.quantize_reference else None
+        say(f"measuring the {len(records)} records under the reference model")
+        ref_results, ref_tfs = _measure_with_passes(ref_lm, ids, el_ns, config.batch_size, inner, with_mia)
+        if with_mia:
+            say(f"scoring the {len(holdout_ids)} holdout texts under the reference model")
+            ref_holdout = teacher_forced(ref_lm, holdout_ids, config.batch_size, inner, stats=True)
+            ref_aucs = mia.aucs(_mia_scores(ref_tfs, compressed), _mia_scores(ref_holdout, holdout_compressed))
+        del ref_lm, ref_tfs
+        _free_memory()
+    elif ref_scores is not None:
+        ref_results = ref_scores["records"]
+
+    # 4. verdicts and summary
+    if ref_results is not None:
+        mia.mark_against_reference(results, ref_results, el_ns, config.tolerance)
+    out_records = [{**record, **result} for record, result in zip(records, results)]
+    for record, gen in zip(out_records, gens or []):
+        record["generation"] = gen
+    summary = summarize(results, el_ns, limits) if results else {}
+    if ref_results is not None:
+        source = ({"model": config.reference_model} if config.reference_model
+                  else {"scores": config.reference_scores_path})
+        summary["reference"] = {**source, "tolerance": config.tolerance}
+        if ref_quantized:
+            summary["reference"]["quantized"] = ref_quantized
+        summary.update(mia.reference_summary(results, el_ns))
+    if with_mia:
+        holdout = {"records": len(holdout_ids), "tokens": sum(map(len, holdout_ids)),
+                   "sha256": sha256_texts(r["text"] for r in holdout_records)}
+        summary["holdout"] = holdout
+        model_aucs = mia.aucs(member_scores, holdout_scores)
+        summary.update(model_aucs)
+        if ref_scores is not None:
+            ref_aucs = _reference_aucs_from_file(ref_scores, holdout, say)
+        if ref_aucs is not None:
+            summary.update({f"ref_{key}": value for key, value in ref_aucs.items()})
+            summary.update(mia.privleaks(model_aucs, ref_aucs))
+    if quantized:
+        summary["quantized"] = quantized
+    if ppl is not None:
+        summary["perplexity"] = ppl
+    return MeasureResult(out_records, summary, el_ns)
 
 
 __all__ = [
@@ -756,5 +1001,5 @@ __all__ = [
     "greedy_continuations", "suffix_generations", "extraction_likelihoods", "extraction_likelihood",
     "measure_ids", "measure_records", "thresholds", "is_forgotten", "mark", "summarize",
     "model_context", "perplexity", "generations", "el_key", "MIA_RADIUS", "record_label",
-    "results_table", "summary_table", "generation_lines",
+    "MeasureConfig", "MeasureResult", "run_measure",
 ]

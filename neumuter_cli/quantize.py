@@ -1,0 +1,119 @@
+"""Round-trip a model's block weights through a llama.cpp quantisation format, in place.
+
+Is a forgotten text still forgotten once the model is quantised, as most people will run it?
+``quantize_model`` answers the weight side of that question without llama.cpp: every linear
+weight inside the decoder blocks (attention and FFN projections) is quantised to a GGML block
+format and dequantised back to its own dtype with the ``gguf`` package's reference
+implementation (``gguf.quants``), so the model computes with exactly the values a llama.cpp
+file of that type holds. Embeddings, the LM head and norms stay as they are (llama.cpp keeps
+norms in float and quantises embeddings/head with their own, file-level choices).
+
+GGML blocks run along a row of the weight as llama.cpp stores it: ``(out, in)``, one block of
+32 consecutive input weights of one output unit. GPT-2's Conv1D stores ``(in, out)``; it is
+transposed first, as llama.cpp's converter does. A weight whose row length is not a multiple
+of the block size cannot be stored in the format; it is left as it is and listed.
+"""
+from __future__ import annotations
+
+import re
+import time
+from typing import Callable
+
+import torch
+
+from . import NeumuterError
+
+#: the formats offered: name -> GGMLQuantizationType member
+QUANT_TYPES = {"q8_0": "Q8_0", "q5_0": "Q5_0", "q5_1": "Q5_1", "q4_0": "Q4_0", "q4_1": "Q4_1",
+               "mxfp4": "MXFP4"}
+
+
+def _gguf_type(qtype: str):
+    """The gguf quantisation type for ``qtype`` and its block size; clear errors otherwise."""
+    name = QUANT_TYPES.get(qtype.lower())
+    if name is None:
+        raise NeumuterError(f"unknown quantisation type {qtype!r} (choose {', '.join(QUANT_TYPES)})")
+    try:
+        import gguf
+        from gguf import quants
+    except ImportError:
+        raise NeumuterError("quantising needs the gguf package: pip install gguf") from None
+    member = getattr(gguf.GGMLQuantizationType, name, None)
+    if member is None or member not in gguf.GGML_QUANT_SIZES:
+        raise NeumuterError(f"the installed gguf package does not know {qtype} (upgrade it: pip install -U gguf)")
+    block = gguf.GGML_QUANT_SIZES[member][0]
+    try:
+        import numpy as np
+
+        quants.quantize(np.zeros((1, block), dtype=np.float32), member)
+    except NotImplementedError:
+        raise NeumuterError(f"the installed gguf package cannot quantise {qtype} "
+                            "(upgrade it: pip install -U gguf)") from None
+    return quants, member, block
+
+
+def _block_linears(model) -> list[tuple[str, torch.nn.Module, bool]]:
+    """(module path, module, is_conv1d) of every 2-D linear map inside the decoder blocks."""
+    from .models import _decoder_blocks, _linear_dims
+
+    blocks_path, blocks = _decoder_blocks(model)
+    found = []
+    for index, block in enumerate(blocks):
+        for name, module in block.named_modules():
+            dims = _linear_dims(module)
+            weight = getattr(module, "weight", None)
+            if dims and isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.is_floating_point():
+                found.append((f"{blocks_path}.{index}.{name}", module, dims[2]))
+    return found
+
+
+def name_patterns(names: list[str]) -> list[str]:
+    """Module paths with the block number replaced by ``*``, each pattern once, in order:
+    ``transformer.h.0.mlp.c_fc``, ``transformer.h.1.mlp.c_fc`` -> ``transformer.h.*.mlp.c_fc``."""
+    seen: dict[str, None] = {}
+    for name in names:
+        seen.setdefault(re.sub(r"\.\d+\.", ".*.", name, count=1), None)
+    return list(seen)
+
+
+@torch.no_grad()
+def quantize_model(model, qtype: str, progress: Callable[[str], None] | None = None) -> dict:
+    """Quantise every linear weight of the decoder blocks to ``qtype`` and back, in place.
+
+    Returns ``{"type", "weights", "elements", "patterns", "skipped", "seconds"}``: the number of
+    weights changed and their element count, their module paths with the block number as
+    ``*``, and the paths of the weights left as they are (row length not a multiple of the
+    format's block size)."""
+    import numpy as np
+
+    quants, member, block = _gguf_type(qtype)
+    start = time.monotonic()
+    done, skipped, elements = [], [], 0
+    linears = _block_linears(model)
+    for k, (path, module, conv1d) in enumerate(linears):
+        weight = module.weight
+        rows = weight.t() if conv1d else weight          # (out, in): blocks run along the input
+        if rows.shape[1] % block:
+            skipped.append(path)
+            continue
+        array = rows.detach().to("cpu", torch.float32).contiguous().numpy()
+        restored = quants.dequantize(quants.quantize(array, member), member)
+        restored = torch.from_numpy(np.ascontiguousarray(restored, dtype=np.float32)).reshape(rows.shape)
+        rows.copy_(restored.to(device=weight.device, dtype=weight.dtype))
+        done.append(path)
+        elements += array.size
+        if progress and (k + 1) % 16 == 0:
+            progress(f"quantize: {k + 1}/{len(linears)} weights")
+    if not done:
+        raise NeumuterError(f"no block weight could be quantised to {qtype} "
+                            f"(row lengths must be multiples of {block})")
+    summary = {"type": qtype.lower(), "weights": len(done), "elements": elements,
+               "patterns": name_patterns(done), "skipped": skipped,
+               "seconds": round(time.monotonic() - start, 3)}
+    if progress:
+        progress(f"quantized {len(done)} block weights ({elements:,} elements) to {qtype.lower()} and back "
+                 f"in {summary['seconds']:.1f}s" + (f"; {len(skipped)} left as they are" if skipped else ""))
+    return summary
+
+
+__all__ = ["QUANT_TYPES", "quantize_model", "name_patterns"]
