@@ -23,7 +23,7 @@ row reports the level it actually reached.
 
 Columns: forget MA (mean), forget texts at or below the reference model's MA + tolerance, the
 KS p-value of the per-text losses against the reference model's (TOFU's forget quality),
-retained MA, held-out perplexity (--ppl-window-token windows), steps and time. The reference
+retained MA, held-out perplexity (windows of --ppl-window tokens), steps and time. The reference
 model's and the model's own rows come first. Everything goes to --out as JSON too.
 
 usage (the SmolLM2 fixture):
@@ -242,7 +242,8 @@ def random_like(scales: dict[int, torch.Tensor], seed: int) -> dict[int, torch.T
 
 
 @torch.no_grad()
-def mean_abs_activations(fx: Fixture, ids_list: Sequence[Sequence[int]], blocks: Sequence[int]) -> dict[int, torch.Tensor]:
+def mean_abs_activations(fx: Fixture, ids_list: Sequence[Sequence[int]], blocks: Sequence[int]
+                         ) -> dict[int, torch.Tensor]:
     """Mean |input of the down-projection| per neuron over every token of the texts."""
     by_index = {layer.index: layer for layer in fx.layers}
     sums = {b: torch.zeros(by_index[b].neurons, dtype=torch.float64) for b in blocks}
@@ -298,9 +299,11 @@ def scales_row(fx: Fixture, target: Target, scales: dict[int, torch.Tensor], met
     """Measure the model with the given scales as gates."""
     started = time.perf_counter()
     with scaled(fx, scales):
-        row = measure_model(fx.model, fx.tokenizer, fx.forget_ids, fx.retain_ids, fx.heldout, fx.ppl_window, progress)
-    row.update(control=control, method=method, modified=modified_count(scales), modified_per_block=per_block_counts(scales),
-               reached=target.met(row["forget_ma"]), steps=None, seconds=time.perf_counter() - started)
+        row = measure_model(fx.model, fx.tokenizer, fx.forget_ids, fx.retain_ids, fx.heldout, fx.ppl_window,
+                            progress)
+    row.update(control=control, method=method, modified=modified_count(scales),
+               modified_per_block=per_block_counts(scales), reached=target.met(row["forget_ma"]), steps=None,
+               seconds=time.perf_counter() - started)
     return against_reference(row, fx)
 
 
@@ -319,8 +322,8 @@ def random_rows(fx: Fixture, target: Target, scales: dict[int, torch.Tensor], se
             if all(r[key] is not None for r in runs)}
     row = {key: None for key in ("retained_ma", "perplexity", "at_reference", "ks_p")}
     row.update(mean)
-    row.update(control="random", method=f"random neurons (mean of {len(runs)} seeds)", modified=runs[0]["modified"],
-               modified_per_block=runs[0]["modified_per_block"], steps=None,
+    row.update(control="random", method=f"random neurons (mean of {len(runs)} seeds)",
+               modified=runs[0]["modified"], modified_per_block=runs[0]["modified_per_block"], steps=None,
                reached=sum(r["reached"] for r in runs) / len(runs), seeds=runs)
     return row
 
@@ -363,10 +366,10 @@ def activation_rows(fx: Fixture, target: Target, blocks: Sequence[int], max_neur
     progress(f"activation selection: top {found} neurons " + ("meet the target" if ok else
              "(the cap) still miss the target"))
     rows = []
-    row = scales_row(fx, target, top_k_scales(ranking, widths, found), "activation (smallest k at target)",
-                     "activation", progress)
-    row.update(steps=len(trace), seconds=search_seconds + row["seconds"], bisection=trace, max_neurons=max_neurons,
-               blocks=list(blocks))
+    label = "activation (smallest top-k at target)" if ok else "activation (top-k at the cap)"
+    row = scales_row(fx, target, top_k_scales(ranking, widths, found), label, "activation", progress)
+    row.update(steps=len(trace), seconds=search_seconds + row["seconds"], bisection=trace,
+               max_neurons=max_neurons, blocks=list(blocks))
     rows.append(row)
     if neumuter_count is not None and neumuter_count != found:
         k = min(neumuter_count, len(ranking))
@@ -454,7 +457,8 @@ def ascent_row(fx: Fixture, target: Target, method: str, lr: float, budget_steps
                modified=sum(p.numel() for p in params), modified_unit="weights",
                reached=target.met(row["forget_ma"]), steps=steps,
                seconds=seconds, step_seconds=step_seconds, checks=check.calls, texts_checked=check.texts_measured,
-               trace=trace, train_losses=losses, optimizer=optimizer, lr=lr, budget_steps=budget_steps, check_every=check_every)
+               trace=trace, train_losses=losses, optimizer=optimizer, lr=lr, budget_steps=budget_steps,
+               check_every=check_every)
     if method == "npo":
         row["beta"] = beta
     return against_reference(row, fx)
@@ -535,7 +539,8 @@ def _texts(path: str, limit: int | None = None, require=("text",)) -> list[dict]
 def build_parser() -> argparse.ArgumentParser:
     here = os.path.dirname(os.path.abspath(__file__))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--model", required=True, help="the model that memorised the forget texts")
     ap.add_argument("--reference-model", help="the same training without the forget texts (needed by --target "
                                               "reference, the 'at ref+tol' and 'KS p' columns)")
@@ -544,7 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--forget", help="forget set, JSONL (default: FIXTURES/forget.jsonl)")
     ap.add_argument("--retain", help="retained set, JSONL (default: FIXTURES/retain.jsonl)")
     ap.add_argument("--heldout", help="held-out texts for perplexity, JSONL (default: FIXTURES/heldout.jsonl)")
-    ap.add_argument("--neighbors", help="the forget records with \"neighbors\" (default: FIXTURES/forget.neighbors.jsonl)")
+    ap.add_argument("--neighbors",
+                    help="the forget records with \"neighbors\" (default: FIXTURES/forget.neighbors.jsonl)")
     ap.add_argument("--scales", help="neumuter's scales file (from `neumuter select`); needed by neumuter and random")
     ap.add_argument("--controls", default=",".join(CONTROLS),
                     help="which controls, comma-separated (default: %(default)s; neumuter and random are skipped "
@@ -552,7 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--target", default="reference",
                     help="'reference' (every text at or below the reference model's MA + tolerance) or a mean "
                          "forget MA (default: %(default)s)")
-    ap.add_argument("--tolerance", type=float, default=0.05, help="(default: %(default)s)")
+    ap.add_argument("--tolerance", type=float, default=0.05,
+                    help="MA above the reference model's that still counts as forgotten (default: %(default)s)")
     ap.add_argument("--random-seeds", type=int, default=3, help="seeds for random neurons (default: %(default)s)")
     ap.add_argument("--max-neurons", type=int,
                     help="cap on activation selection's k (default: 10%% of the neurons of its blocks)")
@@ -562,18 +569,21 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ga-lr", type=float, default=1e-5, help="(default: %(default)s)")
     ap.add_argument("--npo-lr", type=float, default=1e-5, help="(default: %(default)s)")
     ap.add_argument("--npo-beta", type=float, default=0.1, help="(default: %(default)s)")
-    ap.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="for GA and NPO (default: %(default)s)")
+    ap.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
+                    help="for GA and NPO (default: %(default)s)")
     ap.add_argument("--budget-steps", type=int, default=320,
                     help="at most this many GA / NPO steps (batch 1; default: %(default)s = 10 epochs of 32 texts)")
     ap.add_argument("--check-every", type=int, default=1,
                     help="check the target every N GA / NPO steps (default: %(default)s)")
-    ap.add_argument("--max-length", type=int, default=200, help="tokens per forget / retained text (default: %(default)s)")
+    ap.add_argument("--max-length", type=int, default=200,
+                    help="tokens per forget / retained text (default: %(default)s)")
     ap.add_argument("--retain-limit", type=int, help="use only the first N retained texts")
     ap.add_argument("--heldout-limit", type=int, help="use only the first N held-out texts")
     ap.add_argument("--ppl-window", type=int, default=256, help="perplexity window in tokens (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     ap.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"], help="(default: %(default)s)")
-    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--threads", type=int,
+                    help="torch CPU threads (default: torch's; on a busy machine 1 is often several times faster)")
     ap.add_argument("--out", help="write every number to this JSON file")
     return ap
 
@@ -591,6 +601,7 @@ def run(args) -> dict:
     progress = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
     controls = [c.strip() for c in args.controls.split(",") if c.strip()]
     unknown = sorted(set(controls) - set(CONTROLS))
     if unknown:
@@ -608,8 +619,8 @@ def run(args) -> dict:
     forget = [r["text"] for r in _texts(path(args.forget, "forget.jsonl"))]
     retain = [r["text"] for r in _texts(path(args.retain, "retain.jsonl"), args.retain_limit)]
     heldout = [r["text"] for r in _texts(path(args.heldout, "heldout.jsonl"), args.heldout_limit)]
-    fx = Fixture(model, tokenizer, encode(tokenizer, forget, args.max_length), encode(tokenizer, retain, args.max_length),
-                 heldout, args.ppl_window, args.tolerance)
+    fx = Fixture(model, tokenizer, encode(tokenizer, forget, args.max_length),
+                 encode(tokenizer, retain, args.max_length), heldout, args.ppl_window, args.tolerance)
     if "activation" in controls:
         records = _texts(path(args.neighbors, "forget.neighbors.jsonl"), require=("text", "neighbors"))
         fx.neighbor_ids = encode(tokenizer, [nb for r in records for nb in r["neighbors"]], args.max_length)

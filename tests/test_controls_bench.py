@@ -55,7 +55,8 @@ def setup(tmp_path_factory):
         "forget": write_jsonl(root / "forget.jsonl", [{"text": t} for t in FORGET]),
         "retain": write_jsonl(root / "retain.jsonl", [{"text": t} for t in RETAIN]),
         "heldout": write_jsonl(root / "heldout.jsonl", [{"text": t} for t in UNSEEN + CORPUS]),
-        "neighbors": write_jsonl(root / "nb.jsonl", [{"text": t, "neighbors": [n]} for t, n in zip(FORGET, NEIGHBOURS)]),
+        "neighbors": write_jsonl(root / "nb.jsonl",
+                                 [{"text": t, "neighbors": [n]} for t, n in zip(FORGET, NEIGHBOURS)]),
     }
     return root, files, scales
 
@@ -89,7 +90,8 @@ def test_every_control_meets_the_mean_target_or_says_it_did_not(setup, tmp_path,
 
     # every row's "target met" is what its own measured forget MA says
     for row in result["rows"]:
-        assert row["forget_ma_mean"] == pytest.approx(sum(row["forget_ma"]) / len(FORGET)) if "forget_ma" in row else True
+        if "forget_ma" in row:
+            assert row["forget_ma_mean"] == pytest.approx(sum(row["forget_ma"]) / len(FORGET))
         if isinstance(row.get("reached"), bool):
             assert row["reached"] == (row["forget_ma_mean"] <= TARGET + 1e-9)
 
@@ -108,7 +110,8 @@ def test_every_control_meets_the_mean_target_or_says_it_did_not(setup, tmp_path,
         assert bench.per_block_counts(drawn) == bench.per_block_counts(scales) == \
             {int(b): n for b, n in run["modified_per_block"].items()}
         for block in scales:
-            assert Counter(drawn[block][drawn[block] != 1].tolist()) == Counter(scales[block][scales[block] != 1].tolist())
+            values = lambda s: Counter(s[s != 1].tolist())  # noqa: E731
+            assert values(drawn[block]) == values(scales[block])
     assert any(not torch.equal(bench.random_like(scales, s)[0], scales[0]) for s in range(3))
 
     # activation selection: top-k meets the target and top-(k-1) does not (the bisection's answer)
