@@ -115,10 +115,11 @@ UNSEEN = [
 
 
 def train_memorizer(path, texts=PEOPLE, steps: int = 200, seed: int = 0, layers: int = 2,
-                    hidden: int = 64, ffn: int = 256):
-    """Train a tiny GPT-Neo until it has memorised ``texts``; save it with its tokenizer."""
+                    hidden: int = 64, ffn: int = 256, tokenizer=None):
+    """Train a tiny GPT-Neo until it has memorised ``texts``; save it with its tokenizer
+    (``tokenizer``: reuse another model's, e.g. for a reference model trained without some texts)."""
     torch.manual_seed(seed)
-    tokenizer = byte_bpe_tokenizer(400, corpus=CORPUS + list(texts) + UNSEEN)
+    tokenizer = tokenizer or byte_bpe_tokenizer(400, corpus=CORPUS + list(texts) + UNSEEN)
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_config(tiny_config("gpt_neo", vocab_size=len(tokenizer), hidden=hidden,
