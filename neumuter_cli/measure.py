@@ -191,7 +191,7 @@ def _check_lengths(ids_list: Sequence[Sequence[int]], minimum: int = 2) -> None:
             raise NeumuterError(f"text {k + 1} has {len(ids)} token(s): at least {minimum} are needed to measure it")
 
 
-def _check_context(model, length: int, what: str) -> None:
+def check_context(model, length: int, what: str) -> None:
     context = model_context(model, cap=1 << 62)
     if length > context:
         raise NeumuterError(f"{what} of {length} tokens is longer than the model's context ({context} tokens)")
@@ -206,7 +206,7 @@ def teacher_forced(model, ids_list: Sequence[Sequence[int]], batch_size: int = 3
     every real position)."""
     _check_lengths(ids_list)
     if ids_list:
-        _check_context(model, max(map(len, ids_list)), "a text (use a smaller --max-length or window)")
+        check_context(model, max(map(len, ids_list)), "a text (use a smaller --max-length or window)")
     device = input_device(model)
     vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else 1
     order = sorted(range(len(ids_list)), key=lambda k: -len(ids_list[k]))
@@ -273,7 +273,7 @@ def greedy_continuations(model, rows: Sequence[tuple[Sequence[int], int]], batch
             todo.append(j)
     todo.sort(key=lambda j: (len(rows[j][0]), len(rows[j][0]) + rows[j][1]))
     if todo:
-        _check_context(model, max(len(rows[j][0]) + rows[j][1] - 1 for j in todo), "a generation")
+        check_context(model, max(len(rows[j][0]) + rows[j][1] - 1 for j in todo), "a generation")
     done = 0
     for first in range(0, len(todo), batch_size):
         batch = todo[first:first + batch_size]
@@ -755,6 +755,6 @@ __all__ = [
     "encode", "read_thresholds", "teacher_forced", "TeacherForced", "memorization_accuracy", "token_losses",
     "greedy_continuations", "suffix_generations", "extraction_likelihoods", "extraction_likelihood",
     "measure_ids", "measure_records", "thresholds", "is_forgotten", "mark", "summarize",
-    "model_context", "perplexity", "generations", "el_key", "MIA_RADIUS", "record_label",
+    "model_context", "check_context", "perplexity", "generations", "el_key", "MIA_RADIUS", "record_label",
     "results_table", "summary_table", "generation_lines",
 ]
