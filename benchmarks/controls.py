@@ -52,7 +52,8 @@ from neumuter_cli.apply import check_fingerprint  # noqa: E402
 from neumuter_cli.measure import encode, memorization_accuracy, perplexity, teacher_forced  # noqa: E402
 from neumuter_cli.models import find_ffn_layers, gated, input_device, load_model, parse_layers  # noqa: E402
 from neumuter_cli.records import atomic_output, read_records  # noqa: E402
-from neumuter_cli.select import SCALES_KIND, read_artifact, scales_by_block  # noqa: E402
+from neumuter_cli.artifacts import SCALES_KIND, read_artifact  # noqa: E402
+from neumuter_cli.select import scales_by_block  # noqa: E402
 
 CONTROLS = ("neumuter", "random", "activation", "ga", "npo")
 EPS = 1e-9   # MA values are ratios of small integers; this keeps x + 0.05 from rounding below x + 0.05
@@ -199,7 +200,8 @@ class TargetCheck:
 
 def read_scales(path: str, fx: Fixture) -> dict[int, torch.Tensor]:
     """A `neumuter select` scales file, checked against the model (fingerprint, widths)."""
-    tensors, meta, _ = read_artifact(path, SCALES_KIND)
+    artifact = read_artifact(path, SCALES_KIND)
+    tensors, meta = artifact.tensors, artifact.metadata
     scales = scales_by_block(tensors, meta, path)
     layers = fx.layers
     info = check_fingerprint(meta, fx.model, layers, path)

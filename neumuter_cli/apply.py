@@ -10,10 +10,9 @@ from typing import Sequence
 import torch
 
 from . import NeumuterError, __version__
+from .artifacts import CHECKPOINT_KIND, CHECKPOINT_RECORD, SCALES_KIND, check_kind, check_output_dir
 from .models import FFNLayer, describe, find_ffn_layers, fold_scales
 from .records import atomic_directory
-
-RECORD_NAME = "neumuter.json"
 
 
 def check_fingerprint(meta: dict, model, layers: Sequence[FFNLayer], name: str = "scales") -> dict:
@@ -29,11 +28,14 @@ def check_fingerprint(meta: dict, model, layers: Sequence[FFNLayer], name: str =
 
 
 @torch.no_grad()
-def apply_scales(model, layers: Sequence[FFNLayer], scales_by_block: dict[int, torch.Tensor]) -> dict[int, int]:
+def apply_scales(model, layers: Sequence[FFNLayer], scales_by_block: dict[int, torch.Tensor],
+                 allow_any_scale: bool = False) -> dict[int, int]:
     """Fold per-neuron scales into the down-projections of the given blocks, in place.
 
     ``scales_by_block`` maps block index (``FFNLayer.index``) → one scale per neuron; blocks
-    not named are left alone. The weights keep their dtype. Returns, per block, the number of
+    not named are left alone. A scale outside [0, 1] (which `select` never writes: a scale is
+    a gate value) is refused unless ``allow_any_scale``: above 1 it would amplify a neuron,
+    below 0 flip its sign. The weights keep their dtype. Returns, per block, the number of
     neurons whose scale is not 1."""
     by_index = {layer.index: layer for layer in layers}
     missing = sorted(set(scales_by_block) - set(by_index))
@@ -47,6 +49,12 @@ def apply_scales(model, layers: Sequence[FFNLayer], scales_by_block: dict[int, t
                                 f"for {layer.neurons} neurons")
         if not torch.isfinite(scale).all():
             raise NeumuterError(f"block {layer.index}: scales hold NaN or infinite values")
+        outside = ((scale < 0) | (scale > 1)).nonzero().flatten()
+        if len(outside) and not allow_any_scale:
+            neuron = int(outside[0])
+            raise NeumuterError(f"block {layer.index}: the scale of neuron {neuron} is {float(scale[neuron]):g}, "
+                                f"outside [0, 1] ({len(outside)} such in this block); `select` writes gate values "
+                                "in [0, 1]: use --allow-any-scale to fold such scales anyway")
     fold_scales(chosen, scales)
     return {layer.index: int((scale != 1.0).sum()) for layer, scale in zip(chosen, scales)}
 
@@ -73,34 +81,31 @@ def _plain_model(model):
     return model
 
 
-def save_checkpoint(model, tokenizer, out_dir: str, record: dict, force: bool = False) -> None:
+def save_checkpoint(model, tokenizer, out_dir: str, record: dict, force: bool = False,
+                    protected: Sequence[str | None] = ()) -> None:
     """Write ``model`` (safetensors) + ``tokenizer`` + ``neumuter.json`` into ``out_dir``
-    atomically: everything goes to a temporary folder beside it, renamed at the end. An
-    existing non-empty ``out_dir`` is refused unless ``force``. A GGUF-loaded model is written
-    as an ordinary float checkpoint."""
-    with atomic_directory(out_dir, force=force) as tmp:
+    atomically: everything goes to a temporary folder beside it, renamed at the end. What
+    ``out_dir`` may be, and when it may be replaced, is :func:`artifacts.check_output_dir`
+    (``force`` replaces a previous checkpoint only; ``protected``: paths it must not hold).
+    ``neumuter.json`` gets the kind and the list of files written (``kind``, ``files``) and
+    is written with sorted keys, so that the same inputs give the same bytes. A GGUF-loaded
+    model is written as an ordinary float checkpoint."""
+    check_output_dir(out_dir, force, protected)
+    with atomic_directory(out_dir, force=True) as tmp:
         model = _plain_model(model)
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        with open(Path(tmp) / RECORD_NAME, "w", encoding="utf-8") as handle:
-            json.dump(record, handle, indent=2, ensure_ascii=False)
+        files = sorted({entry.name for entry in Path(tmp).iterdir()} | {CHECKPOINT_RECORD})
+        record = {**record, "kind": CHECKPOINT_KIND, "files": files}
+        with open(Path(tmp) / CHECKPOINT_RECORD, "w", encoding="utf-8") as handle:
+            json.dump(record, handle, indent=2, ensure_ascii=False, sort_keys=True)
             handle.write("\n")
-
-
-def check_output_dir(out_dir: str, force: bool = False) -> None:
-    """Refuse early what ``atomic_directory`` would refuse at the end: a non-directory, or a
-    non-empty directory without ``force``."""
-    target = Path(out_dir)
-    if target.exists() and not target.is_dir():
-        raise NeumuterError(f"{out_dir} exists and is not a directory")
-    if target.is_dir() and any(target.iterdir()) and not force:
-        raise NeumuterError(f"{out_dir} exists and is not empty (use --force to replace it)")
 
 
 def previous_records(source: str) -> list[dict]:
     """The history of a muted checkpoint used as the source of a later request."""
-    path = Path(source) / RECORD_NAME
+    path = Path(source) / CHECKPOINT_RECORD
     if not os.path.isdir(source) or not path.is_file():
         return []
     try:
@@ -109,26 +114,28 @@ def previous_records(source: str) -> list[dict]:
     except (OSError, json.JSONDecodeError):
         return []
     history = previous.pop("history", []) if isinstance(previous, dict) else []
+    if isinstance(previous, dict):
+        previous.pop("files", None)   # that folder's layout, not provenance
     return [*history, previous] if isinstance(previous, dict) else []
 
 
 def apply_scales_file(model, tokenizer, tensors: dict[str, torch.Tensor], meta: dict, out_dir: str,
-                      scales_sha256: str | None = None, force: bool = False, name: str = "scales") -> dict:
+                      scales_sha256: str | None = None, force: bool = False, name: str = "scales",
+                      allow_any_scale: bool = False, protected: Sequence[str | None] = ()) -> dict:
     """The stage: check the scales against ``model``, fold them, save the checkpoint.
     Returns the record written to ``neumuter.json``."""
-    from .select import SCALES_KIND, scales_by_block
+    from .select import scales_by_block
 
-    if meta.get("kind") != SCALES_KIND:
-        raise NeumuterError(f"{name}: not a neumuter scales file (found: {meta.get('kind', 'no neumuter kind')})")
+    check_kind(meta, SCALES_KIND, name)
     scales = scales_by_block(tensors, meta, name)
     layers = find_ffn_layers(model)
     source = check_fingerprint(meta, model, layers, name)
     if meta.get("neurons") != source["neurons"]:
         raise NeumuterError(f"{name}: neuron counts {meta.get('neurons')} do not match the model's {source['neurons']}")
-    check_output_dir(out_dir, force)  # before the fold: nothing changes when the output is refused
-    scaled = apply_scales(model, layers, scales)
+    protected = (*protected, str(source["model"]))
+    check_output_dir(out_dir, force, protected)   # before the fold: nothing changes when the output is refused
+    scaled = apply_scales(model, layers, scales, allow_any_scale)
     record = {
-        "kind": "neumuter-checkpoint",
         "tool_version": __version__,
         "source_model": source["model"],
         "source_fingerprint": source["fingerprint"],
@@ -146,7 +153,7 @@ def apply_scales_file(model, tokenizer, tensors: dict[str, torch.Tensor], meta: 
         "forget_sha256": meta.get("forget_sha256"),
         "history": previous_records(str(source["model"])),
     }
-    save_checkpoint(model, tokenizer, out_dir, record, force)
+    save_checkpoint(model, tokenizer, out_dir, record, force, protected)
     return record
 
 

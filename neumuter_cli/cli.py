@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import sys
 
 import click
@@ -16,14 +17,47 @@ DEFAULTS = LocalizeConfig()
 RELEARN_DEFAULTS = RelearnConfig()
 
 
+# exit status: 1 is the verdict of `measure --check` (some record is not forgotten), 2 click's
+# usage error (a bad option, argument or combination), and 3 any other error
+EXIT_ERROR = 3
+
+
+class CommandError(click.ClickException):
+    """An error reported as one "Error: ..." line on stderr, with exit status 3."""
+
+    exit_code = EXIT_ERROR
+
+
 class NeumuterGroup(click.Group):
-    """Turns NeumuterError into one clear line on stderr and exit status 1."""
+    """Turns NeumuterError, and an OSError nothing below caught, into one clear line on stderr
+    and exit status 3 (1 is the verdict of `measure --check`, 2 a usage error)."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except NeumuterError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise CommandError(str(exc)) from None
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise CommandError(f"{where}{exc.strerror or exc}") from None
+
+
+class FiniteFloat(click.FloatRange):
+    """A float option that must be a finite number (not nan or inf) within a range; either end
+    may be open or absent."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return super().convert(number, param, ctx)
+
+    def _describe_range(self) -> str:
+        if self.min is None and self.max is None:
+            return "finite"
+        return super()._describe_range()
 
 
 @click.group(cls=NeumuterGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -42,7 +76,16 @@ def cli():
       neumuter apply scales.safetensors --model LM -o muted/
       neumuter measure forget.jsonl --model muted/ --reference unseen.jsonl
 
-    Data goes to stdout or -o; progress and summaries go to stderr.
+    Data goes to stdout or -o; progress and summaries go to stderr. Outputs are written
+    atomically: an error or an interrupt leaves no partial file behind.
+
+    \b
+    Exit status:
+      0  success
+      1  `measure --check`: some record is not forgotten
+      2  usage error: a bad option, argument or combination of them
+      3  any other error (bad input, wrong model, unwritable output, I/O),
+         reported as one "Error: ..." line on stderr
     """
 
 
@@ -98,13 +141,13 @@ def inspect(model, device, dtype, device_map, trust_remote_code):
 @click.argument("mask", default="-", metavar="[MASK|-]")
 @click.option("--output", "-o", default="-", show_default=True, metavar="SCALES|-",
               help="Where to write the scales file (safetensors); - is stdout.")
-@click.option("--energy", type=float, default=None, metavar="F",
+@click.option("--energy", type=FiniteFloat(0, 1, min_open=True), default=None, metavar="F",
               help="Energy rule (the default, F = 0.05): sort all gate values ascending, "
                    "accumulate |m|; eps = the first value at which the sum reaches F of the total; "
                    "select the neurons with m < eps.")
-@click.option("--threshold", type=float, default=None, metavar="X",
+@click.option("--threshold", type=FiniteFloat(0, min_open=True), default=None, metavar="X",
               help="Select the neurons whose gate value is below X (the public code's cut: 0.15).")
-@click.option("--top-fraction", type=float, default=None, metavar="F",
+@click.option("--top-fraction", type=FiniteFloat(0, 1, min_open=True), default=None, metavar="F",
               help="Select the floor(F x N) lowest gate values of all N masked neurons "
                    "(ties broken by block, then neuron index).")
 def select_cmd(mask, output, energy, threshold, top_fraction):
@@ -123,18 +166,20 @@ def select_cmd(mask, output, energy, threshold, top_fraction):
 
     A per-block summary goes to stderr.
     """
-    from .select import DEFAULT_RULE, MASK_KIND, check_rule, read_artifact, select_from_mask, summary_rows
-    from .records import save_artifact
+    from .artifacts import MASK_KIND, read_artifact, save_artifact
+    from .records import check_output
+    from .select import DEFAULT_RULE, check_rule, select_from_mask, summary_rows
 
     given = [(name, value) for name, value in
              (("energy", energy), ("threshold", threshold), ("top-fraction", top_fraction)) if value is not None]
     if len(given) > 1:
         raise click.UsageError("give at most one of --energy, --threshold, --top-fraction")
+    check_output(output, inputs=(mask,))
     rule, value = given[0] if given else DEFAULT_RULE
     check_rule(rule, value)
-    tensors, meta, digest = read_artifact(mask, kind=MASK_KIND)
-    name = "<stdin>" if mask == "-" else mask
-    scales, metadata = select_from_mask(tensors, meta, rule, value, mask_sha256=digest, name=name)
+    artifact = read_artifact(mask, kind=MASK_KIND)
+    scales, metadata = select_from_mask(artifact.tensors, artifact.metadata, rule, value,
+                                        mask_sha256=artifact.sha256, name=artifact.name)
     save_artifact(scales, metadata, output)
     click.echo(tabulate(summary_rows(metadata), headers=["block", "down-projection", "neurons", "selected", "%"]),
                err=True)
@@ -149,8 +194,13 @@ def select_cmd(mask, output, energy, threshold, top_fraction):
 @model_options
 @click.option("--output", "-o", required=True, metavar="DIR",
               help="Checkpoint directory to write (save_pretrained + tokenizer + neumuter.json).")
-@click.option("--force", is_flag=True, default=False, help="Replace DIR if it exists and is not empty.")
-def apply_cmd(scales, model, device, dtype, device_map, trust_remote_code, output, force):
+@click.option("--force", is_flag=True, default=False,
+              help="Replace DIR when it holds a previous neumuter checkpoint (what apply wrote there, "
+                   "and nothing else). A folder holding anything else is never replaced.")
+@click.option("--allow-any-scale", is_flag=True, default=False,
+              help="Fold scales outside [0, 1] too (above 1 amplifies a neuron, below 0 flips it); "
+                   "without it such a scales file is refused (select writes gate values in [0, 1]).")
+def apply_cmd(scales, model, device, dtype, device_map, trust_remote_code, output, force, allow_any_scale):
     """Fold a scales file into the model and save an ordinary checkpoint.
 
     Each selected neuron's scale multiplies its column of the FFN down-projection (a row for
@@ -158,18 +208,25 @@ def apply_cmd(scales, model, device, dtype, device_map, trust_remote_code, outpu
     AutoModelForCausalLM.from_pretrained and gives the gated model's logits. The scales must
     have been made for this very model (its fingerprint is checked); a muted checkpoint can
     be the --model of a later request. With --dtype auto the checkpoint keeps its stored
-    dtype; a .gguf model is written as a float32 checkpoint. DIR is written atomically.
-    """
-    from .apply import apply_scales_file, check_output_dir, checkpoint_dtype
-    from .select import SCALES_KIND, read_artifact
+    dtype; a .gguf model is written as a float32 checkpoint.
 
-    check_output_dir(output, force)
-    tensors, meta, digest = read_artifact(scales, kind=SCALES_KIND)
+    DIR is written atomically (into a temporary folder beside it, renamed at the end). A
+    missing or empty DIR is written; an existing one only with --force, and only when it
+    holds a previous neumuter checkpoint. DIR is never the current folder, a folder holding
+    it, or a folder holding the model or the scales file. All of this is checked before the
+    model loads.
+    """
+    from .apply import apply_scales_file, checkpoint_dtype
+    from .artifacts import SCALES_KIND, check_output_dir, read_artifact
+
+    check_output_dir(output, force, protected=(model, scales))
+    artifact = read_artifact(scales, kind=SCALES_KIND)
     if dtype == "auto":
         dtype = checkpoint_dtype(model) or "auto"
     lm, tokenizer = load_lm(model, device, dtype, device_map, trust_remote_code)
-    name = "<stdin>" if scales == "-" else scales
-    record = apply_scales_file(lm, tokenizer, tensors, meta, output, scales_sha256=digest, force=force, name=name)
+    record = apply_scales_file(lm, tokenizer, artifact.tensors, artifact.metadata, output,
+                               scales_sha256=artifact.sha256, force=force, name=artifact.name,
+                               allow_any_scale=allow_any_scale, protected=(model, scales))
     rows = [[b, record["modules"][b], n] for b, n in record["neurons_scaled_per_layer"].items()]
     click.echo(tabulate(rows, headers=["block", "down-projection", "neurons scaled"]), err=True)
     progress(f"{record['neurons_scaled']} of {record['total_neurons']} FFN neurons scaled; "
@@ -331,6 +388,10 @@ def measure_cmd(input_path, model, device, dtype, device_map, trust_remote_code,
     from .records import atomic_output
     from .render import summary_table, write_result
 
+    from .records import check_output
+
+    check_output(output, inputs=(input_path, reference, thresholds_path, ppl_path, holdout_path,
+                                 reference_scores_path))
     judged = reference or thresholds_path or reference_model or reference_scores_path
     if check and not judged:
         raise click.UsageError("--check needs --reference, --thresholds, --reference-model or --reference-scores "
@@ -384,10 +445,10 @@ def measure_cmd(input_path, model, device, dtype, device_map, trust_remote_code,
               help="Masked LM (BERT-style) that writes the neighbours: a local directory or a hub name.")
 @click.option("-k", "--count", "k", type=click.IntRange(1), default=None, metavar="K",
               help="Neighbours per record  [default: 1].")
-@click.option("-r", "--ratio", type=click.FloatRange(0, 1, min_open=True), default=None, metavar="R",
+@click.option("-r", "--ratio", type=FiniteFloat(0, 1, min_open=True), default=None, metavar="R",
               help="Proportion of the MLM tokens to rewrite, 0 < R <= 1; 1 rewrites every token  "
                    "[default: 0.5].")
-@click.option("--temperature", type=click.FloatRange(0), default=None, metavar="T",
+@click.option("--temperature", type=FiniteFloat(0), default=None, metavar="T",
               help="0: the argmax (greedy; at R = 1 all K neighbours of a record are then the same); "
                    "T > 0: sample from softmax(logits / T)  [default: 1.0].")
 @click.option("--top-k", type=click.IntRange(0), default=None, metavar="N",
@@ -425,10 +486,11 @@ def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, b
     import itertools
 
     from . import neighbors as nb
-    from .records import atomic_output, dumps_record, iter_records
+    from .records import atomic_output, check_output, dumps_record, iter_records
 
     if input_path == "-" and sys.stdin.isatty():
         raise NeumuterError("no input: give a JSONL file or pipe one into stdin")
+    check_output(output, inputs=(input_path,))
     options = dict(k=nb.DEFAULT_K if k is None else k,
                    ratio=nb.DEFAULT_RATIO if ratio is None else ratio,
                    temperature=nb.DEFAULT_TEMPERATURE if temperature is None else temperature,
@@ -456,24 +518,24 @@ def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, b
               help="Mask file to write (safetensors); - writes to stdout (not to a terminal).")
 @click.option("--epochs", type=click.IntRange(1), default=DEFAULTS.epochs, show_default=True,
               help="Most epochs to train (fewer when --reference stops it early).")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS.lr, show_default=True,
+@click.option("--lr", type=FiniteFloat(0, min_open=True), default=DEFAULTS.lr, show_default=True,
               help="Adam learning rate of the gates' log_alpha.")
-@click.option("--lambda", "kl_weight", type=click.FloatRange(min=0), default=DEFAULTS.kl_weight,
+@click.option("--lambda", "kl_weight", type=FiniteFloat(0), default=DEFAULTS.kl_weight,
               show_default=True, help="Weight of the neighbour KL term (eq. 13's lambda).")
-@click.option("--eta", "l0_weight", type=click.FloatRange(min=0), default=DEFAULTS.l0_weight,
+@click.option("--eta", "l0_weight", type=FiniteFloat(0), default=DEFAULTS.l0_weight,
               show_default=True, help="Weight of the L0 term R(M) (eq. 13's eta).")
-@click.option("--beta", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS.beta,
+@click.option("--beta", type=FiniteFloat(0, min_open=True), default=DEFAULTS.beta,
               show_default=True, help="Hard-Concrete temperature.")
 @click.option("--forget-term", type=click.Choice(FORGET_TERMS), default=DEFAULTS.forget_term,
               show_default=True,
               help="hinge: push each still-correct forget token below the best other token by "
                    "--margin logits, then stop; bounded: the public code's ascent, bounded by "
                    "--max-forget-loss; ascent: the paper's plain -L_f (no bound).")
-@click.option("--max-forget-loss", type=float, default=DEFAULTS.max_forget_loss, show_default=True,
+@click.option("--max-forget-loss", type=FiniteFloat(0), default=DEFAULTS.max_forget_loss, show_default=True,
               help="Bound of --forget-term bounded, in nats: ascend below it, descend above it.")
-@click.option("--margin", type=float, default=DEFAULTS.margin, show_default=True,
+@click.option("--margin", type=FiniteFloat(0), default=DEFAULTS.margin, show_default=True,
               help="Margin of --forget-term hinge, in logits.")
-@click.option("--target-ma", type=click.FloatRange(0, 1), default=None,
+@click.option("--target-ma", type=FiniteFloat(0, 1), default=None,
               help="With --forget-term hinge, a forget text whose MA (under the training gates) is at "
                    "or below this stops pulling, so no more is broken than needed [default: half the "
                    "MA threshold with --reference/--stop-ma, else 0].")
@@ -501,10 +563,10 @@ def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, b
                    "below its reference MA + --tolerance with the neurons that `select` would choose, and "
                    "the hinge stops pulling a text at its reference MA, so nothing is forgotten further "
                    "than a model that never saw it (over-forgetting is a membership signal too).")
-@click.option("--tolerance", type=click.FloatRange(0, 1), default=0.05, show_default=True,
+@click.option("--tolerance", type=FiniteFloat(0, 1), default=0.05, show_default=True,
               help="With --reference-model: how far above its reference MA a text may stay.")
-@click.option("--stop-ma", type=float, default=None, help="MA threshold for the early stop (overrides --reference).")
-@click.option("--stop-el", type=float, default=None, help="EL_10 threshold for the early stop (overrides --reference).")
+@click.option("--stop-ma", type=FiniteFloat(0, 1), default=None, help="MA threshold for the early stop (overrides --reference).")
+@click.option("--stop-el", type=FiniteFloat(0, 1), default=None, help="EL_10 threshold for the early stop (overrides --reference).")
 @click.option("--check-every", type=click.IntRange(1), default=DEFAULTS.check_every, show_default=True,
               help="Epochs between two early-stop checks.")
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=DEFAULTS.optimizer, show_default=True,
@@ -528,11 +590,15 @@ def localize_cmd(input_path, model, device, dtype, device_map, trust_remote_code
     import torch
 
     from .localize import LocalizeConfig, forgetting_check, localize, mask_artifact
+    from .artifacts import save_artifact
     from .models import find_ffn_layers, parse_layers
-    from .records import read_records, save_artifact
+    from .records import check_output, read_records
 
     if output == "-" and sys.stdout.isatty():
         raise click.UsageError("refusing to write a binary mask to a terminal: use -o FILE or a pipe")
+    if input_path == "-" and sys.stdin.isatty():
+        raise NeumuterError("no input: give a JSONL file or pipe one into stdin")
+    check_output(output, inputs=(input_path, reference_path))
     records = read_records(input_path, require=("text", "neighbors"))
     if stop_el is not None and reference_path is None and stop_ma is None:
         raise click.UsageError("--stop-el needs --stop-ma or --reference")
@@ -626,7 +692,7 @@ def _stop_limits(lm, tokenizer, reference_texts, stop_ma, stop_el, max_length):
               help="Checkpoint directory to write (save_pretrained + tokenizer + neumuter.json).")
 @click.option("--steps", type=click.IntRange(1), default=RELEARN_DEFAULTS.steps, show_default=True,
               help="Optimiser steps, exactly (the texts are cycled through as often as needed).")
-@click.option("--lr", type=float, default=RELEARN_DEFAULTS.lr, show_default=True,
+@click.option("--lr", type=FiniteFloat(0, min_open=True), default=RELEARN_DEFAULTS.lr, show_default=True,
               help="Adam learning rate (constant). Relearning attacks in the literature use 1e-5 to 1e-4 "
                    "on 100M-7B models; the default sits between.")
 @click.option("--batch-size", type=click.IntRange(1), default=RELEARN_DEFAULTS.batch_size, show_default=True,
@@ -669,14 +735,15 @@ def relearn_cmd(input_path, model, device, dtype, device_map, trust_remote_code,
     """
     from dataclasses import replace
 
-    from .apply import check_output_dir, save_checkpoint
+    from .apply import save_checkpoint
+    from .artifacts import check_output_dir
     from .records import read_records
     from .relearn import check_config, ffn_fingerprint, first_halves as halve, provenance, relearn
 
     config = replace(RELEARN_DEFAULTS, steps=steps, lr=lr, batch_size=batch_size, layers=layers,
                      max_length=max_length, seed=seed)
     check_config(config)                # a bad --lr fails before the model loads
-    check_output_dir(output, force)
+    check_output_dir(output, force, protected=(model, input_path))
     records = read_records(input_path)
     lm, tokenizer = load_lm(model, device, dtype, device_map, trust_remote_code)
     trained = halve(records, tokenizer, max_length) if first_halves else records
@@ -684,7 +751,7 @@ def relearn_cmd(input_path, model, device, dtype, device_map, trust_remote_code,
     result = relearn(lm, tokenizer, trained, config, progress=progress)
     record = provenance(lm, config, result, trained, model, source_fingerprint, input_records=records,
                         first_halves=first_halves)
-    save_checkpoint(lm, tokenizer, output, record, force)
+    save_checkpoint(lm, tokenizer, output, record, force, protected=(model, input_path))
     progress(f"{result.steps} steps in {result.seconds:.1f}s: loss {result.losses[0]:.4f} -> "
              f"{result.losses[-1]:.4f} (first and last batch); checkpoint written to {output}")
 

@@ -9,6 +9,7 @@ lower bound of the full KL and equal to it when ``kl_top_k`` covers the vocabula
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 
 from . import NeumuterError
 from .gates import GAMMA, ZETA, deterministic_gate, initial_log_alpha, l0_term
-from .measure import encode
+from .measure import check_context, encode
 from .models import FFNLayer, gated, input_device
 
 FORGET_TERMS = ("hinge", "bounded", "ascent")
@@ -44,6 +45,26 @@ class LocalizeConfig:
     straight_through: bool = True    # gradient through the upper clamp of the gate
     optimizer: str = "adam"          # adam: a step per gate | shared-adam: one step size for all gates
     prune: bool = True               # after a passing check, keep the smallest top-ranked set that still passes
+
+
+# (field, lowest, highest, whether the lowest is allowed): every float of the config is finite
+CONFIG_RANGES = (("lr", 0, None, False), ("kl_weight", 0, None, True), ("l0_weight", 0, None, True),
+                 ("beta", 0, None, False), ("max_forget_loss", 0, None, True), ("margin", 0, None, True),
+                 ("target_ma", 0, 1, True))
+
+
+def check_config(config: LocalizeConfig) -> None:
+    """Refuse a config that cannot train: an unknown forget term, a non-finite number, or one
+    out of its range (e.g. a learning rate of 0, a negative weight, a target MA above 1)."""
+    if config.forget_term not in FORGET_TERMS:
+        raise NeumuterError(f"unknown forget term {config.forget_term!r} (choose {', '.join(FORGET_TERMS)})")
+    for name, low, high, low_ok in CONFIG_RANGES:
+        value = getattr(config, name)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise NeumuterError(f"{name} must be a finite number, not {value!r}")
+        if value < low or (value == low and not low_ok) or (high is not None and value > high):
+            bound = f"{'>=' if low_ok else '>'} {low}" + (f" and <= {high}" if high is not None else "")
+            raise NeumuterError(f"{name} must be {bound}, not {value!r}")
 
 
 @dataclass
@@ -198,8 +219,7 @@ def localize(
     ``check(gates_by_block)`` (deterministic gate values) is called every
     ``config.check_every`` epochs; training stops when it returns True. ``targets`` (one MA per
     record) are the hinge's per-text stopping points in place of ``config.target_ma``."""
-    if config.forget_term not in FORGET_TERMS:
-        raise NeumuterError(f"unknown forget term {config.forget_term!r} (choose {', '.join(FORGET_TERMS)})")
+    check_config(config)
     if not records:
         raise NeumuterError("no forget records")
     device = input_device(model)
@@ -209,6 +229,8 @@ def localize(
     for ids, record in zip(forget_ids, records):
         if len(ids) < 2:
             raise NeumuterError(f"forget text {record.get('id', record['text'][:30])!r} has fewer than 2 tokens")
+    longest = max(len(ids) for ids in [*forget_ids, *(n for group in neighbour_ids for n in group)])
+    check_context(model, longest, "a forget text or neighbour (use a smaller --max-length)")
 
     generator = torch.Generator().manual_seed(config.seed)
     order = torch.randperm(len(records), generator=generator).tolist()
@@ -257,6 +279,8 @@ def localize(
                 totals["forget_term"] += term.item() * share
                 totals["kl"] += kl.item() * share
                 totals["l0"] += reg.item() * share
+            if not all(torch.isfinite(la).all() for la in log_alpha):
+                raise NeumuterError(f"epoch {epoch}: the gates are not finite any more; try a smaller --lr")
             with torch.no_grad():
                 gates = [deterministic_gate(la) for la in log_alpha]
                 closed = sum(int((g < 0.5).sum()) for g in gates) / sum(g.numel() for g in gates)
@@ -334,14 +358,11 @@ __all__ = ["LocalizeConfig", "LocalizeResult", "localize", "forget_loss", "neigh
 
 # ---------------------------------------------------------------- the stage: records in, mask out
 
-MASK_KIND = "neumuter-mask"
-FORMAT_VERSION = 1
-
-
 def mask_artifact(model, layers_all: Sequence[FFNLayer], result: LocalizeResult, config: LocalizeConfig,
                   records: Sequence[dict], stop: dict | None = None) -> tuple[dict, dict]:
     """The mask file's tensors and metadata (SPEC §2)."""
     from . import __version__
+    from .artifacts import FORMAT_VERSION, MASK_KIND
     from .models import describe
     from .records import sha256_texts
 

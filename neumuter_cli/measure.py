@@ -201,7 +201,7 @@ def _check_lengths(ids_list: Sequence[Sequence[int]], minimum: int = 2) -> None:
             raise NeumuterError(f"text {k + 1} has {len(ids)} token(s): at least {minimum} are needed to measure it")
 
 
-def _check_context(model, length: int, what: str) -> None:
+def check_context(model, length: int, what: str) -> None:
     context = model_context(model, cap=1 << 62)
     if length > context:
         raise NeumuterError(f"{what} of {length} tokens is longer than the model's context ({context} tokens)")
@@ -234,7 +234,7 @@ def teacher_forced(model, ids_list: Sequence[Sequence[int]], batch_size: int = 3
     log-probabilities at each position (same pass, computed text by text to bound memory)."""
     _check_lengths(ids_list)
     if ids_list:
-        _check_context(model, max(map(len, ids_list)), "a text (use a smaller --max-length or window)")
+        check_context(model, max(map(len, ids_list)), "a text (use a smaller --max-length or window)")
     device = input_device(model)
     vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else 1
     order = sorted(range(len(ids_list)), key=lambda k: -len(ids_list[k]))
@@ -303,7 +303,7 @@ def greedy_continuations(model, rows: Sequence[tuple[Sequence[int], int]], batch
             todo.append(j)
     todo.sort(key=lambda j: (len(rows[j][0]), len(rows[j][0]) + rows[j][1]))
     if todo:
-        _check_context(model, max(len(rows[j][0]) + rows[j][1] - 1 for j in todo), "a generation")
+        check_context(model, max(len(rows[j][0]) + rows[j][1] - 1 for j in todo), "a generation")
     done = 0
     for first in range(0, len(todo), batch_size):
         batch = todo[first:first + batch_size]
@@ -832,17 +832,15 @@ def _mia_scores(tfs, compressed) -> list[dict]:
 
 
 def _read_records_input(config: MeasureConfig) -> list[dict]:
-    from .records import read_records
+    from .records import EmptyInput, read_records
 
     if config.input_path is None:
         return []
     if config.input_path == "-" and config.ppl_path:   # perplexity alone: an empty stdin is fine
         try:
             return read_records("-")
-        except NeumuterError as exc:
-            if str(exc).endswith("no records (empty input)"):
-                return []
-            raise
+        except EmptyInput:
+            return []
     return read_records(config.input_path)
 
 
@@ -1000,6 +998,6 @@ __all__ = [
     "encode", "read_thresholds", "teacher_forced", "TeacherForced", "memorization_accuracy", "token_losses",
     "greedy_continuations", "suffix_generations", "extraction_likelihoods", "extraction_likelihood",
     "measure_ids", "measure_records", "thresholds", "is_forgotten", "mark", "summarize",
-    "model_context", "perplexity", "generations", "el_key", "MIA_RADIUS", "record_label",
+    "model_context", "check_context", "perplexity", "generations", "el_key", "MIA_RADIUS", "record_label",
     "MeasureConfig", "MeasureResult", "run_measure",
 ]

@@ -1,66 +1,138 @@
-"""Records (JSONL) in and out, atomic file and directory writes, safetensors artifacts."""
+"""Records (JSONL) in and out, output checks, atomic file and directory writes, hashes."""
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import IO, Iterable, Iterator
-
-import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from . import NeumuterError
 
 
-def _display_name(path: str) -> str:
+class EmptyInput(NeumuterError):
+    """An input that holds no record at all (an empty file, or only blank lines)."""
+
+
+def display_name(path: str) -> str:
     return "<stdin>" if path == "-" else str(path)
 
 
-def iter_records(path: str, require: Iterable[str] = ("text",), stream: IO[str] | None = None) -> Iterator[dict]:
+class _BadValue(ValueError):
+    """A JSON value that parses but cannot be carried through faithfully."""
+
+
+def _json_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise _BadValue(f"an integer of {len(text.lstrip('-'))} digits (at most {sys.get_int_max_str_digits()} "
+                        "are read)") from None
+
+
+def _json_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _BadValue(f"the number {text[:24]}{'...' if len(text) > 24 else ''} is out of range")
+    return value
+
+
+def _json_constant(text: str):
+    raise _BadValue(f"{text} is not a JSON value")
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _parse_line(line: str, name: str, lineno: int):
+    """One JSONL line → a Python value, or a NeumuterError naming the line. Refused besides
+    malformed JSON: NaN/Infinity, numbers a double cannot hold, integers too long to read,
+    nesting deeper than the interpreter can follow, and lone surrogates (not Unicode: they
+    could not be written back as UTF-8)."""
+    try:
+        value = json.loads(line, parse_int=_json_int, parse_float=_json_float, parse_constant=_json_constant)
+    except json.JSONDecodeError as exc:
+        raise NeumuterError(f"{name}:{lineno}: invalid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})"
+                            ) from None
+    except _BadValue as exc:
+        raise NeumuterError(f"{name}:{lineno}: invalid JSON ({exc})") from None
+    except RecursionError:
+        raise NeumuterError(f"{name}:{lineno}: invalid JSON (nested too deeply)") from None
+    if _SURROGATE_ESCAPE.search(line):    # an escaped surrogate: fine in a pair, not alone
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            bad = exc.object[exc.start]
+            raise NeumuterError(f"{name}:{lineno}: invalid JSON (a lone surrogate \\u{ord(bad):04x} "
+                                "is not Unicode text)") from None
+    return value
+
+
+def _numbered_lines(stream, name: str) -> Iterator[tuple[int, str]]:
+    """(line number, text without its line end) for a binary or text stream. Binary lines are
+    decoded as UTF-8 one by one, so that a bad byte is reported on its line; \\n, \\r\\n and
+    a lone \\r all end a line (a raw CR cannot occur inside a JSON string)."""
+    lineno = 0
+    for raw in stream:
+        if isinstance(raw, bytes):
+            try:
+                raw = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise NeumuterError(f"{name}:{lineno + 1}: not UTF-8 text (byte 0x{raw[exc.start]:02x} "
+                                    f"at column {exc.start + 1})") from None
+        if lineno == 0:
+            raw = raw.removeprefix("\ufeff")   # a byte-order mark some editors write
+        raw = raw.removesuffix("\n").removesuffix("\r")
+        for line in raw.split("\r"):
+            lineno += 1
+            yield lineno, line
+
+
+def iter_records(path: str, require: Iterable[str] = ("text",), stream: IO | None = None) -> Iterator[dict]:
     """Yield the JSON objects of a JSONL file (``-`` = stdin), one per non-blank line.
 
     Every record must be an object whose ``text`` is a non-empty string; each key in
     ``require`` other than ``text`` must be present. Errors name the file and the line.
-    An input with no record at all is an error too.
+    The input is read as UTF-8 whatever the locale. An input with no record at all raises
+    :class:`EmptyInput`. Whatever the bytes, the only error raised is a NeumuterError.
     """
-    name = _display_name(path)
+    name = display_name(path)
     require = tuple(require)
     owned = stream is None and path != "-"   # close only what is opened here
     if stream is None:
         if path == "-":
-            stream = sys.stdin
+            if sys.stdin is None:
+                raise NeumuterError("no input: stdin is closed")
+            stream = getattr(sys.stdin, "buffer", sys.stdin)   # bytes: decoded as UTF-8 below
         else:
             try:
-                stream = open(path, encoding="utf-8")
+                stream = open(path, "rb")
             except OSError as exc:
                 raise NeumuterError(f"cannot read {name}: {exc.strerror or exc}") from None
     count = 0
     try:
-        for lineno, line in enumerate(stream, 1):
-            if lineno == 1:
-                line = line.removeprefix("\ufeff")   # a byte-order mark some editors write
+        for lineno, line in _numbered_lines(stream, name):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise NeumuterError(f"{name}:{lineno}: invalid JSON ({exc.msg})") from None
+            record = _parse_line(line, name, lineno)
             validate_record(record, name, lineno, require)
             count += 1
             yield record
-    except UnicodeDecodeError:
-        raise NeumuterError(f"{name}: not UTF-8 text") from None
+    except OSError as exc:
+        raise NeumuterError(f"cannot read {name}: {exc.strerror or exc}") from None
     finally:
         if owned:
             stream.close()
     if count == 0:
-        raise NeumuterError(f"{name}: no records (empty input)")
+        raise EmptyInput(f"{name}: no records (empty input)")
 
 
 def validate_record(record, name: str, lineno: int, require: Iterable[str] = ("text",)) -> None:
@@ -90,16 +162,89 @@ def dumps_record(record: dict) -> str:
     return json.dumps(record, ensure_ascii=False)
 
 
+# ---------------------------------------------------------------- outputs
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
 
+def _special_file(path: str) -> bool:
+    """A device, pipe or socket (/dev/null, /dev/stdout, a named pipe): written in place,
+    never replaced by a regular file."""
+    return os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path)
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_output(path: str, inputs: Iterable[str | None] = ()) -> None:
+    """Refuse, before any work starts, an output that could not be written at the end: its
+    folder is missing, is not a folder, or is not writable (probed by creating and removing a
+    temporary file there, which also catches read-only file systems); or it is one of the
+    command's ``inputs`` (the input would be replaced by the result). ``-`` (stdout) and a
+    device or pipe (/dev/null, /dev/stdout) pass."""
+    if path == "-" or _special_file(path):
+        return
+    for source in inputs:
+        if source and source != "-" and os.path.isfile(source) and os.path.isfile(path) and _same_file(path, source):
+            raise NeumuterError(f"refusing to write {path}: it is an input of this command "
+                                "(write the result to another file)")
+    target = Path(path)
+    if target.is_dir():
+        raise NeumuterError(f"cannot write {path}: it is a folder (give a file name)")
+    folder = target.parent if str(target.parent) else Path(".")
+    check_folder_writable(path, folder)
+
+
+def check_folder_writable(path: str, folder: Path) -> None:
+    """Refuse a missing, non-folder or unwritable ``folder`` that ``path`` is to be written in."""
+    if not folder.exists():
+        raise NeumuterError(f"cannot write {path}: folder {folder} does not exist")
+    if not folder.is_dir():
+        raise NeumuterError(f"cannot write {path}: {folder} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".neumuter-probe.", dir=folder)
+    except OSError as exc:
+        raise NeumuterError(f"cannot write {path}: folder {folder} is not writable "
+                            f"({exc.strerror or exc})") from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
+
+
+@contextlib.contextmanager
+def _cleanup_on_sigterm():
+    """While a temporary file or folder exists, turn SIGTERM into ``SystemExit(143)`` (the
+    status of a process ended by SIGTERM), so that the cleanup below runs as it does for
+    Ctrl-C. Only from the main thread, and only when nobody else handles SIGTERM."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def atomic_output(path: str, mode: str = "w", binary_to_terminal_ok: bool = True):
     """Open ``path`` for writing under a temporary name in the same folder and rename it into
-    place only if the block finishes; ``-`` writes to stdout directly (nothing to clean up)."""
+    place only if the block finishes; ``-`` writes to stdout directly (nothing to clean up).
+    The temporary file is removed on an error, Ctrl-C or SIGTERM. A device or pipe
+    (/dev/null, /dev/stdout, a named pipe) is written in place: renaming a file over it would
+    replace it."""
     if path == "-":
         if "b" in mode:
             if not binary_to_terminal_ok and sys.stdout.isatty():
@@ -110,115 +255,99 @@ def atomic_output(path: str, mode: str = "w", binary_to_terminal_ok: bool = True
         yield out
         out.flush()
         return
+    if _special_file(path):
+        try:
+            handle = open(path, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
+        except OSError as exc:
+            raise NeumuterError(f"cannot write {path}: {exc.strerror or exc}") from None
+        with handle:
+            yield handle
+        return
     target = Path(path)
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
         raise NeumuterError(f"cannot write {path}: folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
-            yield handle
-        os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes it private; give it a new file's mode
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with _cleanup_on_sigterm():
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+        except OSError as exc:
+            raise NeumuterError(f"cannot write {path}: {exc.strerror or exc}") from None
+        try:
+            with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
+                yield handle
+            os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes it private; give it a new file's mode
+            os.replace(tmp, target)
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if isinstance(exc, OSError):
+                raise NeumuterError(f"cannot write {path}: {exc.strerror or exc}") from None
+            raise
+
+
+def _follow_umask(folder: Path) -> None:
+    """Give every file and folder under ``folder`` (and itself) the mode a new one gets, as
+    other outputs do: mkdtemp makes the folder private, and some writers (safetensors) make
+    their files 0600."""
+    umask = _umask()
+    os.chmod(folder, 0o777 & ~umask)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~umask)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~umask)
 
 
 @contextlib.contextmanager
 def atomic_directory(path: str, force: bool = False):
     """Yield a temporary directory beside ``path``; on success it replaces ``path``.
 
-    An existing non-empty ``path`` is refused unless ``force``."""
+    An existing non-empty ``path`` is replaced only with ``force``: the caller decides what
+    may be replaced (for a checkpoint, ``artifacts.check_output_dir``). The old folder is
+    moved aside, the new one renamed into place, then the old one removed; on any failure,
+    error, Ctrl-C or SIGTERM, ``path`` is left as it was and nothing is left beside it."""
     target = Path(path)
     if target.exists() and not target.is_dir():
         raise NeumuterError(f"{path} exists and is not a directory")
     if target.is_dir() and any(target.iterdir()) and not force:
-        raise NeumuterError(f"{path} exists and is not empty (use --force to replace it)")
+        raise NeumuterError(f"{path} exists and is not empty")
     parent = target.parent if str(target.parent) else Path(".")
     if not parent.is_dir():
         raise NeumuterError(f"cannot write {path}: folder {parent} does not exist")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())   # mkdtemp makes it private; give it a new folder's mode
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=parent))
-            os.replace(target, old / "x")
-            os.replace(tmp, target)
+    with _cleanup_on_sigterm():
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
+        except OSError as exc:
+            raise NeumuterError(f"cannot write {path}: {exc.strerror or exc}") from None
+        old = None
+        try:
+            yield tmp
+            _follow_umask(tmp)
+            if target.is_dir() and any(target.iterdir()):
+                # a sibling name (no change of parent folder, so no write access to the old
+                # folder itself is needed); mkdtemp reserves it, the rename replaces it
+                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=parent))
+                os.replace(target, old)
+                try:
+                    os.replace(tmp, target)
+                except BaseException:
+                    os.replace(old, target)
+                    old = None
+                    raise
+            else:
+                os.replace(tmp, target)           # a missing or empty target
+        except BaseException as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if old is not None and old.is_dir() and not any(old.iterdir()):
+                with contextlib.suppress(OSError):
+                    old.rmdir()
+            if isinstance(exc, OSError):
+                raise NeumuterError(f"cannot write {path}: {exc.strerror or exc}") from None
+            raise
+        if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def save_artifact(tensors: dict[str, torch.Tensor], metadata: dict, path: str) -> None:
-    """Write tensors plus a metadata map to a safetensors file (``-`` = stdout).
-
-    Metadata values are stored as JSON, except strings that do not read as JSON (kept as they
-    are). NaN/inf tensors are written (``load_artifact`` refuses them)."""
-    meta = {k: _metadata_value(v) for k, v in metadata.items()}
-    data = st_save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata=meta)
-    with atomic_output(path, "wb", binary_to_terminal_ok=False) as out:
-        out.write(data)
-
-
-def _metadata_value(value) -> str:
-    """A metadata value as stored: a string as it is, unless it would read back as JSON
-    (``"1"``, ``"null"``): then, like every other value, as JSON."""
-    if isinstance(value, str):
-        try:
-            json.loads(value)
-        except ValueError:
-            return value
-    return json.dumps(value)
-
-
-def load_artifact(path: str, kind: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a safetensors artifact (``-`` = stdin); metadata values are JSON-decoded where possible.
-
-    With ``kind``, refuse a file whose metadata ``kind`` differs (a mask where scales are expected)."""
-    name = _display_name(path)
-    try:
-        if path == "-":
-            if sys.stdin.isatty():
-                raise NeumuterError("no input: give a file or pipe one into stdin")
-            data = sys.stdin.buffer.read()
-        else:
-            with open(path, "rb") as handle:
-                data = handle.read()
-    except OSError as exc:
-        raise NeumuterError(f"cannot read {name}: {exc.strerror or exc}") from None
-    if not data:
-        raise NeumuterError(f"{name}: empty input")
-    try:
-        tensors = st_load(data)
-        raw_meta = _read_safetensors_metadata(data)
-    except Exception as exc:  # safetensors raises its own error types
-        raise NeumuterError(f"{name}: not a safetensors file ({str(exc).splitlines()[0][:120]})") from None
-    meta = {}
-    for key, value in raw_meta.items():
-        try:
-            meta[key] = json.loads(value)
-        except (json.JSONDecodeError, TypeError):
-            meta[key] = value
-    if kind is not None and meta.get("kind") != kind:
-        if "kind" not in meta:
-            raise NeumuterError(f"{name}: not a {kind} file (its metadata names no neumuter kind)")
-        raise NeumuterError(f"{name}: this is a {meta['kind']} file, not a {kind} file")
-    for key, tensor in tensors.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise NeumuterError(f"{name}: tensor {key} holds NaN or infinite values")
-    return tensors, meta
-
-
-def _read_safetensors_metadata(data: bytes) -> dict:
-    header_len = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + header_len])
-    return header.get("__metadata__", {}) or {}
 
 
 def sha256_texts(texts: Iterable[str]) -> str:
@@ -243,6 +372,7 @@ def sha256_bytes(data: bytes) -> str:
 
 
 __all__ = [
-    "iter_records", "read_records", "validate_record", "dumps_record", "atomic_output",
-    "atomic_directory", "save_artifact", "load_artifact", "sha256_texts", "sha256_file", "sha256_bytes",
+    "EmptyInput", "display_name", "iter_records", "read_records", "validate_record", "dumps_record",
+    "check_output", "check_folder_writable", "atomic_output", "atomic_directory", "sha256_texts",
+    "sha256_file", "sha256_bytes",
 ]

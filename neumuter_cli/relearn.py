@@ -226,7 +226,7 @@ def provenance(model, config: RelearnConfig, result: RelearnResult, records: Seq
     from .records import sha256_texts
 
     record = {
-        "kind": "neumuter-relearned",
+        "stage": "relearn",
         "tool_version": __version__,
         "source_model": source,
         "source_fingerprint": source_fingerprint,

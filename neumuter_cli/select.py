@@ -25,21 +25,15 @@ A selected neuron's scale is its gate value, every other neuron's is 1.0.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 import re
-import sys
 
 import torch
 
 from . import NeumuterError, __version__
+from .artifacts import FORMAT_VERSION, MASK_KIND, SCALES_KIND, check_kind
 from .gates import deterministic_gate
-from .records import load_artifact, sha256_bytes
 
-MASK_KIND = "neumuter-mask"
-SCALES_KIND = "neumuter-scales"
-FORMAT_VERSION = 1
 RULES = ("energy", "threshold", "top-fraction")
 DEFAULT_RULE = ("energy", 0.05)
 
@@ -47,42 +41,11 @@ _PROVENANCE = ("model", "architecture", "fingerprint", "modules", "neurons", "la
                "hyperparameters", "forget_sha256", "losses")
 
 
-# ---------------------------------------------------------------- reading artifacts
-
-@contextlib.contextmanager
-def _stdin_holding(data: bytes):
-    """Let ``load_artifact("-")`` parse bytes already read from stdin (to hash them too)."""
-    saved = sys.stdin
-    sys.stdin = io.TextIOWrapper(io.BytesIO(data))
-    try:
-        yield
-    finally:
-        sys.stdin = saved
-
-
-def read_artifact(path: str, kind: str) -> tuple[dict[str, torch.Tensor], dict, str]:
-    """``load_artifact(path, kind)`` plus the sha256 of the bytes read (``-`` = stdin)."""
-    if path != "-":
-        try:
-            with open(path, "rb") as handle:
-                data = handle.read()
-        except OSError as exc:
-            raise NeumuterError(f"cannot read {path}: {exc.strerror or exc}") from None
-        tensors, meta = load_artifact(path, kind=kind)
-        return tensors, meta, sha256_bytes(data)
-    if sys.stdin.isatty():
-        raise NeumuterError("no input: give a file or pipe one into stdin")
-    data = sys.stdin.buffer.read()
-    with _stdin_holding(data):
-        tensors, meta = load_artifact("-", kind=kind)
-    return tensors, meta, sha256_bytes(data)
-
+# ---------------------------------------------------------------- the tensors of a mask or scales file
 
 def _block_tensors(tensors: dict[str, torch.Tensor], meta: dict, prefix: str, name: str) -> dict[int, torch.Tensor]:
-    """``{prefix}.{block}`` tensors → {block: 1-D float32 tensor}, checked against the metadata."""
-    version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise NeumuterError(f"{name}: format_version {version!r} is not supported (this tool reads {FORMAT_VERSION})")
+    """``{prefix}.{block}`` tensors → {block: 1-D float32 tensor}, checked against the metadata
+    (whose kind and format version :func:`artifacts.check_kind` has checked)."""
     neurons = meta.get("neurons")
     if not isinstance(neurons, list) or not all(isinstance(n, int) for n in neurons):
         raise NeumuterError(f"{name}: metadata has no valid \"neurons\" list")
@@ -194,8 +157,7 @@ def select_from_mask(tensors: dict[str, torch.Tensor], meta: dict, rule: str = "
                      mask_sha256: str | None = None, name: str = "mask"
                      ) -> tuple[dict[str, torch.Tensor], dict]:
     """A loaded mask file → (scales tensors ``scale.{block}``, scales metadata)."""
-    if meta.get("kind") != MASK_KIND:
-        raise NeumuterError(f"{name}: not a neumuter mask file (found: {meta.get('kind', 'no neumuter kind')})")
+    check_kind(meta, MASK_KIND, name)
     gate_values = mask_gates(tensors, meta, name)
     chosen, epsilon = select(gate_values, rule, value)
     scales = {b: _scales(gate_values[b], chosen[b]) for b in chosen}

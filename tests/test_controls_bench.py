@@ -13,7 +13,7 @@ import torch
 from helpers import CORPUS, PEOPLE, UNSEEN, train_memorizer
 from neumuter_cli.measure import encode, memorization_accuracy
 from neumuter_cli.models import describe, find_ffn_layers, load_model
-from neumuter_cli.records import save_artifact
+from neumuter_cli.artifacts import save_artifact
 from neumuter_cli.select import FORMAT_VERSION, SCALES_KIND
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "controls.py"

@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
 from neumuter_cli.apply import apply_scales_file
+from neumuter_cli.artifacts import FORMAT_VERSION, MASK_KIND
 from neumuter_cli.cli import cli
 from neumuter_cli.gates import deterministic_gate, initial_log_alpha
 from neumuter_cli.models import describe, find_ffn_layers, fold_scales, gated, load_model
@@ -134,7 +135,7 @@ def test_apply_writes_a_plain_float_checkpoint(smol, tmp_path):
         gates = power_of_two_scales(g, share=0.03)
         log_alphas[b] = torch.tensor([gate_to_alpha[v] if v < 1 else initial_log_alpha() for v in gates.tolist()])
         assert torch.equal(deterministic_gate(log_alphas[b]), gates)
-    meta = {"kind": "neumuter-mask", "format_version": 1, **describe(model, layers), "layers": blocks,
+    meta = {"kind": MASK_KIND, "format_version": FORMAT_VERSION, **describe(model, layers), "layers": blocks,
             "hyperparameters": {}, "forget_sha256": "", "losses": {}, "tool_version": "test"}
     tensors, scales_meta = select_from_mask({f"log_alpha.{b}": a for b, a in log_alphas.items()}, meta,
                                             "threshold", 0.9)

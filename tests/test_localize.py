@@ -11,7 +11,7 @@ from neumuter_cli import NeumuterError
 from neumuter_cli.cli import cli
 from neumuter_cli.localize import LocalizeConfig, forget_loss, localize, neighbour_kl, original_distribution
 from neumuter_cli.models import find_ffn_layers, load_model
-from neumuter_cli.records import load_artifact
+from neumuter_cli.artifacts import load_artifact
 
 NEIGHBOURS = ["Zed Quinn lives at 90 Hill Street and his phone number is 555-0101.",
               "Amy Ross lives at 3 Lake Road and her phone number is 555-0199."]

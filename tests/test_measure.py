@@ -343,7 +343,7 @@ def test_cli_bad_input(memorizer, tmp_path, content, message):
     bad.write_text(content)
     out = tmp_path / "out.jsonl"
     result = CliRunner().invoke(cli, ["measure", str(bad), "-m", path, "-o", str(out)])
-    assert result.exit_code == 1
+    assert result.exit_code == 3
     assert message in result.output and "Traceback" not in result.output
     assert not out.exists()
 
@@ -369,11 +369,11 @@ def test_cli_thresholds_file_replaces_the_reference(memorizer, tmp_path):
     assert result.exit_code == 1 and "1 of 2 records are not forgotten" in result.stderr
     # missing EL size, not JSON
     result = runner.invoke(cli, ["measure", forget, "-m", path, "--thresholds", str(saved), "--el-n", "5"])
-    assert result.exit_code == 1 and "el_5" in result.output
+    assert result.exit_code == 3 and "el_5" in result.output
     bad = tmp_path / "bad.json"
     bad.write_text("{nope")
     result = runner.invoke(cli, ["measure", forget, "-m", path, "--thresholds", str(bad)])
-    assert result.exit_code == 1 and "not a JSON file" in result.output
+    assert result.exit_code == 3 and "not a JSON file" in result.output
 
 
 def test_cli_usage_errors(memorizer, tmp_path):
@@ -388,4 +388,4 @@ def test_cli_usage_errors(memorizer, tmp_path):
     assert result.exit_code != 0 and "--el-n" in result.output
     short = write_jsonl(tmp_path / "s.jsonl", ["a"])
     result = runner.invoke(cli, ["measure", short, "-m", path])
-    assert result.exit_code == 1 and "at least 2" in result.output
+    assert result.exit_code == 3 and "at least 2" in result.output

@@ -85,15 +85,51 @@ def test_hooks_are_removed_even_on_error():
     assert all(not layer.module._forward_pre_hooks for layer in layers)
 
 
-def test_fingerprint_sees_every_neuron():
+@pytest.mark.parametrize("arch,weight,element", [
+    ("gpt_neo", "transformer.h.1.mlp.c_fc.weight", (5, 3)),              # FFN up-projection
+    ("gpt_neo", "transformer.h.0.attn.attention.q_proj.weight", (0, 0)),  # attention
+    ("gpt_neo", "transformer.h.1.mlp.c_proj.weight", (17, 63)),           # one element of a middle row
+    ("gpt_neo", "transformer.ln_f.bias", (7,)),
+    ("llama", "model.layers.0.mlp.up_proj.weight", (1, 1)),
+    ("llama", "model.layers.1.self_attn.o_proj.weight", (2, 9)),
+    ("llama", "model.layers.1.mlp.down_proj.weight", (30, 40)),
+])
+def test_fingerprint_sees_every_weight(arch, weight, element):
+    model = tiny_model(arch)
+    before = fingerprint(model)
+    assert fingerprint(model) == before and len(before) == 32
+    with torch.no_grad():
+        model.get_parameter(weight)[element] += 1e-3
+    assert fingerprint(model) != before
+
+
+def test_fingerprint_sees_a_folded_scale_and_not_the_storage_dtype():
     model = tiny_model("gpt_neo")
     layers = find_ffn_layers(model)
-    before = fingerprint(layers)
-    assert fingerprint(layers) == before
+    before = fingerprint(model)
     scales = [torch.ones(layer.neurons) for layer in layers]
     scales[1][63] = 0.5
     fold_scales(layers, scales)
-    assert fingerprint(layers) != before
+    folded = fingerprint(model)
+    assert folded != before
+    # the same values in bfloat16 (a checkpoint stored in bfloat16, loaded either way): the same model
+    model.to(torch.bfloat16)
+    in_bf16 = fingerprint(model)
+    model.to(torch.float32)
+    assert fingerprint(model) == in_bf16 != folded   # rounding to bfloat16 changed the values
+    model.to(torch.float16).to(torch.float32)
+    assert fingerprint(model) != in_bf16
+
+
+def test_fingerprint_is_fast():
+    """The whole state dict is hashed: it must stay cheap (about 2 GB/s with SHA instructions;
+    here 128 MB must take well under 2 s even on a busy machine)."""
+    import time
+
+    model = torch.nn.Sequential(*[torch.nn.Linear(2048, 2048, bias=False) for _ in range(8)])
+    started = time.perf_counter()
+    fingerprint(model)
+    assert time.perf_counter() - started < 2.0
 
 
 def test_unsupported_architecture_is_refused_by_type():

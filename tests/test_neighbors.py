@@ -265,7 +265,7 @@ def test_cli_bad_input_fails_cleanly_without_output(tmp_path, mlm_dir, content, 
     out = tmp_path / "out" / "nb.jsonl"
     out.parent.mkdir()
     result = CliRunner().invoke(cli, ["neighbors", str(source), "--mlm", mlm_dir, "-o", str(out)])
-    assert result.exit_code == 1
+    assert result.exit_code == 3
     errors = [line for line in result.stderr.splitlines() if "Error" in line]
     assert len(errors) == 1 and errors[0].startswith("Error: ") and message in errors[0]
     assert os.listdir(out.parent) == []
@@ -275,7 +275,7 @@ def test_cli_unknown_mlm_fails_cleanly(tmp_path):
     source = write_jsonl(tmp_path / "in.jsonl", [{"text": "a dog"}])
     out = tmp_path / "nb.jsonl"
     result = CliRunner().invoke(cli, ["neighbors", source, "--mlm", str(tmp_path / "no-such-mlm"), "-o", str(out)])
-    assert result.exit_code == 1
+    assert result.exit_code == 3
     assert "Error: " in result.stderr and "no-such-mlm" in result.stderr
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]
 
@@ -286,6 +286,6 @@ def test_cli_error_in_a_later_group_leaves_no_file(tmp_path, mlm_dir):
     source.write_text(lines)
     out = tmp_path / "nb.jsonl"
     result = CliRunner().invoke(cli, ["neighbors", str(source), "--mlm", mlm_dir, "--batch-size", "1", "-o", str(out)])
-    assert result.exit_code == 1
+    assert result.exit_code == 3
     assert f":{len(TEXTS) * 3 + 1}: invalid JSON" in result.stderr
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]

@@ -1,7 +1,8 @@
 """Bad input, across the commands that read JSONL and directly on records.py: malformed JSON
 (with its line number), missing or empty "text", empty input, unreadable paths, missing
-models → exit 1, one "Error: ..." line on stderr, no traceback, and no output or temporary
+models → exit 3, one "Error: ..." line on stderr, no traceback, and no output or temporary
 file left behind. Also the atomic writers, the safetensors artifacts and `inspect`."""
+import hashlib
 import io
 import json
 import os
@@ -16,9 +17,8 @@ from helpers import save_tiny
 from test_neighbors import save_mlm
 from neumuter_cli import NeumuterError
 from neumuter_cli.cli import cli
-from neumuter_cli.records import (
-    atomic_directory, atomic_output, dumps_record, iter_records, load_artifact, read_records, save_artifact,
-)
+from neumuter_cli.artifacts import FORMAT_VERSION, load_artifact, read_artifact, save_artifact
+from neumuter_cli.records import EmptyInput, atomic_directory, atomic_output, dumps_record, iter_records, read_records
 
 GOOD = json.dumps({"id": "a", "text": "hello there world", "neighbors": ["hi there world"]}) + "\n"
 
@@ -33,7 +33,7 @@ BAD_INPUTS = {
     "not-an-object": ('["hello there world"]\n', "in.jsonl:1: a record must be a JSON object"),
     "empty-file": ("", "in.jsonl: no records (empty input)"),
     "blank-lines": ("\n   \n\n", "in.jsonl: no records (empty input)"),
-    "not-utf8": (b'{"text": "caf\xe9 au lait"}\n', "in.jsonl: not UTF-8 text"),
+    "not-utf8": (b'{"text": "caf\xe9 au lait"}\n', "in.jsonl:1: not UTF-8 text"),
 }
 # bad records after a good first one: `neighbors` streams, so it has loaded its MLM by then
 AFTER_THE_FIRST = {"malformed", "malformed-later", "no-text"}
@@ -54,10 +54,10 @@ def write_input(folder, content):
 
 
 def assert_clean_failure(result, message, out_dir=None, progress=False):
-    """Exit 1, exactly one line on stderr: 'Error: ...' holding ``message`` (with ``progress``,
+    """Exit 3, exactly one line on stderr: 'Error: ...' holding ``message`` (with ``progress``,
     after progress lines); nothing on stdout; no traceback (the exception was turned into
     click's exit); ``out_dir`` left empty."""
-    assert result.exit_code == 1, (result.exit_code, result.output)
+    assert result.exit_code == 3, (result.exit_code, result.output)
     assert isinstance(result.exception, SystemExit), repr(result.exception)   # not an uncaught error
     lines = result.stderr.splitlines()
     if progress:
@@ -148,7 +148,7 @@ def test_missing_model_fails_cleanly(command, model, tmp_path):
             "localize": ["localize", str(source), "-o", str(out / "mask.safetensors")],
             "inspect": ["inspect"]}[command] + ["-m", str(path), "--device", "cpu"]
     result = CliRunner().invoke(cli, args)
-    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert result.exit_code == 3 and isinstance(result.exception, SystemExit), result.output
     lines = result.stderr.splitlines()
     # progress ("loading ...") may come first; the error is the one line that ends the run
     assert [line for line in lines if line.startswith("Error: ")] == lines[-1:], lines
@@ -240,6 +240,61 @@ def test_iter_records_missing_file(tmp_path):
         list(iter_records(str(tmp_path)))
 
 
+# what a by-hand fuzz of the reader found: inputs that gave a traceback (RecursionError,
+# ValueError) or were read and then written back as something that is not JSON or not UTF-8
+# (1e999 → Infinity, a lone surrogate → UnicodeEncodeError on output)
+HOSTILE = {
+    "deep-lists": (b'{"text": "a", "x": ' + b"[" * 100000 + b"]" * 100000 + b"}\n",
+                   "in.jsonl:1: invalid JSON (nested too deeply)"),
+    "deep-record": (b"[" * 100000 + b"\n", "in.jsonl:1: invalid JSON (nested too deeply)"),
+    "deep-objects": (b'{"text": "a", "x": ' + b'{"a":' * 50000 + b"1" + b"}" * 50001 + b"\n",
+                     "in.jsonl:1: invalid JSON (nested too deeply)"),
+    "1e999": (b'{"text": "a"}\n{"text": "a", "x": 1e999}\n', "in.jsonl:2: invalid JSON (the number 1e999 is out of range)"),
+    "-1e999": (b'{"text": "a", "x": [-1e999]}\n', "in.jsonl:1: invalid JSON (the number -1e999 is out of range)"),
+    "NaN": (b'{"text": "a", "x": NaN}\n', "in.jsonl:1: invalid JSON (NaN is not a JSON value)"),
+    "Infinity": (b'{"text": "a", "x": -Infinity}\n', "in.jsonl:1: invalid JSON (-Infinity is not a JSON value)"),
+    "10**5000": (b'{"text": "a", "x": 1' + b"0" * 5000 + b"}\n",
+                 "in.jsonl:1: invalid JSON (an integer of 5001 digits (at most 4300 are read))"),
+    "lone-surrogate-text": (b'{"text": "a \\ud800 b"}\n', "in.jsonl:1: invalid JSON (a lone surrogate \\ud800 is not Unicode text)"),
+    "lone-surrogate-key": (b'{"text": "a", "\\udfff": 1}\n', "in.jsonl:1: invalid JSON (a lone surrogate \\udfff is not Unicode text)"),
+    "lone-surrogate-deep": (b'{"text": "a", "m": {"k": ["ok", "\\uDC00"]}}\n',
+                            "in.jsonl:1: invalid JSON (a lone surrogate \\udc00 is not Unicode text)"),
+    "not-utf8-later": (b'{"text": "a"}\n\n{"text": "caf\xe9"}\n', "in.jsonl:3: not UTF-8 text (byte 0xe9 at column 14)"),
+    "utf16": ('{"text": "a"}\n'.encode("utf-16"), "in.jsonl:1: not UTF-8 text (byte 0xff at column 1)"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_iter_records_hostile_input_is_one_error(case, tmp_path):
+    content, message = HOSTILE[case]
+    source = write_input(tmp_path, content)
+    with pytest.raises(NeumuterError) as info:
+        list(iter_records(str(source)))
+    assert str(info.value) == message.replace("in.jsonl", str(source))
+
+
+def test_iter_records_keeps_what_is_valid(tmp_path):
+    source = write_input(tmp_path, b'{"text": "a \\ud83d\\ude00", "big": 1' + b"0" * 4000 + b', "small": 1e-320}\r'
+                                   b'{"text": "b\\u2028c"}\r\n')
+    records = list(iter_records(str(source)))       # a surrogate pair, 4001 digits, a subnormal; CR line ends
+    assert [r["text"] for r in records] == ["a \U0001F600", "b\u2028c"]
+    assert records[0]["big"] == 10 ** 4000 and records[0]["small"] == 1e-320
+    assert json.loads(dumps_record(records[0])) == records[0]
+
+
+def test_iter_records_reads_stdin_as_utf8_whatever_the_locale(monkeypatch):
+    data = '{"text": "café ünïcode"}\n'.encode("utf-8")
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(data), encoding="latin-1"))
+    assert [r["text"] for r in iter_records("-")] == ["café ünïcode"]
+
+
+def test_empty_input_is_its_own_error(tmp_path):
+    source = write_input(tmp_path, "\n\n")
+    with pytest.raises(EmptyInput, match=r"in\.jsonl: no records \(empty input\)$"):
+        list(iter_records(str(source)))
+    assert issubclass(EmptyInput, NeumuterError)
+
+
 # ---------------------------------------------------------------- atomic writers
 
 def umask():
@@ -292,7 +347,7 @@ def test_atomic_directory(tmp_path):
     assert os.listdir(target) == ["a.txt"] and os.listdir(tmp_path) == ["ckpt"]
     assert stat.S_IMODE(target.stat().st_mode) == 0o777 & ~umask()    # not mkdtemp's private 0700
 
-    with pytest.raises(NeumuterError, match=r"exists and is not empty \(use --force"):
+    with pytest.raises(NeumuterError, match=r"exists and is not empty$"):
         with atomic_directory(str(target)):
             pass
     with pytest.raises(RuntimeError):
@@ -324,7 +379,7 @@ def test_atomic_directory(tmp_path):
 
 def test_artifact_round_trip(tmp_path):
     tensors = {"log_alpha.0": torch.randn(5), "log_alpha.3": torch.randn(7), "ids": torch.arange(4)}
-    metadata = {"kind": "neumuter-mask", "format_version": 1, "layers": [0, 3], "config": {"lr": 0.1},
+    metadata = {"kind": "neumuter-mask", "format_version": FORMAT_VERSION, "layers": [0, 3], "config": {"lr": 0.1},
                 "model": "models/tiny", "digits": "12345", "word": "null", "flag": True}
     path = tmp_path / "mask.safetensors"
     save_artifact(tensors, metadata, str(path))
@@ -335,11 +390,13 @@ def test_artifact_round_trip(tmp_path):
 
 
 def test_artifact_through_stdout_and_stdin(tmp_path, capsysbinary, monkeypatch):
-    save_artifact({"x": torch.ones(3)}, {"kind": "k"}, "-")
+    metadata = {"kind": "neumuter-mask", "format_version": FORMAT_VERSION}
+    save_artifact({"x": torch.ones(3)}, metadata, "-")
     data = capsysbinary.readouterr().out
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(data)))
-    tensors, meta = load_artifact("-", kind="k")
-    assert torch.equal(tensors["x"], torch.ones(3)) and meta == {"kind": "k"}
+    artifact = read_artifact("-", kind="neumuter-mask")      # stdin is read once: parsed and hashed
+    assert torch.equal(artifact.tensors["x"], torch.ones(3)) and artifact.metadata == metadata
+    assert artifact.sha256 == hashlib.sha256(data).hexdigest() and artifact.name == "<stdin>"
 
 
 def test_artifact_errors(tmp_path):

@@ -166,7 +166,8 @@ def test_checkpoint_loads_and_says_what_was_done(model_dir, input_file, tmp_path
     assert torch.equal(loaded.get_input_embeddings().weight,
                        AutoModelForCausalLM.from_pretrained(model_dir).get_input_embeddings().weight)
     record = json.loads((out / "neumuter.json").read_text())
-    assert record["kind"] == "neumuter-relearned" and record["tool_version"] == __version__
+    assert record["stage"] == "relearn" and record["kind"] == "neumuter-checkpoint"
+    assert record["tool_version"] == __version__
     assert (record["steps"], record["lr"], record["batch_size"], record["seed"]) == (3, 1e-3, 2, 5)
     assert record["layers"] == [1] and record["first_halves"] is True and record["max_length"] == 200
     assert len(record["losses"]) == 3 and record["final_loss"] == record["losses"][-1]
@@ -181,7 +182,7 @@ def test_checkpoint_loads_and_says_what_was_done(model_dir, input_file, tmp_path
     again = tmp_path / "again"
     run_relearn(str(out), input_file, again, "--steps", "1")
     history = json.loads((again / "neumuter.json").read_text())["history"]
-    assert [h["kind"] for h in history] == ["neumuter-checkpoint"] * 2 + ["neumuter-relearned"]
+    assert [h.get("stage") for h in history] == [None, None, "relearn"]
 
 
 def test_the_same_seed_gives_the_same_weights(model_dir, input_file, tmp_path):
@@ -193,11 +194,16 @@ def test_the_same_seed_gives_the_same_weights(model_dir, input_file, tmp_path):
     assert any(not torch.equal(a[k], c[k]) for k in a)            # another order, other weights
 
 
+@pytest.mark.parametrize("value", ["0", "-1e-5", "nan", "inf"])
+def test_a_bad_learning_rate_is_a_usage_error(model_dir, input_file, tmp_path, value):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["relearn", input_file, "-m", model_dir, "--device", "cpu",
+                                      "-o", str(out), "--lr", value])
+    assert result.exit_code == 2 and "Invalid value for '--lr'" in result.stderr
+    assert "loading" not in result.stderr and not out.exists() and result.stdout == ""
+
+
 @pytest.mark.parametrize("options,message,after_load", [
-    (["--lr", "0"], "the learning rate must be a finite number > 0 (got 0.0)", False),
-    (["--lr", "-1e-5"], "the learning rate must be a finite number > 0", False),
-    (["--lr", "nan"], "the learning rate must be a finite number > 0 (got nan)", False),
-    (["--lr", "inf"], "the learning rate must be a finite number > 0 (got inf)", False),
     (["--layers", "5"], "--layers '5': block 5 does not exist (the model has blocks 0-1)", True),
     (["--layers", "1-x"], "bad --layers '1-x'", True),
 ])
@@ -205,7 +211,7 @@ def test_bad_options_fail_in_one_line(model_dir, input_file, tmp_path, options, 
     out = tmp_path / "out"
     result = CliRunner().invoke(cli, ["relearn", input_file, "-m", model_dir, "--device", "cpu",
                                       "-o", str(out), *options])
-    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert result.exit_code == 3 and isinstance(result.exception, SystemExit), result.output
     lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith(("loading", "Loading"))]
     assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], result.stderr
     assert any(line.startswith("loading") for line in result.stderr.splitlines()) == after_load
@@ -224,7 +230,7 @@ def test_bad_input_fails_in_one_line(model_dir, tmp_path, content, message):
     extra = ["--first-halves"] if "halve" in message else []
     result = CliRunner().invoke(cli, ["relearn", str(source), "-m", model_dir, "--device", "cpu",
                                       "-o", str(out), *extra])
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 3, result.output
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error")]
     assert len(errors) == 1 and message in errors[0], result.stderr
     assert result.stderr.splitlines()[-1] == errors[0] and not out.exists()
@@ -238,6 +244,8 @@ def test_steps_zero_and_an_occupied_output_are_refused(model_dir, input_file, tm
     occupied.mkdir()
     (occupied / "keep.txt").write_text("mine")
     result = CliRunner().invoke(cli, ["relearn", input_file, "-m", model_dir, "-o", str(occupied)])
-    assert result.exit_code == 1
-    assert result.stderr.strip() == f"Error: {occupied} exists and is not empty (use --force to replace it)"
+    assert result.exit_code == 3
+    assert result.stderr.strip() == (f"Error: {occupied} exists and is not empty, and is not a neumuter checkpoint "
+                                     "(it has no readable neumuter.json); --force only replaces a previous checkpoint: "
+                                     "give a new folder")
     assert os.listdir(occupied) == ["keep.txt"]

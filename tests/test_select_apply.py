@@ -15,7 +15,8 @@ from neumuter_cli.apply import apply_scales, apply_scales_file, save_checkpoint
 from neumuter_cli.cli import cli
 from neumuter_cli.gates import deterministic_gate, initial_log_alpha
 from neumuter_cli.models import describe, find_ffn_layers, gated, load_model
-from neumuter_cli.records import load_artifact, save_artifact, sha256_file
+from neumuter_cli.artifacts import FORMAT_VERSION, load_artifact, save_artifact
+from neumuter_cli.records import sha256_file
 from neumuter_cli.select import energy_threshold, select, select_from_mask, select_neurons
 
 # ---------------------------------------------------------------- the rules, by hand
@@ -123,7 +124,7 @@ def write_mask(path, model, blocks=None, seed=0, log_alphas=None):
     blocks = [layer.index for layer in layers] if blocks is None else blocks
     if log_alphas is None:
         log_alphas = {b: log_alpha_for(random_gates(layers[b].neurons, seed + b)) for b in blocks}
-    meta = {"kind": "neumuter-mask", "format_version": 1, **describe(model, layers), "layers": blocks,
+    meta = {"kind": "neumuter-mask", "format_version": FORMAT_VERSION, **describe(model, layers), "layers": blocks,
             "hyperparameters": {"beta": 0.3, "epochs": 3}, "forget_sha256": "0" * 64,
             "losses": {"forget": 9.0}, "tool_version": __version__}
     save_artifact({f"log_alpha.{b}": a for b, a in log_alphas.items()}, meta, str(path))
@@ -176,7 +177,8 @@ def test_checkpoint_reloads_with_the_gated_logits_and_only_selected_columns_chan
         selected = scales[layer.index] != 1
         assert torch.equal(changed & ~selected, torch.zeros_like(changed)), "an unselected neuron changed"
         assert torch.allclose(columns_new, columns_old * scales[layer.index][None, :])
-    assert json.loads((tmp_path / "out" / "neumuter.json").read_text()) == {"note": "test"}
+    record = json.loads((tmp_path / "out" / "neumuter.json").read_text())
+    assert record == {"note": "test", "kind": "neumuter-checkpoint", "files": sorted(os.listdir(tmp_path / "out"))}
 
 
 def test_apply_scales_refuses_unknown_blocks_and_wrong_widths():
@@ -289,7 +291,7 @@ def test_two_applies_compose(neo, tmp_path):
     # the first mask was made for the source model: refused on the muted one
     result = run("apply", tmp_path / "s1.safetensors", "-m", tmp_path / "one", "-o", tmp_path / "bad",
                  "--device", "cpu")
-    assert result.exit_code == 1 and "fingerprint" in result.stderr
+    assert result.exit_code == 3 and "fingerprint" in result.stderr
     assert run("select", tmp_path / "m2.safetensors", "--energy", "0.2",
                "-o", tmp_path / "s2.safetensors").exit_code == 0
     result = run("apply", tmp_path / "s2.safetensors", "-m", tmp_path / "one", "-o", tmp_path / "two",
@@ -314,7 +316,7 @@ def test_fingerprint_mismatch_is_refused_naming_both(neo, tmp_path):
     write_mask(tmp_path / "mask.safetensors", model)
     assert run("select", tmp_path / "mask.safetensors", "-o", tmp_path / "s.safetensors").exit_code == 0
     result = run("apply", tmp_path / "s.safetensors", "-m", other, "-o", tmp_path / "out", "--device", "cpu")
-    assert result.exit_code == 1
+    assert result.exit_code == 3
     assert src in result.stderr and str(other) in result.stderr
     made_for = load_artifact(str(tmp_path / "s.safetensors"))[1]["fingerprint"]
     assert made_for in result.stderr
@@ -327,19 +329,19 @@ def test_non_mask_input_is_refused(neo, tmp_path):
     text = tmp_path / "forget.jsonl"
     text.write_text('{"text": "hello"}\n')
     result = run("select", text, "-o", tmp_path / "s.safetensors")
-    assert result.exit_code == 1 and "not a safetensors file" in result.stderr
+    assert result.exit_code == 3 and "not a safetensors file" in result.stderr
     assert not (tmp_path / "s.safetensors").exists()
 
     write_mask(tmp_path / "mask.safetensors", model)
     assert run("select", tmp_path / "mask.safetensors", "-o", tmp_path / "s.safetensors").exit_code == 0
     # a scales file is not a mask, and a mask is not a scales file
     result = run("select", tmp_path / "s.safetensors", "-o", tmp_path / "s2.safetensors")
-    assert result.exit_code == 1 and "neumuter-mask" in result.stderr
+    assert result.exit_code == 3 and "neumuter-mask" in result.stderr
     result = run("apply", tmp_path / "mask.safetensors", "-m", src, "-o", tmp_path / "out", "--device", "cpu")
-    assert result.exit_code == 1 and "neumuter-scales" in result.stderr
+    assert result.exit_code == 3 and "neumuter-scales" in result.stderr
     assert not (tmp_path / "s2.safetensors").exists() and not (tmp_path / "out").exists()
     result = run("select", tmp_path / "missing.safetensors")
-    assert result.exit_code == 1 and "cannot read" in result.stderr
+    assert result.exit_code == 3 and "cannot read" in result.stderr
 
 
 def test_malformed_masks_are_refused(neo, tmp_path):
@@ -348,42 +350,58 @@ def test_malformed_masks_are_refused(neo, tmp_path):
     nan[0][3] = float("nan")
     write_mask(tmp_path / "nan.safetensors", model, blocks=[0], log_alphas=nan)
     result = run("select", tmp_path / "nan.safetensors", "-o", tmp_path / "s.safetensors")
-    assert result.exit_code == 1 and "NaN" in result.stderr
+    assert result.exit_code == 3 and "NaN" in result.stderr
     assert not (tmp_path / "s.safetensors").exists()
 
     write_mask(tmp_path / "short.safetensors", model, log_alphas={1: torch.zeros(5)})
     result = run("select", tmp_path / "short.safetensors")
-    assert result.exit_code == 1 and "block 1 has 64 neurons" in result.stderr
+    assert result.exit_code == 3 and "block 1 has 64 neurons" in result.stderr
 
     result = run("select", tmp_path / "short.safetensors", "--energy", "0.1", "--threshold", "0.2")
     assert result.exit_code == 2 and "at most one" in result.stderr
     result = run("select", tmp_path / "nan.safetensors", "--energy", "2")
-    assert result.exit_code == 1 and "(0, 1]" in result.stderr
+    assert result.exit_code == 2 and "2.0 is not in the range 0<x<=1" in result.stderr
 
 
-def test_existing_output_is_refused_without_force_and_nothing_is_left_behind(neo, tmp_path):
+def test_existing_output_is_refused_and_force_replaces_only_a_previous_checkpoint(neo, tmp_path):
     src, model = neo
     write_mask(tmp_path / "mask.safetensors", model)
     assert run("select", tmp_path / "mask.safetensors", "-o", tmp_path / "s.safetensors").exit_code == 0
     out = tmp_path / "work" / "out"
     out.mkdir(parents=True)
     (out / "keep.txt").write_text("mine")
-    result = run("apply", tmp_path / "s.safetensors", "-m", src, "-o", out, "--device", "cpu")
-    assert result.exit_code == 1 and "--force" in result.stderr
-    assert sorted(os.listdir(tmp_path / "work")) == ["out"] and os.listdir(out) == ["keep.txt"]
+    for force in ([], ["--force"]):   # a folder that is not a neumuter checkpoint: never replaced
+        result = run("apply", tmp_path / "s.safetensors", "-m", src, "-o", out, "--device", "cpu", *force)
+        assert result.exit_code == 3 and "--force" in result.stderr
+        assert result.stderr.splitlines()[-1] == (
+            f"Error: {out} exists and is not empty, and is not a neumuter checkpoint (it has no readable "
+            "neumuter.json); --force only replaces a previous checkpoint: give a new folder")
+        assert sorted(os.listdir(tmp_path / "work")) == ["out"] and os.listdir(out) == ["keep.txt"]
 
     # the library refuses too, before folding anything
     tensors, meta = load_artifact(str(tmp_path / "s.safetensors"))
     fresh, tok = load_model(src, device="cpu")
     weights = {k: v.clone() for k, v in fresh.state_dict().items()}
     with pytest.raises(NeumuterError, match="not empty"):
-        apply_scales_file(fresh, tok, tensors, meta, str(out))
+        apply_scales_file(fresh, tok, tensors, meta, str(out), force=True)
     assert all(torch.equal(v, weights[k]) for k, v in fresh.state_dict().items())
 
-    result = run("apply", tmp_path / "s.safetensors", "-m", src, "-o", out, "--device", "cpu", "--force")
+    # a previous checkpoint: refused without --force, replaced with it
+    previous = tmp_path / "work" / "previous"
+    assert run("apply", tmp_path / "s.safetensors", "-m", src, "-o", previous, "--device", "cpu").exit_code == 0
+    result = run("apply", tmp_path / "s.safetensors", "-m", src, "-o", previous, "--device", "cpu")
+    assert result.exit_code == 3
+    assert result.stderr.splitlines()[-1] == (f"Error: {previous} holds a previous neumuter checkpoint "
+                                              "(use --force to replace it)")
+    result = run("apply", tmp_path / "s.safetensors", "-m", src, "-o", previous, "--device", "cpu", "--force")
     assert result.exit_code == 0, result.output
-    assert "keep.txt" not in os.listdir(out) and "neumuter.json" in os.listdir(out)
-    assert sorted(os.listdir(tmp_path / "work")) == ["out"]
+    assert "neumuter.json" in os.listdir(previous)
+    assert sorted(os.listdir(tmp_path / "work")) == ["out", "previous"]
+    # ... but not once something else was put into it
+    (previous / "notes.txt").write_text("mine")
+    result = run("apply", tmp_path / "s.safetensors", "-m", src, "-o", previous, "--device", "cpu", "--force")
+    assert result.exit_code == 3 and "it holds 'notes.txt', which neumuter did not write there" in result.stderr
+    assert (previous / "notes.txt").read_text() == "mine"
 
 
 def test_apply_keeps_the_checkpoint_dtype(tmp_path):

@@ -1,0 +1,225 @@
+"""The files neumuter writes and reads back: mask and scales files (safetensors with a metadata
+map) and checkpoint folders.
+
+This module owns their kinds and format version, reads a file once (keeping its sha256), checks
+the kind and version in one place, writes byte-reproducible files, and says which folder a
+checkpoint may be written to (and which it may replace).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from . import NeumuterError
+from .records import atomic_output, check_folder_writable, display_name, sha256_bytes
+
+MASK_KIND = "neumuter-mask"
+SCALES_KIND = "neumuter-scales"
+CHECKPOINT_KIND = "neumuter-checkpoint"
+CHECKPOINT_RECORD = "neumuter.json"      # the record `apply` writes into a checkpoint folder
+KINDS = (MASK_KIND, SCALES_KIND)
+
+# 2: the model fingerprint covers every tensor of the model (1: three rows of each FFN
+# down-projection only, so a file of version 1 cannot be checked against a model any more)
+FORMAT_VERSION = 2
+
+
+@dataclass
+class Artifact:
+    """A mask or scales file as read: its tensors, its metadata (values JSON-decoded where they
+    read as JSON), the sha256 of its bytes and the name to use in messages."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict
+    sha256: str
+    name: str
+
+
+# ---------------------------------------------------------------- reading
+
+def read_artifact(path: str, kind: str | None = None) -> Artifact:
+    """Read a safetensors artifact (``-`` = stdin) once: tensors, metadata and sha256.
+
+    With ``kind``, refuse a file of another kind or of another format version
+    (:func:`check_kind`). NaN or infinite tensors are refused."""
+    name = display_name(path)
+    try:
+        if path == "-":
+            if sys.stdin is None or sys.stdin.isatty():
+                raise NeumuterError("no input: give a file or pipe one into stdin")
+            data = sys.stdin.buffer.read()
+        else:
+            with open(path, "rb") as handle:
+                data = handle.read()
+    except OSError as exc:
+        raise NeumuterError(f"cannot read {name}: {exc.strerror or exc}") from None
+    if not data:
+        raise NeumuterError(f"{name}: empty input")
+    try:
+        tensors = st_load(data)
+        raw_meta = _header(data).get("__metadata__") or {}
+    except Exception as exc:  # safetensors raises its own error types
+        raise NeumuterError(f"{name}: not a safetensors file ({str(exc).splitlines()[0][:120]})") from None
+    meta = {}
+    for key, value in raw_meta.items():
+        try:
+            meta[key] = json.loads(value)
+        except (json.JSONDecodeError, TypeError):
+            meta[key] = value
+    if kind is not None:
+        check_kind(meta, kind, name)
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise NeumuterError(f"{name}: tensor {key} holds NaN or infinite values")
+    return Artifact(tensors, meta, sha256_bytes(data), name)
+
+
+def load_artifact(path: str, kind: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """:func:`read_artifact` without the hash: (tensors, metadata)."""
+    artifact = read_artifact(path, kind)
+    return artifact.tensors, artifact.metadata
+
+
+def check_kind(meta: dict, kind: str, name: str) -> None:
+    """Refuse metadata of another kind (a scales file where a mask is expected) or of a format
+    version this tool does not read; a file of an older version says what to do."""
+    found = meta.get("kind")
+    if found != kind:
+        if found is None:
+            raise NeumuterError(f"{name}: not a {kind} file (its metadata names no neumuter kind)")
+        raise NeumuterError(f"{name}: this is a {found} file, not a {kind} file")
+    version = meta.get("format_version")
+    if version == FORMAT_VERSION:
+        return
+    if isinstance(version, int) and not isinstance(version, bool) and version < FORMAT_VERSION:
+        raise NeumuterError(
+            f"{name}: made by an older neumuter (format version {version}, this one reads {FORMAT_VERSION}): "
+            "its model fingerprint cannot be checked any more; run localize and select again")
+    raise NeumuterError(f"{name}: format_version {version!r} is not supported (this neumuter reads {FORMAT_VERSION})")
+
+
+def _header(data: bytes) -> dict:
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    return header
+
+
+# ---------------------------------------------------------------- writing
+
+def save_artifact(tensors: dict[str, torch.Tensor], metadata: dict, path: str) -> None:
+    """Write tensors plus a metadata map to a safetensors file (``-`` = stdout), atomically.
+
+    Metadata values are stored as JSON, except strings that do not read as JSON (kept as they
+    are). The bytes depend only on the tensors and the metadata: the metadata keys are written
+    in sorted order (safetensors itself writes them in a random order), so the same result
+    gives the same file and the same sha256. NaN/inf tensors are written (reading refuses them)."""
+    meta = {key: _metadata_value(value) for key, value in metadata.items()}
+    data = st_save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata=meta)
+    with atomic_output(path, "wb", binary_to_terminal_ok=False) as out:
+        out.write(canonical_safetensors(data))
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with its header in one canonical form: ``__metadata__`` first
+    with its keys sorted, then the tensors in the order of their data, compact JSON padded
+    with spaces to a multiple of 8 bytes (as safetensors pads it). The data is not touched:
+    its offsets are relative to the end of the header."""
+    length = int.from_bytes(data[:8], "little")
+    header = _header(data)
+    canonical = {}
+    if "__metadata__" in header:
+        canonical["__metadata__"] = dict(sorted((header.pop("__metadata__") or {}).items()))
+    for name, info in sorted(header.items(), key=lambda item: (tuple(item[1]["data_offsets"]), item[0])):
+        canonical[name] = info
+    text = json.dumps(canonical, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + length:]
+
+
+def _metadata_value(value) -> str:
+    """A metadata value as stored: a string as it is, unless it would read back as JSON
+    (``"1"``, ``"null"``): then, like every other value, as JSON."""
+    if isinstance(value, str):
+        try:
+            json.loads(value)
+        except ValueError:
+            return value
+    return json.dumps(value)
+
+
+# ---------------------------------------------------------------- checkpoint folders
+
+def _contains(folder: str, path: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it (after resolving links)."""
+    folder, path = os.path.realpath(folder), os.path.realpath(path)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def previous_checkpoint_problem(folder: str) -> str | None:
+    """None when ``folder`` holds a checkpoint written by `neumuter apply` and nothing else:
+    a neumuter.json of kind neumuter-checkpoint that lists every entry of the folder (all
+    plain files). Otherwise, why not."""
+    root = Path(folder)
+    try:
+        with open(root / CHECKPOINT_RECORD, encoding="utf-8") as handle:
+            record = json.load(handle)
+    except (OSError, ValueError, RecursionError):
+        return f"it has no readable {CHECKPOINT_RECORD}"
+    if not isinstance(record, dict) or record.get("kind") != CHECKPOINT_KIND:
+        return f"its {CHECKPOINT_RECORD} is not a {CHECKPOINT_KIND} record"
+    files = record.get("files")
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        return f"its {CHECKPOINT_RECORD} does not list the files it wrote"
+    for entry in sorted(root.iterdir()):
+        if entry.name not in files or entry.is_symlink() or not entry.is_file():
+            return f"it holds {entry.name!r}, which neumuter did not write there"
+    return None
+
+
+def check_output_dir(path: str, force: bool = False, protected: Iterable[str | None] = ()) -> None:
+    """The rule for a checkpoint folder (`apply -o DIR`), checked before any work and again
+    before the folder is replaced:
+
+    - DIR is never the current folder or a folder holding it, nor one of the ``protected``
+      paths (the model, the scales file) or a folder holding one: replacing it would delete them;
+    - a missing DIR or an empty folder is written;
+    - a folder that is not empty is replaced only with ``force``, and only when it holds a
+      previous neumuter checkpoint and nothing else (see :func:`previous_checkpoint_problem`);
+      any other content is refused, with or without ``force``;
+    - the folder DIR goes in must exist and be writable."""
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise NeumuterError(f"{path} exists and is not a directory")
+    if _contains(path, os.getcwd()):
+        what = "the current folder" if os.path.realpath(path) == os.getcwd() else "a folder holding the current folder"
+        raise NeumuterError(f"refusing to write the checkpoint to {path}: it is {what} (give a new folder)")
+    for source in protected:
+        if source and source != "-" and os.path.exists(source) and _contains(path, source):
+            raise NeumuterError(f"refusing to write the checkpoint to {path}: it would replace {source}, "
+                                "an input of this command (give a new folder)")
+    if target.is_dir() and any(target.iterdir()):
+        problem = previous_checkpoint_problem(path)
+        if problem is not None:
+            raise NeumuterError(f"{path} exists and is not empty, and is not a neumuter checkpoint ({problem}); "
+                                "--force only replaces a previous checkpoint: give a new folder")
+        if not force:
+            raise NeumuterError(f"{path} holds a previous neumuter checkpoint (use --force to replace it)")
+    parent = target.parent if str(target.parent) else Path(".")
+    check_folder_writable(path, parent)
+
+
+__all__ = [
+    "MASK_KIND", "SCALES_KIND", "CHECKPOINT_KIND", "CHECKPOINT_RECORD", "FORMAT_VERSION", "Artifact",
+    "read_artifact", "load_artifact", "check_kind", "save_artifact", "canonical_safetensors",
+    "previous_checkpoint_problem", "check_output_dir",
+]
