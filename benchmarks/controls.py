@@ -384,11 +384,13 @@ def activation_rows(fx: Fixture, target: Target, blocks: Sequence[int], max_neur
 
 
 def ascent_row(fx: Fixture, target: Target, method: str, lr: float, budget_steps: int, check_every: int,
-               optimizer: str = "adam", beta: float = 0.1, seed: int = 0, progress: Progress = _quiet) -> dict:
+               optimizer: str = "adam", beta: float = 0.1, seed: int = 0, progress: Progress = _quiet,
+               save_dir: str | None = None) -> dict:
     """Gradient ascent ("ga") or NPO ("npo") on every weight, batch 1 over the forget texts in a
     seeded random order per epoch, checked every ``check_every`` steps, stopped at the first
     check that meets the target or after ``budget_steps``. The weights are restored after the
-    row is measured."""
+    row is measured (and, with ``save_dir``, the unlearned model saved there first, e.g. for
+    benchmarks/robustness.py)."""
     if method not in ("ga", "npo"):
         raise ValueError(method)
     if check_every < 1 or budget_steps < 0:
@@ -447,6 +449,10 @@ def ascent_row(fx: Fixture, target: Target, method: str, lr: float, budget_steps
         for p in params:
             p.requires_grad_(False)
         row = measure_model(model, fx.tokenizer, fx.forget_ids, fx.retain_ids, fx.heldout, fx.ppl_window, progress)
+        if save_dir:
+            model.save_pretrained(save_dir)
+            fx.tokenizer.save_pretrained(save_dir)
+            progress(f"  {method}: the unlearned model is saved in {save_dir}")
     finally:
         for p in params:
             p.requires_grad_(False)
@@ -587,6 +593,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int,
                     help="torch CPU threads (default: torch's; on a busy machine 1 is often several times faster)")
     ap.add_argument("--out", help="write every number to this JSON file")
+    ap.add_argument("--save-dir", help="save the gradient-ascent and NPO models in DIR/ga and DIR/npo "
+                                       "(inputs of benchmarks/robustness.py)")
     return ap
 
 
@@ -671,8 +679,9 @@ def run(args) -> dict:
     for method, lr in (("ga", args.ga_lr), ("npo", args.npo_lr)):
         if method in controls:
             progress(f"{method}: lr {lr:g}, at most {args.budget_steps} steps, check every {args.check_every}")
+            save_dir = os.path.join(args.save_dir, method) if args.save_dir else None
             rows.append(ascent_row(fx, target, method, lr, args.budget_steps, args.check_every, args.optimizer,
-                                   args.npo_beta, args.seed, progress))
+                                   args.npo_beta, args.seed, progress, save_dir))
 
     print(f"target: {target.describe()}" + (f" (tolerance {args.tolerance:g})" if target.kind == "reference" else ""))
     print(table(rows, len(forget), total_neurons))

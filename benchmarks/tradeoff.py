@@ -1,0 +1,117 @@
+"""The trade-off curve of one trained mask: keep only the k most-closed gates (lowest log_alpha,
+the order `localize --prune` bisects over), reopen the rest, and measure at each k the forget
+level, the neurons, the retained MA and the held-out perplexity.
+
+For each k in --ks the scales are the kept gates' deterministic values (as `select` writes
+them), applied as gates on the FFN down-projections (the same numbers as folding them in).
+
+usage (the SmolLM2 fixture):
+  python benchmarks/tradeoff.py MASK --model /tmp/smol/mem --reference-model /tmp/smol/ref \\
+      --fixtures ../shared/fixtures --ks 115,230,460,920,1840,3680 --out tradeoff.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+from scipy.stats import ks_2samp
+from tabulate import tabulate
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from neumuter_cli.artifacts import MASK_KIND, read_artifact  # noqa: E402
+from neumuter_cli.gates import deterministic_gate, initial_log_alpha  # noqa: E402
+from neumuter_cli.measure import encode, memorization_accuracy, perplexity, teacher_forced  # noqa: E402
+from neumuter_cli.models import find_ffn_layers, gated, load_model  # noqa: E402
+from neumuter_cli.records import read_records  # noqa: E402
+from neumuter_cli.select import _block_tensors  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def kept_gates(log_alpha: dict[int, torch.Tensor], k: int) -> dict[int, torch.Tensor]:
+    """Deterministic gate values with only the k lowest-log_alpha moved gates kept closed."""
+    blocks = sorted(log_alpha)
+    flat = torch.cat([log_alpha[b] for b in blocks])
+    moved = deterministic_gate(flat) < 1.0
+    order = torch.sort(torch.where(moved, flat, torch.full_like(flat, float("inf"))), stable=True).indices
+    kept = torch.full_like(flat, initial_log_alpha())
+    kept[order[:k]] = flat[order[:k]]
+    out, start = {}, 0
+    for b in blocks:
+        out[b] = deterministic_gate(kept[start:start + log_alpha[b].numel()])
+        start += log_alpha[b].numel()
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("mask")
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--reference-model", required=True)
+    ap.add_argument("--fixtures", default=os.path.join(HERE, "..", "..", "shared", "fixtures"))
+    ap.add_argument("--ks", default="115,230,460,920,1840,3680")
+    ap.add_argument("--tolerance", type=float, default=0.05)
+    ap.add_argument("--retain-limit", type=int, default=128)
+    ap.add_argument("--heldout-limit", type=int, default=None)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    texts = lambda name: [r["text"] for r in read_records(os.path.join(a.fixtures, name))]  # noqa: E731
+
+    artifact = read_artifact(a.mask, MASK_KIND)
+    log_alpha = _block_tensors(artifact.tensors, artifact.metadata, "log_alpha", a.mask)
+    moved = sum(int((deterministic_gate(v) < 1).sum()) for v in log_alpha.values())
+
+    ref, tok = load_model(a.reference_model, device="cpu")
+    forget = encode(tok, texts("forget.jsonl"), 200)
+    ref_tf = teacher_forced(ref, forget)
+    ref_ma = [tf.ma(x) for tf, x in zip(ref_tf, forget)]
+    ref_loss = [tf.loss for tf in ref_tf]
+    del ref
+    model, tok = load_model(a.model, device="cpu")
+    layers = {layer.index: layer for layer in find_ffn_layers(model)}
+    retain = encode(tok, texts("retain.jsonl")[: a.retain_limit], 200)
+    heldout = texts("heldout.jsonl")[: a.heldout_limit]
+
+    def measure(gates: dict[int, torch.Tensor] | None) -> dict:
+        chosen = [layers[b] for b in sorted(gates or {})]
+        values = [gates[b] for b in sorted(gates or {})]
+        with gated(chosen, lambda i: values[i]):
+            tfs = teacher_forced(model, forget)
+            ma = [tf.ma(x) for tf, x in zip(tfs, forget)]
+            return {
+                "forget_ma": sum(ma) / len(ma),
+                "at_reference": sum(m <= r + a.tolerance for m, r in zip(ma, ref_ma)),
+                "ks_p": float(ks_2samp([tf.loss for tf in tfs], ref_loss).pvalue),
+                "retained_ma": sum(memorization_accuracy(model, retain)) / len(retain),
+                "perplexity": perplexity(model, tok, heldout, window=256)["perplexity"],
+            }
+
+    rows = []
+    started = time.perf_counter()
+    before = measure(None)
+    rows.append({"k": 0, **before})
+    say(f"before: {before}")
+    for k in [int(x) for x in a.ks.split(",")] + [moved]:
+        if k > moved:
+            continue
+        gates = kept_gates(log_alpha, k)
+        rows.append({"k": k, **measure(gates)})
+        say(f"k {k}: {rows[-1]} ({time.perf_counter() - started:.0f}s)")
+    table = [[r["k"], f"{r['forget_ma']:.3f}", f"{r['at_reference']}/{len(forget)}", f"{r['ks_p']:.3g}",
+              f"{r['retained_ma']:.3f}", f"{r['perplexity']:.2f} ({100 * (r['perplexity'] / before['perplexity'] - 1):+.1f} %)"]
+             for r in rows]
+    print(f"reference model: forget MA {sum(ref_ma) / len(ref_ma):.3f}; mask: {moved} gates moved")
+    print(tabulate(table, headers=["neurons kept", "forget MA", "at ref + tol", "KS p", "retained MA", "perplexity"]))
+    if a.out:
+        with open(a.out, "w") as handle:
+            json.dump({"mask": a.mask, "moved": moved, "reference_ma": ref_ma, "rows": rows}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
