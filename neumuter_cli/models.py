@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from . import NeumuterError
+from .errors import DeviceUnavailable, SettingError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTENTION_WORDS = ("attn", "attention")
@@ -46,9 +47,9 @@ def resolve_device(device: str) -> str:
             return "mps"
         return "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise NeumuterError("--device cuda asked for, but no CUDA device is available")
+        raise DeviceUnavailable("cuda", "no CUDA device is available")
     if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise NeumuterError("--device mps asked for, but MPS is not available")
+        raise DeviceUnavailable("mps", "MPS is not available")
     return device
 
 
@@ -139,7 +140,6 @@ def load_model(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
     lm.neumuter_source = model
-    lm.neumuter_gguf = gguf_file is not None
     return lm, tokenizer
 
 
@@ -232,10 +232,10 @@ def parse_layers(spec: str | None, count: int) -> list[int]:
             else:
                 chosen.add(int(part))
         except ValueError:
-            raise NeumuterError(f"bad --layers {spec!r}: use block numbers and ranges like 10-16,21") from None
+            raise SettingError("layers", f"{spec!r} is not a list of block numbers and ranges like 10-16,21") from None
     bad = sorted(i for i in chosen if not 0 <= i < count)
     if bad:
-        raise NeumuterError(f"--layers {spec!r}: block {bad[0]} does not exist (the model has blocks 0-{count - 1})")
+        raise SettingError("layers", f"{spec!r}: block {bad[0]} does not exist (the model has blocks 0-{count - 1})")
     return sorted(chosen)
 
 
