@@ -6,6 +6,7 @@ from neumuter_cli import fastpaths
 
 
 def test_used_with_the_tested_transformers_only(monkeypatch):
+    monkeypatch.delenv("NEUMUTER_NO_FASTPATHS", raising=False)
     assert fastpaths.enabled()  # the installed transformers is one the fast paths were written for
     for version, expected in [((4, 55), False), ((4, 56), True), ((5, 99), True), ((6, 0), False), (None, False)]:
         monkeypatch.setattr(fastpaths, "transformers_version", lambda version=version: version)
@@ -18,7 +19,8 @@ def test_switched_off_by_the_environment(monkeypatch, value, expected):
     assert fastpaths.enabled() is expected
 
 
-def test_disabled_nests_and_restores():
+def test_disabled_nests_and_restores(monkeypatch):
+    monkeypatch.delenv("NEUMUTER_NO_FASTPATHS", raising=False)
     with fastpaths.disabled():
         with fastpaths.disabled():
             assert not fastpaths.enabled()
