@@ -48,7 +48,7 @@ from neumuter_cli import NeumuterError  # noqa: E402
 from neumuter_cli.measure import encode, memorization_accuracy, perplexity, teacher_forced  # noqa: E402
 from neumuter_cli.models import load_model  # noqa: E402
 from neumuter_cli.records import atomic_output, read_records  # noqa: E402
-from neumuter_cli.relearn import DEFAULT_BATCH_SIZE, DEFAULT_LR, RelearnConfig, check_config, first_halves, relearn  # noqa: E402,E501
+from neumuter_cli.relearn import RelearnConfig, check_config, first_halves, relearn  # noqa: E402
 
 QUANT_TYPES = ("q8_0", "q5_0", "q4_0", "q4_1")
 STARTED = time.perf_counter()
@@ -88,8 +88,8 @@ def parse_args(argv):
     ap.add_argument("--retain", required=True, help="retained memorised texts (JSONL)")
     ap.add_argument("--heldout", required=True, help="held-out long texts for the perplexity (JSONL)")
     ap.add_argument("--steps", type=int_list, default=[5, 20, 50], help="relearning steps to measure after")
-    ap.add_argument("--relearn-lr", type=float, default=DEFAULT_LR)
-    ap.add_argument("--relearn-batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    ap.add_argument("--relearn-lr", type=float, default=RelearnConfig.lr)
+    ap.add_argument("--relearn-batch-size", type=int, default=RelearnConfig.batch_size)
     ap.add_argument("--relearn-layers", default=None, help="blocks to relearn (default: every weight)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the relearning data order")
     ap.add_argument("--quantize", type=quant_list, default=["q8_0", "q4_0"],

@@ -9,11 +9,13 @@ import click
 from tabulate import tabulate
 
 from . import NeumuterError, __version__
-from .localize import FORGET_TERMS, OPTIMIZERS, LocalizeConfig
-from .quantize import QUANT_TYPES
-from .relearn import RelearnConfig
+# torch-free: the options and --help are built from these defaults; the stages themselves (and
+# torch, transformers) are imported inside the commands, so that --help and completion are instant
+from .config import FORGET_TERMS, OPTIMIZERS, QUANT_TYPES, LocalizeConfig, NeighborsConfig, RelearnConfig
+from .errors import NonFiniteLoss, SettingError
 
 DEFAULTS = LocalizeConfig()
+NEIGHBORS = NeighborsConfig()
 RELEARN_DEFAULTS = RelearnConfig()
 
 
@@ -28,9 +30,35 @@ class CommandError(click.ClickException):
     exit_code = EXIT_ERROR
 
 
+
+
+class NeumuterCommand(click.Command):
+    """Words the library's errors with this command's flags: a SettingError names a library
+    parameter (``top_k``), the user gave an option (``--top-k``)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except SettingError as exc:
+            flag = self.flag(exc.setting)
+            raise NeumuterError(f"{flag} {exc.problem}" if flag else str(exc)) from None
+        except NonFiniteLoss as exc:
+            lr, dtype = self.flag("lr"), self.flag("dtype")
+            raise NeumuterError(f"{exc}; try a smaller {lr} or {dtype} float32" if lr and dtype else str(exc)) from None
+
+    def flag(self, setting: str) -> str | None:
+        """The option that sets the library parameter ``setting`` (its long form), if any."""
+        for param in self.params:
+            if isinstance(param, click.Option) and param.name == setting.replace("-", "_"):
+                return next((opt for opt in param.opts if opt.startswith("--")), param.opts[0])
+        return None
+
+
 class NeumuterGroup(click.Group):
     """Turns NeumuterError, and an OSError nothing below caught, into one clear line on stderr
     and exit status 3 (1 is the verdict of `measure --check`, 2 a usage error)."""
+
+    command_class = NeumuterCommand
 
     def invoke(self, ctx):
         try:
@@ -443,23 +471,23 @@ def measure_cmd(input_path, model, device, dtype, device_map, trust_remote_code,
 @click.argument("input_path", default="-", metavar="[INPUT|-]")
 @click.option("--mlm", required=True, metavar="NAME_OR_PATH",
               help="Masked LM (BERT-style) that writes the neighbours: a local directory or a hub name.")
-@click.option("-k", "--count", "k", type=click.IntRange(1), default=None, metavar="K",
-              help="Neighbours per record  [default: 1].")
-@click.option("-r", "--ratio", type=FiniteFloat(0, 1, min_open=True), default=None, metavar="R",
-              help="Proportion of the MLM tokens to rewrite, 0 < R <= 1; 1 rewrites every token  "
-                   "[default: 0.5].")
-@click.option("--temperature", type=FiniteFloat(0), default=None, metavar="T",
-              help="0: the argmax (greedy; at R = 1 all K neighbours of a record are then the same); "
-                   "T > 0: sample from softmax(logits / T)  [default: 1.0].")
-@click.option("--top-k", type=click.IntRange(0), default=None, metavar="N",
-              help="When sampling, draw from the N most likely tokens only; 0: no limit  [default: 20].")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("-k", "--count", "k", type=click.IntRange(1), default=NEIGHBORS.k, show_default=True, metavar="K",
+              help="Neighbours per record.")
+@click.option("-r", "--ratio", type=FiniteFloat(0, 1, min_open=True), default=NEIGHBORS.ratio,
+              show_default=True, metavar="R",
+              help="Proportion of the MLM tokens to rewrite, 0 < R <= 1; 1 rewrites every token.")
+@click.option("--temperature", type=FiniteFloat(0), default=NEIGHBORS.temperature, show_default=True,
+              metavar="T", help="0: the argmax (greedy; at R = 1 all K neighbours of a record are then the same); "
+                                "T > 0: sample from softmax(logits / T).")
+@click.option("--top-k", type=click.IntRange(0), default=NEIGHBORS.top_k, show_default=True, metavar="N",
+              help="When sampling, draw from the N most likely tokens only; 0: no limit.")
+@click.option("--seed", type=int, default=NEIGHBORS.seed, show_default=True,
               help="Seed of the position choice and the sampling: same input, options and seed "
                    "give the same output, whatever the batch size.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto",
               show_default=True, help="Where to run the MLM (auto: cuda, then mps, then cpu).")
-@click.option("--batch-size", type=click.IntRange(1), default=None, metavar="N",
-              help="Sequences (records x neighbours) advanced by one MLM call  [default: 32].")
+@click.option("--batch-size", type=click.IntRange(1), default=NEIGHBORS.batch_size, show_default=True,
+              metavar="N", help="Sequences (records x neighbours) advanced by one MLM call.")
 @click.option("--output", "-o", default="-", show_default=True, metavar="FILE|-",
               help="Where the records go (written atomically); - is stdout.")
 def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, batch_size, output):
@@ -476,33 +504,29 @@ def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, b
     position is predicted from the window centred on it. Neighbours come out in the MLM
     tokenizer's normal form (e.g. lower-cased for an uncased BERT).
 
-    The defaults (R 0.5, sampled at temperature 1 from the top 20) were chosen by running
-    localize with each kind of neighbour: sampled neighbours keep the model's general ability
-    far better than argmax ones, and half of the tokens kept preserve the text's form. The
-    paper's setting is -r 1 --temperature 0 (K 5; the public code K 1).
+    The defaults (part of the tokens rewritten, each sampled from the likeliest few) were
+    chosen by running localize with each kind of neighbour: sampled neighbours keep the
+    model's general ability far better than argmax ones, and the tokens kept preserve the
+    text's form. The paper's setting is -r 1 --temperature 0 (K 5; the public code K 1).
 
     Progress goes to stderr.
     """
     import itertools
 
-    from . import neighbors as nb
+    from .neighbors import NeighborWriter, load_mlm
     from .records import atomic_output, check_output, dumps_record, iter_records
 
     if input_path == "-" and sys.stdin.isatty():
         raise NeumuterError("no input: give a JSONL file or pipe one into stdin")
     check_output(output, inputs=(input_path,))
-    options = dict(k=nb.DEFAULT_K if k is None else k,
-                   ratio=nb.DEFAULT_RATIO if ratio is None else ratio,
-                   temperature=nb.DEFAULT_TEMPERATURE if temperature is None else temperature,
-                   top_k=nb.DEFAULT_TOP_K if top_k is None else top_k,
-                   batch_size=nb.DEFAULT_BATCH_SIZE if batch_size is None else batch_size)
+    config = NeighborsConfig(k=k, ratio=ratio, temperature=temperature, top_k=top_k, batch_size=batch_size,
+                             seed=seed)
     records = iter_records(input_path)
     first = next(records)  # a missing or malformed input fails before the MLM is loaded
     progress(f"loading {mlm}")
-    model, tokenizer = nb.load_mlm(mlm, device)
-    writer = nb.NeighborWriter(model, tokenizer, seed=seed, progress=progress, **options)
-    if options["temperature"] == 0 and options["ratio"] == 1 and options["k"] > 1:
-        progress(f"warning: with --temperature 0 and -r 1 the {options['k']} neighbours of a record "
+    writer = NeighborWriter(*load_mlm(mlm, device), config, progress=progress)
+    if temperature == 0 and ratio == 1 and k > 1:
+        progress(f"warning: with --temperature 0 and -r 1 the {k} neighbours of a record "
                  "are identical (use --temperature > 0 for distinct ones)")
     with atomic_output(output, "w") as out:
         for record in writer.records(itertools.chain([first], records)):
@@ -756,9 +780,10 @@ def relearn_cmd(input_path, model, device, dtype, device_map, trust_remote_code,
              f"{result.losses[-1]:.4f} (first and last batch); checkpoint written to {output}")
 
 
-def main():  # pragma: no cover - console entry for `python -m neumuter_cli`
+def main():
+    """The console entry (`neumuter`, `python -m neumuter_cli`)."""
     cli(prog_name="neumuter")
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+if __name__ == "__main__":
+    main()

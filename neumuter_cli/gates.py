@@ -19,11 +19,23 @@ def stretch(s: torch.Tensor) -> torch.Tensor:
     return (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
 
 
-def sample_gate(log_alpha: torch.Tensor, beta: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A stochastic gate value (training): s = sigmoid((logit(u) + log_alpha) / beta), stretched."""
-    u = torch.rand(log_alpha.shape, generator=generator, device=log_alpha.device).clamp(EPS, 1 - EPS)
+def training_gate(log_alpha: torch.Tensor, beta: float, generator: torch.Generator | None = None,
+                  straight_through: bool = True) -> torch.Tensor:
+    """A stochastic gate value (training): s = sigmoid((logit(u) + log_alpha) / beta), stretched
+    and clamped to [0, 1]. The noise u is drawn on the CPU (``generator`` is a CPU generator,
+    so a seed gives the same gates on every device) and moved to ``log_alpha``'s device.
+
+    With ``straight_through``, the gradient flows through the upper clamp: at initialisation
+    the gate sits exactly at it (sigmoid(2.40)·1.2 − 0.1 = 1), so most noise samples would
+    give no gradient at all."""
+    u = torch.rand(log_alpha.shape, generator=generator).to(log_alpha.device).clamp(EPS, 1 - EPS)
     s = torch.sigmoid((u.log() - (-u).log1p() + log_alpha) / beta)
-    return stretch(s)
+    stretched = s * (ZETA - GAMMA) + GAMMA
+    gate = stretched.clamp(0.0, 1.0)
+    if straight_through:
+        upper = stretched.clamp(max=1.0)
+        gate = gate + (stretched - upper) - (stretched - upper).detach()
+    return gate
 
 
 def deterministic_gate(log_alpha: torch.Tensor) -> torch.Tensor:

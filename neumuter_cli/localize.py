@@ -11,40 +11,18 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from . import NeumuterError
-from .gates import GAMMA, ZETA, deterministic_gate, initial_log_alpha, l0_term
+from .config import FORGET_TERMS, OPTIMIZERS, LocalizeConfig
+from .errors import NonFiniteLoss, SettingError
+from .gates import GAMMA, ZETA, deterministic_gate, initial_log_alpha, l0_term, training_gate
 from .measure import check_context, encode
 from .models import FFNLayer, gated, input_device
-
-FORGET_TERMS = ("hinge", "bounded", "ascent")
-OPTIMIZERS = ("shared-adam", "adam")
-
-
-@dataclass
-class LocalizeConfig:
-    epochs: int = 100
-    lr: float = 0.5
-    kl_weight: float = 3.0           # λ
-    l0_weight: float = 0.1           # η
-    beta: float = 1 / 3
-    forget_term: str = "hinge"       # hinge | bounded | ascent
-    max_forget_loss: float = 8.0     # the bound of "bounded" (public code)
-    margin: float = 1.0              # the margin of "hinge", in logits
-    target_ma: float = 0.0           # "hinge": a text whose MA is at or below this is left alone
-    max_length: int = 200
-    batch_size: int = 1
-    kl_top_k: int = 256              # 0: full vocabulary
-    seed: int = 0
-    check_every: int = 5             # epochs between forgetting checks (when a check is given)
-    straight_through: bool = True    # gradient through the upper clamp of the gate
-    optimizer: str = "adam"          # adam: a step per gate | shared-adam: one step size for all gates
-    prune: bool = True               # after a passing check, keep the smallest top-ranked set that still passes
 
 
 # (field, lowest, highest, whether the lowest is allowed): every float of the config is finite
@@ -74,7 +52,6 @@ class LocalizeResult:
     epochs_run: int
     stopped_early: bool
     seconds: float
-    history: list[dict] = field(default_factory=list)
     pruned: dict | None = None
 
 
@@ -158,19 +135,6 @@ def neighbour_kl(logits: torch.Tensor, mask: torch.Tensor, original) -> torch.Te
     return (kl * weight).sum() / weight.sum().clamp(min=1)
 
 
-def training_gate(log_alpha: torch.Tensor, beta: float, generator: torch.Generator, straight_through: bool):
-    u = torch.rand(log_alpha.shape, generator=generator).to(log_alpha.device).clamp(1e-6, 1 - 1e-6)
-    s = torch.sigmoid((u.log() - (-u).log1p() + log_alpha) / beta)
-    stretched = s * (ZETA - GAMMA) + GAMMA
-    gate = stretched.clamp(0.0, 1.0)
-    if straight_through:
-        # at initialisation the gate sits exactly at the clamp (sigmoid(2.40)·1.2 − 0.1 = 1), so
-        # most noise samples would give no gradient at all; let it flow through the upper clamp
-        upper = stretched.clamp(max=1.0)
-        gate = gate + (stretched - upper) - (stretched - upper).detach()
-    return gate
-
-
 class SharedAdam(torch.optim.Optimizer):
     """Adam with one second moment for all the parameters of a group instead of one per entry.
 
@@ -251,7 +215,6 @@ def localize(
         raise NeumuterError(f"unknown optimizer {config.optimizer!r} (choose {', '.join(OPTIMIZERS)})")
     optimiser = (SharedAdam if config.optimizer == "shared-adam" else torch.optim.Adam)(log_alpha, lr=config.lr)
     current: list[torch.Tensor] = [torch.ones(layer.neurons) for layer in layers]
-    history: list[dict] = []
     stopped = done = False
     epoch = 0
     last = {}
@@ -269,8 +232,7 @@ def localize(
                 reg = l0_term(log_alpha, config.beta)
                 loss = term + config.kl_weight * kl + config.l0_weight * reg
                 if not torch.isfinite(loss):
-                    raise NeumuterError(f"epoch {epoch}: the loss is not finite ({loss.item()}); "
-                                        "try a smaller --lr or --dtype float32")
+                    raise NonFiniteLoss(f"epoch {epoch}: the loss is not finite ({loss.item()})")
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()
@@ -285,7 +247,6 @@ def localize(
                 gates = [deterministic_gate(la) for la in log_alpha]
                 closed = sum(int((g < 0.5).sum()) for g in gates) / sum(g.numel() for g in gates)
             last = dict(epoch=epoch, **{k: round(v, 5) for k, v in totals.items()}, closed=closed)
-            history.append(last)
             if progress:
                 progress(f"epoch {epoch:3d}  forget CE {totals['forget_ce']:.3f}  neighbour KL {totals['kl']:.4f}  "
                          f"L0 {totals['l0']:.4f}  gates < 0.5: {100 * closed:.2f}%  "
@@ -304,7 +265,7 @@ def localize(
         final, pruned = smallest_passing_set(final, check, progress)
     return LocalizeResult(
         log_alpha=final, losses=last, epochs_run=epoch, stopped_early=stopped,
-        seconds=time.perf_counter() - started, history=history, pruned=pruned)
+        seconds=time.perf_counter() - started, pruned=pruned)
 
 
 def smallest_passing_set(log_alpha: dict[int, torch.Tensor], check, progress=None
@@ -349,11 +310,7 @@ def _concat(f_ids, f_mask, n_ids, n_mask, pad_id):
             torch.cat([widen(f_mask, 0), widen(n_mask, 0)]))
 
 
-def config_dict(config: LocalizeConfig) -> dict:
-    return asdict(config)
-
-
-__all__ = ["LocalizeConfig", "LocalizeResult", "localize", "forget_loss", "neighbour_kl", "config_dict"]
+__all__ = ["FORGET_TERMS", "LocalizeConfig", "LocalizeResult", "localize", "forget_loss", "neighbour_kl"]
 
 
 # ---------------------------------------------------------------- the stage: records in, mask out

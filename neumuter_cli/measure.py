@@ -26,7 +26,7 @@ identities make it cheap:
   attention mask, no position-id tricks: each row is computed as a single-sequence KV-cached
   decode computes it (up to float reduction order, see below). The KV cache is given room for
   the whole batch up front, so a step writes one position in place instead of copying the
-  whole cache (transformers' ``DynamicLayer`` concatenates at every step).
+  whole cache (transformers' ``DynamicLayer`` concatenates at every step; fastpaths.py).
 
 Overlaps are counted incrementally along the reuse chains (a multiset of the generation's
 n-grams, a set of the suffix's n-grams), so the n-gram bookkeeping is O(T) per text, not O(T²).
@@ -50,12 +50,8 @@ import torch
 import torch.nn.functional as F
 
 from . import NeumuterError
+from .fastpaths import roomy_cache
 from .models import input_device
-
-try:  # transformers >= 4.56: per-layer KV caches
-    from transformers.cache_utils import DynamicLayer as _DynamicLayer
-except ImportError:  # pragma: no cover
-    _DynamicLayer = None
 
 ProgressFn = Callable[[str], None] | None
 
@@ -105,61 +101,6 @@ def _call(model, input_ids: torch.Tensor, cache=None, last_only: bool = False, a
     if last_only:
         logits = logits[:, -1]
     return logits, new_cache
-
-
-if _DynamicLayer is not None:
-    class _RoomyLayer(_DynamicLayer):
-        """A transformers ``DynamicLayer`` whose keys and values live in a buffer with room for
-        more positions: a decode step writes its position in place and returns a view, instead
-        of ``torch.cat``-ing the whole cache into a new tensor at every step (on CPU that copy
-        costs as much as the model itself). Same values, same shapes, same attention."""
-
-        @classmethod
-        def wrap(cls, layer, capacity: int):
-            new = cls.__new__(cls)
-            new.__dict__.update(layer.__dict__)
-            new._room(layer.keys, layer.values, capacity)
-            return new
-
-        def _room(self, keys, values, capacity):
-            b, h, length, _ = keys.shape
-            capacity = max(capacity, length)
-            self._kbuf = keys.new_empty(b, h, capacity, keys.shape[-1])
-            self._vbuf = values.new_empty(b, values.shape[1], capacity, values.shape[-1])
-            self._kbuf[:, :, :length] = keys
-            self._vbuf[:, :, :length] = values
-            self.keys, self.values = self._kbuf[:, :, :length], self._vbuf[:, :, :length]
-
-        def _owns(self, keys, values) -> bool:
-            return (isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor) and keys.dim() == 4
-                    and keys.data_ptr() == self._kbuf.data_ptr() and values.data_ptr() == self._vbuf.data_ptr()
-                    and keys.shape[:2] == self._kbuf.shape[:2] and values.shape[:2] == self._vbuf.shape[:2])
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            keys, values = self.keys, self.values
-            length, extra = keys.shape[-2], key_states.shape[-2]
-            if not self._owns(keys, values) or length + extra > self._kbuf.shape[-2]:
-                # rows dropped or reordered, or out of room: a new buffer (twice the size)
-                self._room(keys, values, 2 * (length + extra))
-            self._kbuf[:, :, length:length + extra] = key_states
-            self._vbuf[:, :, length:length + extra] = value_states
-            self.keys = self._kbuf[:, :, :length + extra]
-            self.values = self._vbuf[:, :, :length + extra]
-            return self.keys, self.values
-
-
-def _make_roomy(cache, capacity: int):
-    """Give every plain ``DynamicLayer`` of a fresh cache room for ``capacity`` positions (see
-    ``_RoomyLayer``); any other cache or layer type is left as it is."""
-    layers = getattr(cache, "layers", None)
-    if _DynamicLayer is None or not isinstance(layers, list) or getattr(cache, "offloading", False):
-        return cache
-    for k, layer in enumerate(layers):
-        if (type(layer) is _DynamicLayer and getattr(layer, "is_initialized", False)
-                and isinstance(layer.keys, torch.Tensor) and layer.keys.dim() == 4
-                and isinstance(layer.values, torch.Tensor) and layer.values.dim() == 4):
-            layers[k] = _RoomyLayer.wrap(layer, capacity)
-    return cache
 
 
 def encode(tokenizer, texts: Iterable[str], max_length: int | None = 200) -> list[list[int]]:
@@ -274,11 +215,6 @@ def memorization_accuracy(model, ids_list: Sequence[Sequence[int]], batch_size: 
     return [tf.ma(ids) for tf, ids in zip(teacher_forced(model, ids_list, batch_size), ids_list)]
 
 
-def token_losses(model, ids_list: Sequence[Sequence[int]], batch_size: int = 32) -> list[float]:
-    """Mean next-token cross-entropy (nats) of each token sequence."""
-    return [tf.loss for tf in teacher_forced(model, ids_list, batch_size)]
-
-
 # ---------------------------------------------------------------- greedy generation in lock-step
 
 @torch.no_grad()
@@ -315,7 +251,7 @@ def greedy_continuations(model, rows: Sequence[tuple[Sequence[int], int]], batch
     return results  # type: ignore[return-value]
 
 
-def _lockstep_batch(model, rows, roomy: bool = True) -> list[list[int]]:
+def _lockstep_batch(model, rows) -> list[list[int]]:
     """Every row prefilled to the shortest context, then fed its own context tokens until its
     context ends and its own greedy tokens after that."""
     device = input_device(model)
@@ -329,8 +265,7 @@ def _lockstep_batch(model, rows, roomy: bool = True) -> list[list[int]]:
     start_t = torch.tensor(starts, device=device)
     out = torch.zeros(len(rows), last, dtype=torch.long, device=device)
     logits, cache = _call(model, true_tok[:, :p0], last_only=True)
-    if roomy:
-        cache = _make_roomy(cache, last)
+    cache = roomy_cache(cache, last)
     nxt = logits.argmax(-1)                         # prediction for position p0
     for p in range(p0, last):
         out[:, p] = nxt
@@ -995,7 +930,7 @@ def run_measure(config: MeasureConfig, progress: ProgressFn = None) -> MeasureRe
 
 
 __all__ = [
-    "encode", "read_thresholds", "teacher_forced", "TeacherForced", "memorization_accuracy", "token_losses",
+    "encode", "read_thresholds", "teacher_forced", "TeacherForced", "memorization_accuracy",
     "greedy_continuations", "suffix_generations", "extraction_likelihoods", "extraction_likelihood",
     "measure_ids", "measure_records", "thresholds", "is_forgotten", "mark", "summarize",
     "model_context", "check_context", "perplexity", "generations", "el_key", "MIA_RADIUS", "record_label",

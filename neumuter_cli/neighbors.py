@@ -24,28 +24,18 @@ window of the current text centred on ``p`` (clamped to the text's ends).
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from . import NeumuterError
+from . import NeumuterError, fastpaths
+from .config import NeighborsConfig
+from .errors import SettingError
 
-# Defaults of `neumuter neighbors` (the paper uses K = 5, r = 1 with an argmax BERT; the authors'
-# code K = 1, r = 1). Change them here: the CLI reads them from these names (and its --help
-# states them: keep the two in step).
-# Chosen by running localize on the fixtures with each kind of neighbour (README, "Neighbours"):
-# sampled neighbours keep the model's general ability far better than argmax ones (argmax at
-# r = 1 collapses into "- - -" with a weak MLM), and r = 0.5 keeps the form of the text.
-DEFAULT_K = 1
-DEFAULT_RATIO = 0.5
-DEFAULT_TEMPERATURE = 1.0   # 0 = argmax (greedy)
-DEFAULT_TOP_K = 20          # 0 = the whole vocabulary (when sampling)
-DEFAULT_BATCH_SIZE = 32     # sequences advanced by one MLM call
 GROUP_BATCHES = 4           # records are read and rewritten in groups of about this many batches
 MIN_ROWS = 8                # a call is not cut for padding's sake below this many rows ...
 PAD_WASTE = 0.1             # ... and above it, once padding would exceed this share of its tokens
@@ -107,24 +97,28 @@ class NeighborWriter:
     """Makes neighbours for a stream of texts with one masked LM.
 
     Call it on successive lists of texts (or use :meth:`records`); the position RNG runs on
-    across calls, so cutting the stream into groups does not change the result."""
+    across calls, so cutting the stream into groups does not change the result.
 
-    def __init__(self, model, tokenizer, k: int = DEFAULT_K, ratio: float = DEFAULT_RATIO,
-                 seed: int = 0, temperature: float = DEFAULT_TEMPERATURE, top_k: int = DEFAULT_TOP_K,
-                 batch_size: int = DEFAULT_BATCH_SIZE, progress: ProgressFn | None = None):
+    The settings are a :class:`NeighborsConfig` (default: its defaults); keyword arguments
+    named like its fields (``k=3``, ``temperature=0``) override single ones."""
+
+    def __init__(self, model, tokenizer, config: NeighborsConfig | None = None,
+                 progress: ProgressFn | None = None, **settings):
+        config = replace(config or NeighborsConfig(), **settings)
+        k, ratio, temperature = config.k, config.ratio, config.temperature
         if k < 1:
-            raise NeumuterError("-k must be at least 1")
+            raise SettingError("k", "must be at least 1")
         if not 0.0 < ratio <= 1.0:
-            raise NeumuterError(f"the replacement ratio must be in (0, 1], not {ratio}")
+            raise SettingError("ratio", f"(the share of tokens rewritten) must be in (0, 1], not {ratio}")
         if temperature < 0 or not math.isfinite(temperature):
-            raise NeumuterError(f"the temperature must be 0 (argmax) or positive, not {temperature}")
-        if top_k < 0:
-            raise NeumuterError("--top-k must be 0 (no limit) or positive")
-        if batch_size < 1:
-            raise NeumuterError("--batch-size must be at least 1")
-        self.model, self.tokenizer = model, tokenizer
-        self.k, self.ratio, self.seed = k, ratio, seed
-        self.temperature, self.top_k, self.batch_size = temperature, top_k, batch_size
+            raise SettingError("temperature", f"must be 0 (argmax) or positive, not {temperature}")
+        if config.top_k < 0:
+            raise SettingError("top_k", "must be 0 (no limit) or positive")
+        if config.batch_size < 1:
+            raise SettingError("batch_size", "must be at least 1")
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.k, self.ratio, self.seed = k, ratio, config.seed
+        self.temperature, self.top_k, self.batch_size = temperature, config.top_k, config.batch_size
         self.progress = progress
         self.window = mlm_window(model, tokenizer)
         if self.window < 3:
@@ -136,7 +130,7 @@ class NeighborWriter:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.device = model.get_input_embeddings().weight.device
         self.banned = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long, device=self.device)
-        self._position_rng = random.Random(seed)
+        self._position_rng = random.Random(self.seed)
         self._records_seen = 0
         self._head = model.get_output_embeddings()
         self._gather: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, masked columns) of a call
@@ -305,22 +299,23 @@ class NeighborWriter:
         """While active, the MLM computes its output only at the masked positions.
 
         Encoders of the BERT family (BERT, RoBERTa, ELECTRA, ...) run their last layer for the
-        masked rows only (keys and values still come from every position); any other MLM runs
-        whole and only its vocabulary projection is narrowed. The fast path is used only if it
-        gave the full model's logits on a probe batch (see :meth:`_check_fast_path`)."""
-        handles = []
+        masked rows only (keys and values still come from every position; see fastpaths.py);
+        any other MLM runs whole and only its vocabulary projection is narrowed. The fast path
+        is used only if it gave the full model's logits on a probe batch (see
+        :meth:`_check_fast_path`)."""
         try:
             if self._fast_layer is not None:
-                layer = self._fast_layer
-                layer.forward = functools.partial(_last_layer_at_masked, layer, self)
-                handles.append(lambda: layer.__dict__.pop("forward", None))
+                with fastpaths.last_layer_at_masked(self._fast_layer, lambda: self._gather):
+                    yield
             elif self._head is not None:
                 hook = self._head.register_forward_pre_hook(self._narrow_head_input)
-                handles.append(hook.remove)
-            yield
+                try:
+                    yield
+                finally:
+                    hook.remove()
+            else:
+                yield
         finally:
-            for undo in handles:
-                undo()
             self._gather = None
 
     def _narrow_head_input(self, module, args):
@@ -342,7 +337,7 @@ class NeighborWriter:
 
     def _check_fast_path(self) -> None:
         """Keep the narrowed last layer only if it reproduces the full model on a probe batch."""
-        layer = _bert_like_last_layer(self.model)
+        layer = fastpaths.bert_like_last_layer(self.model)
         if layer is None:
             return
         banned = set(self.banned.tolist())
@@ -362,50 +357,18 @@ class NeighborWriter:
             try:
                 with self._narrowed():
                     fast = self._logits(input_ids, attention, masked)
-                ok = fast.shape == full.shape and torch.allclose(fast, full, rtol=1e-4, atol=1e-4 * float(full.abs().max()))
-            except Exception:  # an encoder layer of another shape: run the layer whole
-                ok = False
-            if not ok:
+                differs = None
+                if fast.shape != full.shape or not torch.allclose(fast, full, rtol=1e-4,
+                                                                  atol=1e-4 * float(full.abs().max())):
+                    differs = "its logits differ from the whole layer's"
+            except (TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
+                # a layer of BERT's layout but another calling convention
+                differs = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}"
+            if differs is not None:
                 self._fast_layer = None
+                if self.progress:
+                    self.progress(f"neighbors: the MLM's last layer runs whole (narrowed layer unusable: {differs})")
         self._gather = None
-
-
-def _bert_like_last_layer(model):
-    """The last encoder layer if it has the BERT layout (self-attention query/key/value,
-    attention output, intermediate, output), else None."""
-    layers = getattr(getattr(model.base_model, "encoder", None), "layer", None)
-    if not layers:
-        return None
-    layer = layers[-1]
-    attention = getattr(getattr(layer, "attention", None), "self", None)
-    needed = [getattr(attention, name, None) for name in ("query", "key", "value", "num_attention_heads",
-                                                            "attention_head_size")]
-    needed += [getattr(layer.attention, "output", None), getattr(layer, "intermediate", None),
-               getattr(layer, "output", None)]
-    if any(x is None for x in needed) or getattr(layer, "is_decoder", False) \
-            or getattr(attention, "position_embedding_type", "absolute") != "absolute":
-        return None
-    return layer
-
-
-def _last_layer_at_masked(layer, writer: "NeighborWriter", hidden_states, attention_mask=None, *args, **kwargs):
-    """A BERT layer computed for the masked row of each sequence only: (rows, 1, hidden)."""
-    rows, cols = writer._gather
-    batch, width, _ = hidden_states.shape
-    attention = layer.attention.self
-    heads, size = attention.num_attention_heads, attention.attention_head_size
-    here = hidden_states[rows, cols].unsqueeze(1)
-    query = attention.query(here).view(batch, 1, heads, size).transpose(1, 2)
-    key = attention.key(hidden_states).view(batch, width, heads, size).transpose(1, 2)
-    value = attention.value(hidden_states).view(batch, width, heads, size).transpose(1, 2)
-    if attention_mask is not None and attention_mask.dim() == 4:
-        attention_mask = attention_mask[:, :, :1, :]  # row 0 ([CLS]) is never padding
-    scale = getattr(attention, "scaling", size ** -0.5)
-    context = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
-                                                               scale=scale)
-    context = context.transpose(1, 2).reshape(batch, 1, heads * size)
-    mixed = layer.attention.output(context, here)
-    return layer.output(layer.intermediate(mixed), mixed)
 
 
 def _special_id(tokenizer, *names: str) -> int:
@@ -416,10 +379,4 @@ def _special_id(tokenizer, *names: str) -> int:
     raise NeumuterError(f"the MLM tokenizer has no {names[0].replace('_id', '')} (nor {names[-1].replace('_id', '')})")
 
 
-def make_neighbors(texts: Sequence[str], model, tokenizer, **options) -> list[list[str]]:
-    """The neighbours of ``texts`` in one call (options as :class:`NeighborWriter`)."""
-    return NeighborWriter(model, tokenizer, **options)(texts)
-
-
-__all__ = ["DEFAULT_K", "DEFAULT_RATIO", "DEFAULT_TEMPERATURE", "DEFAULT_TOP_K", "DEFAULT_BATCH_SIZE",
-           "load_mlm", "mlm_window", "NeighborWriter", "make_neighbors"]
+__all__ = ["NeighborsConfig", "load_mlm", "mlm_window", "NeighborWriter"]

@@ -23,9 +23,7 @@ import torch
 
 from . import NeumuterError
 
-#: the formats offered: name -> GGMLQuantizationType member
-QUANT_TYPES = {"q8_0": "Q8_0", "q5_0": "Q5_0", "q5_1": "Q5_1", "q4_0": "Q4_0", "q4_1": "Q4_1",
-               "mxfp4": "MXFP4"}
+from .config import QUANT_TYPES  # noqa: E402  (the formats offered, defined torch-free for the CLI)
 
 
 def _gguf_type(qtype: str):

@@ -25,24 +25,12 @@ import torch
 import torch.nn.functional as F
 
 from . import NeumuterError
+from .config import RelearnConfig
 from .localize import pad
 from .measure import encode
 from .models import _decoder_blocks, input_device, parse_layers
 
-DEFAULT_LR = 3e-5
-DEFAULT_STEPS = 20
-DEFAULT_BATCH_SIZE = 4
 ProgressFn = Callable[[str], None] | None
-
-
-@dataclass
-class RelearnConfig:
-    steps: int = DEFAULT_STEPS
-    lr: float = DEFAULT_LR
-    batch_size: int = DEFAULT_BATCH_SIZE
-    layers: str | None = None        # block SPEC as for `localize --layers` ("10-16,21"); None: every weight
-    max_length: int = 200
-    seed: int = 0
 
 
 @dataclass
@@ -250,4 +238,4 @@ def provenance(model, config: RelearnConfig, result: RelearnResult, records: Seq
 
 
 __all__ = ["RelearnConfig", "RelearnResult", "relearn", "check_config", "data_order", "trainable_parameters",
-           "first_halves", "provenance", "ffn_fingerprint", "DEFAULT_LR", "DEFAULT_STEPS", "DEFAULT_BATCH_SIZE"]
+           "first_halves", "provenance", "ffn_fingerprint", "RelearnConfig"]

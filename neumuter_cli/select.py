@@ -32,6 +32,7 @@ import torch
 
 from . import NeumuterError, __version__
 from .artifacts import FORMAT_VERSION, MASK_KIND, SCALES_KIND, check_kind
+from .errors import SettingError
 from .gates import deterministic_gate
 
 RULES = ("energy", "threshold", "top-fraction")
@@ -88,12 +89,13 @@ def scales_by_block(tensors: dict[str, torch.Tensor], meta: dict, name: str = "s
 def check_rule(rule: str, value: float) -> None:
     if rule not in RULES:
         raise NeumuterError(f"unknown selection rule {rule!r} (choose {', '.join(RULES)})")
+    setting = rule.replace("-", "_")   # the rule's value is the setting of the same name
     if not math.isfinite(value):
-        raise NeumuterError(f"--{rule} must be a finite number, not {value}")
+        raise SettingError(setting, f"must be a finite number, not {value}")
     if rule in ("energy", "top-fraction") and not 0 < value <= 1:
-        raise NeumuterError(f"--{rule} is a fraction: it must be in (0, 1], not {value}")
+        raise SettingError(setting, f"is a fraction: it must be in (0, 1], not {value}")
     if rule == "threshold" and value <= 0:
-        raise NeumuterError(f"--threshold must be > 0 (no gate value is below {value})")
+        raise SettingError(setting, f"must be > 0 (no gate value is below {value})")
 
 
 def energy_threshold(values: torch.Tensor, fraction: float) -> float:

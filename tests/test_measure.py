@@ -157,14 +157,15 @@ def test_greedy_continuations_rows_of_different_lengths(memorizer):
 def test_roomy_cache_gives_bit_identical_logits(memorizer):
     """The in-place KV cache (no torch.cat per step) must not change a single bit, also after
     rows are dropped from it."""
-    from neumuter_cli.measure import _call, _make_roomy
+    from neumuter_cli.fastpaths import roomy_cache
+    from neumuter_cli.measure import _call
 
     model, tok, _ = memorizer
     ids = torch.tensor([tok(SECRET).input_ids[:20], tok(OTHERS[0]).input_ids[:20]])
     _, plain = _call(model, ids[:, :8], last_only=True)
     _, roomy = _call(model, ids[:, :8], last_only=True)
-    roomy = _make_roomy(roomy, 10)                  # too small on purpose: it must grow
-    assert type(roomy.layers[0]).__name__ == "_RoomyLayer"
+    roomy = roomy_cache(roomy, 10)                  # too small on purpose: it must grow
+    assert type(roomy.layers[0]).__name__ == "RoomyLayer"
     for p in range(8, 20):
         if p == 14:                                  # drop row 0 from both caches
             plain.batch_select_indices(torch.tensor([1]))
@@ -173,6 +174,24 @@ def test_roomy_cache_gives_bit_identical_logits(memorizer):
         a, plain = _call(model, ids[:, p:p + 1], cache=plain, last_only=True)
         b, roomy = _call(model, ids[:, p:p + 1], cache=roomy, last_only=True)
         assert torch.equal(a, b), p
+
+
+def test_without_the_fast_paths_the_generations_are_the_same(memorizer, reference):
+    """The fallback (transformers' own cache, NEUMUTER_NO_FASTPATHS=1 or an untested
+    transformers) gives the same greedy continuations and EL_n, token for token."""
+    from neumuter_cli import fastpaths
+    from neumuter_cli.measure import _call
+
+    model, _, _ = memorizer
+    seqs, _ = reference
+    fast = suffix_generations(model, seqs, batch_size=3)
+    fast_el = extraction_likelihoods(model, seqs, (2, 5), batch_size=3)
+    with fastpaths.disabled():
+        _, cache = _call(model, torch.tensor([seqs[0][:4]]), last_only=True)
+        assert fastpaths.roomy_cache(cache, 30) is cache
+        assert type(cache.layers[0]).__name__ == "DynamicLayer"   # the plain path really runs
+        assert suffix_generations(model, seqs, batch_size=3) == fast
+        assert extraction_likelihoods(model, seqs, (2, 5), batch_size=3) == fast_el
 
 
 def test_teacher_forced_padding_and_loss(memorizer):

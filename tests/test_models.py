@@ -5,6 +5,7 @@ from transformers import AutoModelForCausalLM
 
 from helpers import ARCHITECTURES, tiny_model
 from neumuter_cli import NeumuterError
+from neumuter_cli.errors import SettingError
 from neumuter_cli.models import find_ffn_layers, fingerprint, fold_scales, gated, parse_layers
 
 EXPECTED_WIDTH = {"bloom": 4 * 32}  # BLOOM's FFN is always 4 x hidden
@@ -155,5 +156,6 @@ def test_parse_layers(spec, expected):
 
 @pytest.mark.parametrize("spec", ["5", "x", "3-1", "1-"])
 def test_parse_layers_rejects(spec):
-    with pytest.raises(NeumuterError, match="--layers"):
+    with pytest.raises(SettingError, match="layers") as caught:
         parse_layers(spec, 4)
+    assert caught.value.setting == "layers" and "--" not in str(caught.value)  # the CLI names the flag

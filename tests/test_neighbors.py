@@ -140,6 +140,39 @@ def test_narrowed_last_layer_is_used_and_agrees_with_the_plain_head_hook(mlm):
     assert fast.rewrite_ids(token_ids) == plain.rewrite_ids(token_ids)
 
 
+def test_without_the_fast_paths_the_neighbours_are_the_same(mlm):
+    """The fallback (NEUMUTER_NO_FASTPATHS=1, an untested transformers) runs the last layer
+    whole and writes the same neighbours, sampled ones included."""
+    from neumuter_cli import fastpaths
+
+    model, tokenizer = mlm
+    token_ids = [ids_of(tokenizer, t) for t in TEXTS]
+    options = dict(k=2, ratio=0.8, seed=4, batch_size=3, temperature=1.0, top_k=10)
+    fast = NeighborWriter(model, tokenizer, **options)
+    assert fast._fast_layer is not None
+    with fastpaths.disabled():
+        plain = NeighborWriter(model, tokenizer, **options)
+    assert plain._fast_layer is None
+    assert fast.rewrite_ids(token_ids) == plain.rewrite_ids(token_ids)
+
+
+def test_a_narrowed_layer_that_fails_its_probe_is_not_used(mlm, monkeypatch):
+    from neumuter_cli import fastpaths
+
+    def broken(layer, gather, hidden_states, *args, **kwargs):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(fastpaths, "_layer_at_masked", broken)
+    model, tokenizer = mlm
+    said = []
+    writer = NeighborWriter(model, tokenizer, k=1, ratio=1.0, temperature=0.0, progress=said.append)
+    assert writer._fast_layer is None
+    assert any("runs whole" in line and "RuntimeError: shape mismatch" in line for line in said)
+    assert "forward" not in model.base_model.encoder.layer[-1].__dict__   # the patch is undone
+    assert writer.rewrite_ids([ids_of(tokenizer, TEXTS[0])]) == \
+        naive_neighbors(model, tokenizer, [TEXTS[0]], k=1, ratio=1.0, seed=0)
+
+
 def test_long_texts_are_rewritten_whole_by_sliding_windows(small_window_mlm):
     model, tokenizer = small_window_mlm
     text = " ".join(TEXTS)
