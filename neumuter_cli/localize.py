@@ -290,14 +290,17 @@ def smallest_passing_set(log_alpha: dict[int, torch.Tensor], check, progress=Non
         return out
 
     low, high = 0, total                      # check(keep(high)) passed: it is the trained mask
+    passing = getattr(check, "last", None)
     while high - low > max(1, high // 50):    # 2 %: each probe costs a pass over the forget texts
         middle = (low + high) // 2
         if progress:
             progress(f"  prune: trying the {middle} most-closed gates of {total}")
         if check({b: deterministic_gate(v) for b, v in keep(middle).items()}):
-            high = middle
+            high, passing = middle, getattr(check, "last", None)
         else:
             low = middle
+    if passing is not None:
+        check.last = passing                  # what the kept set scored, not the last failed probe
     return keep(high), {"moved": total, "kept": high}
 
 

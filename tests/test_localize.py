@@ -223,3 +223,41 @@ def test_per_text_targets_stop_each_text_at_its_own_level():
     one, _ = forget_loss(logits, ids, mask, config, torch.tensor([0.5, 1.0]))
     none, _ = forget_loss(logits, ids, mask, config, torch.tensor([1.0, 1.0]))
     assert both > one > none == 0
+
+
+def test_prune_keeps_the_smallest_set_of_most_closed_gates_that_passes():
+    from neumuter_cli.gates import deterministic_gate, initial_log_alpha
+    from neumuter_cli.localize import smallest_passing_set
+
+    torch.manual_seed(0)
+    trained = {0: torch.linspace(-6, 1, 12), 3: torch.full((8,), initial_log_alpha())}
+    trained[3][[1, 5]] = torch.tensor([-5.5, -2.0])          # two moved gates in another block
+    ranked = sorted(((float(v), b, i) for b, t in trained.items() for i, v in enumerate(t)
+                     if deterministic_gate(v) < 1))
+
+    def check(gates):   # "forgets" once the 5 most-closed gates of the trained mask are all closed
+        closed = {(b, i) for b, g in gates.items() for i in (g < 1).nonzero().flatten().tolist()}
+        check.last = {"closed": len(closed)}
+        return {(b, i) for _, b, i in ranked[:5]} <= closed
+
+    pruned, counts = smallest_passing_set(trained, check)
+    assert counts == {"moved": len(ranked), "kept": 5}
+    kept = {(b, i) for b, g in pruned.items() for i in (deterministic_gate(g) < 1).nonzero().flatten().tolist()}
+    assert kept == {(b, i) for _, b, i in ranked[:5]}
+    for b, i in kept:                                  # kept gates keep their trained value
+        assert pruned[b][i] == trained[b][i]
+    assert check.last == {"closed": 5}                 # the kept set's own check, not the last failed probe
+
+
+def test_shared_adam_steps_keep_the_gradients_proportions():
+    from neumuter_cli.localize import SharedAdam
+
+    for optimiser_class, expected in ((torch.optim.Adam, 1.0), (SharedAdam, 100.0)):
+        weights = torch.zeros(2, requires_grad=True)
+        optimiser = optimiser_class([weights], lr=0.1)
+        for _ in range(3):
+            optimiser.zero_grad()
+            (weights * torch.tensor([1.0, 0.01])).sum().backward()
+            optimiser.step()
+        ratio = float(weights[0] / weights[1])
+        assert ratio == pytest.approx(expected, rel=1e-3)
