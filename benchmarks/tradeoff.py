@@ -24,7 +24,8 @@ from tabulate import tabulate
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from neumuter_cli.artifacts import MASK_KIND, read_artifact  # noqa: E402
-from neumuter_cli.gates import deterministic_gate, initial_log_alpha  # noqa: E402
+from neumuter_cli.gates import deterministic_gate  # noqa: E402
+from neumuter_cli.localize import keep_most_closed  # noqa: E402
 from neumuter_cli.measure import encode, memorization_accuracy, perplexity, teacher_forced  # noqa: E402
 from neumuter_cli.models import find_ffn_layers, gated, load_model  # noqa: E402
 from neumuter_cli.records import read_records  # noqa: E402
@@ -34,18 +35,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def kept_gates(log_alpha: dict[int, torch.Tensor], k: int) -> dict[int, torch.Tensor]:
-    """Deterministic gate values with only the k lowest-log_alpha moved gates kept closed."""
-    blocks = sorted(log_alpha)
-    flat = torch.cat([log_alpha[b] for b in blocks])
-    moved = deterministic_gate(flat) < 1.0
-    order = torch.sort(torch.where(moved, flat, torch.full_like(flat, float("inf"))), stable=True).indices
-    kept = torch.full_like(flat, initial_log_alpha())
-    kept[order[:k]] = flat[order[:k]]
-    out, start = {}, 0
-    for b in blocks:
-        out[b] = deterministic_gate(kept[start:start + log_alpha[b].numel()])
-        start += log_alpha[b].numel()
-    return out
+    """Deterministic gate values with only the k most-closed moved gates kept (as --prune keeps them)."""
+    return {b: deterministic_gate(v) for b, v in keep_most_closed(log_alpha, k).items()}
 
 
 def main(argv=None):

@@ -268,26 +268,32 @@ def localize(
         seconds=time.perf_counter() - started, pruned=pruned)
 
 
+def keep_most_closed(log_alpha: dict[int, torch.Tensor], k: int) -> dict[int, torch.Tensor]:
+    """``log_alpha`` with only its k most-closed moved gates (lowest log_alpha, ties in block and
+    neuron order) kept and every other gate reopened (deterministic value exactly 1)."""
+    blocks = sorted(log_alpha)
+    flat = torch.cat([log_alpha[b] for b in blocks])
+    moved = deterministic_gate(flat) < 1.0
+    order = torch.sort(torch.where(moved, flat, torch.full_like(flat, float("inf"))), stable=True).indices
+    chosen = order[:min(k, int(moved.sum()))]
+    kept = torch.full_like(flat, initial_log_alpha())
+    kept[chosen] = flat[chosen]
+    out, start = {}, 0
+    for b in blocks:
+        out[b] = kept[start:start + log_alpha[b].numel()]
+        start += log_alpha[b].numel()
+    return out
+
+
 def smallest_passing_set(log_alpha: dict[int, torch.Tensor], check, progress=None
                          ) -> tuple[dict[int, torch.Tensor], dict]:
     """Keep only the k most-closed gates (lowest log_alpha) and reopen every other one, with the
     smallest k for which ``check`` still passes, found by bisection (``check`` passing is close to
     monotone in k: more closed gates forget more). Returns the pruned log_alpha and counts."""
-    blocks = sorted(log_alpha)
-    flat = torch.cat([log_alpha[b] for b in blocks])
-    moved = deterministic_gate(flat) < 1.0
-    order = torch.sort(torch.where(moved, flat, torch.full_like(flat, float("inf"))), stable=True).indices
-    total = int(moved.sum())
-    opened = torch.full_like(flat, initial_log_alpha())
+    total = sum(int((deterministic_gate(v) < 1.0).sum()) for v in log_alpha.values())
 
     def keep(k: int) -> dict[int, torch.Tensor]:
-        kept = opened.clone()
-        kept[order[:k]] = flat[order[:k]]
-        out, start = {}, 0
-        for b in blocks:
-            out[b] = kept[start:start + log_alpha[b].numel()]
-            start += log_alpha[b].numel()
-        return out
+        return keep_most_closed(log_alpha, k)
 
     low, high = 0, total                      # check(keep(high)) passed: it is the trained mask
     passing = getattr(check, "last", None)
