@@ -600,10 +600,8 @@ def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, b
 @click.option("--prune/--no-prune", default=DEFAULTS.prune, show_default=True,
               help="When the early stop fires, keep only the smallest set of most-closed gates that still "
                    "passes the check (bisection, a pass over the forget texts per probe) and reopen the rest.")
-def localize_cmd(input_path, model, device, dtype, device_map, trust_remote_code, output, epochs, lr,
-                 kl_weight, l0_weight, beta, forget_term, max_forget_loss, margin, target_ma, layers, max_length,
-                 batch_size, kl_top_k, seed, reference_path, reference_limit, reference_model, tolerance, stop_ma,
-                 stop_el, check_every, optimizer, prune):
+def localize_cmd(input_path, output, layers, reference_path, reference_limit, reference_model, tolerance, stop_ma,
+                 stop_el, target_ma, model, device, dtype, device_map, trust_remote_code, **training):
     """Train one gate per FFN neuron so that the forget texts become unlikely.
 
     INPUT holds records with "text" and "neighbors" (from `neumuter neighbors`). Every model
@@ -611,102 +609,36 @@ def localize_cmd(input_path, model, device, dtype, device_map, trust_remote_code
     gated block plus the model fingerprint, every hyper-parameter, the sha256 of the forget
     texts and the final losses) for `neumuter select`. Progress goes to stderr.
     """
-    import torch
-
-    from .localize import LocalizeConfig, forgetting_check, localize, mask_artifact
     from .artifacts import save_artifact
-    from .models import find_ffn_layers, parse_layers
+    from .localize import LocalizeConfig, StopRule, run_localize
     from .records import check_output, read_records
 
     if output == "-" and sys.stdout.isatty():
         raise click.UsageError("refusing to write a binary mask to a terminal: use -o FILE or a pipe")
     if input_path == "-" and sys.stdin.isatty():
         raise NeumuterError("no input: give a JSONL file or pipe one into stdin")
-    check_output(output, inputs=(input_path, reference_path))
-    records = read_records(input_path, require=("text", "neighbors"))
     if stop_el is not None and reference_path is None and stop_ma is None:
         raise click.UsageError("--stop-el needs --stop-ma or --reference")
     if reference_model is not None and (reference_path is not None or stop_ma is not None or stop_el is not None):
         raise click.UsageError("give --reference-model or --reference/--stop-ma/--stop-el, not both")
+    check_output(output, inputs=(input_path, reference_path))
+    records = read_records(input_path, require=("text", "neighbors"))
     # read before the model loads, so that a bad file fails in a second, not after the load
     reference_texts = None
     if reference_path is not None and stop_ma is None:
         reference_texts = [r["text"] for r in read_records(reference_path)][:reference_limit]
-    config = LocalizeConfig(epochs=epochs, lr=lr, kl_weight=kl_weight, l0_weight=l0_weight, beta=beta,
-                            forget_term=forget_term, max_forget_loss=max_forget_loss, margin=margin,
-                            max_length=max_length, batch_size=batch_size, kl_top_k=kl_top_k, seed=seed,
-                            check_every=check_every, optimizer=optimizer, prune=prune)
-    torch.manual_seed(seed)
+    stop = StopRule(reference_model, tolerance, reference_texts, stop_ma, stop_el, target_ma)
     lm, tokenizer = load_lm(model, device, dtype, device_map, trust_remote_code)
-    layers_all = find_ffn_layers(lm)
-    chosen = [layers_all[i] for i in parse_layers(layers, len(layers_all))]
-    targets = None
-    if reference_model is not None:
-        limits = _reference_model_limits(lm, tokenizer, records, reference_model, tolerance, max_length,
-                                         device, dtype, device_map, trust_remote_code, model)
-        if target_ma is None:
-            targets = limits["reference_ma"]
-    else:
-        limits = _stop_limits(lm, tokenizer, reference_texts, stop_ma, stop_el, max_length)
-    if target_ma is not None:
-        config.target_ma = target_ma
-    elif limits is not None and targets is None:
-        config.target_ma = limits["ma"] / 2
-    check = None
-    if limits is not None:
-        check = forgetting_check(lm, tokenizer, records, layers_all, limits, max_length, progress=progress)
-    progress(f"localize: {len(records)} forget texts, "
-             f"{sum(len(r['neighbors']) for r in records)} neighbours, "
-             f"{sum(layer.neurons for layer in chosen)} gates in {len(chosen)} blocks")
-    result = localize(lm, tokenizer, records, chosen, config, check=check, progress=progress, targets=targets)
-    tensors, metadata = mask_artifact(lm, layers_all, result, config, records, stop=limits)
-    save_artifact(tensors, metadata, output)
+    run = run_localize(lm, tokenizer, records, LocalizeConfig(**training), layers, stop,
+                       lambda name: load_lm(name, device, dtype, device_map, trust_remote_code), progress)
+    save_artifact(run.tensors, run.metadata, output)
+    result, last = run.result, run.last_check
     how = "stopped: every forget text below the thresholds" if result.stopped_early else "done"
     progress(f"{how} after {result.epochs_run} epochs, {result.seconds:.1f}s")
-    last = check.last if check is not None else None
     if last and (last["above"] or last["el_above"]):
-        still = last["above"] or last["el_above"]
-        progress(f"warning: {still} of {last['records']} forget texts are still above the "
-                 f"{'MA' if last['above'] else 'EL_10'} threshold at the last check: train longer (--epochs), "
+        progress(f"warning: {last['above'] or last['el_above']} of {last['records']} forget texts are still above "
+                 f"the {'MA' if last['above'] else 'EL_10'} threshold at the last check: train longer (--epochs), "
                  "or push harder (--eta 0, --target-ma 0); measure the result before you rely on it")
-
-
-def _reference_model_limits(lm, tokenizer, records, reference_model, tolerance, max_length, device, dtype,
-                            device_map, trust_remote_code, model):
-    from .localize import reference_model_limits
-    from .models import check_same_tokenizer
-
-    ref_lm, ref_tokenizer = load_lm(reference_model, device, dtype, device_map, trust_remote_code)
-    check_same_tokenizer(tokenizer, ref_tokenizer, model, f"reference model {reference_model}",
-                         [r["text"] for r in records])
-    limits = reference_model_limits(ref_lm, tokenizer, records, max_length, tolerance)
-    del ref_lm
-    ref = limits["reference_ma"]
-    progress(f"reference model: forget MA {sum(ref) / len(ref):.4f} (min {min(ref):.4f}, max {max(ref):.4f}); "
-             f"early stop when every forget text is at or below its reference MA + {tolerance:g}")
-    return limits
-
-
-def _stop_limits(lm, tokenizer, reference_texts, stop_ma, stop_el, max_length):
-    """Thresholds for the early stop: --stop-ma/--stop-el, else the MA threshold measured on
-    the --reference texts (teacher-forced, cheap; EL_10 is only checked when --stop-el gives it)."""
-    if reference_texts is None and stop_ma is None:
-        return None
-    limits = {}
-    if stop_ma is None:
-        from .measure import encode, memorization_accuracy
-
-        texts = reference_texts
-        values = memorization_accuracy(lm, encode(tokenizer, texts, max_length))
-        limits["ma"] = sum(values) / len(values)
-        progress(f"MA threshold {limits['ma']:.4f} (mean over {len(texts)} reference texts)")
-    else:
-        limits["ma"] = stop_ma
-    if stop_el is not None:
-        limits["el_10"] = stop_el
-    progress(f"early stop when every forget text has MA <= {limits['ma']:.4f}"
-             + (f" and EL_10 <= {stop_el:.4f}" if stop_el is not None else ""))
-    return limits
 
 
 @cli.command("relearn")

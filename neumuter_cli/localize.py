@@ -405,3 +405,99 @@ def reference_model_limits(reference_model, tokenizer, records: Sequence[dict], 
     reference_ma = memorization_accuracy(reference_model, ids)
     return {"ma": [min(1.0, ma + tolerance) for ma in reference_ma], "reference_ma": reference_ma,
             "tolerance": tolerance}
+
+
+# ---------------------------------------------------------------- the stage in one call
+
+@dataclass
+class StopRule:
+    """When and how far `localize` forgets. All None: it trains every epoch with no check.
+
+    ``reference_model``: a model that never saw the texts (loaded with ``load_reference``), the
+    per-text stop at its MA + ``tolerance``; ``reference_texts`` / ``stop_ma`` / ``stop_el``:
+    eq. 17's generic thresholds; ``target_ma``: the hinge's own target, overriding the default
+    (each text's reference MA, or half the eq. 17 threshold)."""
+
+    reference_model: str | None = None
+    tolerance: float = 0.05
+    reference_texts: Sequence[str] | None = None
+    stop_ma: float | None = None
+    stop_el: float | None = None
+    target_ma: float | None = None
+
+
+@dataclass
+class LocalizeRun:
+    tensors: dict[str, torch.Tensor]     # the mask file's tensors and metadata
+    metadata: dict
+    result: LocalizeResult
+    last_check: dict | None              # the forgetting check's counts for the mask as written
+
+
+def run_localize(model, tokenizer, records: Sequence[dict], config: LocalizeConfig, layers: str | None = None,
+                 stop: StopRule | None = None, load_reference: Callable[[str], tuple] | None = None,
+                 progress: Callable[[str], None] | None = None) -> LocalizeRun:
+    """The `localize` stage: gates on the blocks ``layers`` (SPEC like "10-16,21"; None: all),
+    stopped by ``stop``; returns the mask file's content."""
+    from .models import find_ffn_layers, parse_layers
+
+    stop = stop or StopRule()
+    say = progress or (lambda message: None)
+    torch.manual_seed(config.seed)
+    layers_all = find_ffn_layers(model)
+    chosen = [layers_all[i] for i in parse_layers(layers, len(layers_all))]
+    targets = None
+    if stop.reference_model is not None:
+        limits = _reference_model_limits(model, tokenizer, records, stop, config.max_length, load_reference, say)
+        targets = limits["reference_ma"] if stop.target_ma is None else None
+    else:
+        limits = _generic_limits(model, tokenizer, stop, config.max_length, say)
+    if stop.target_ma is not None:
+        config.target_ma = stop.target_ma
+    elif limits is not None and targets is None:
+        config.target_ma = limits["ma"] / 2
+    check = None
+    if limits is not None:
+        check = forgetting_check(model, tokenizer, records, layers_all, limits, config.max_length, progress=progress)
+    say(f"localize: {len(records)} forget texts, {sum(len(r['neighbors']) for r in records)} neighbours, "
+        f"{sum(layer.neurons for layer in chosen)} gates in {len(chosen)} blocks")
+    result = localize(model, tokenizer, records, chosen, config, check=check, progress=progress, targets=targets)
+    tensors, metadata = mask_artifact(model, layers_all, result, config, records, stop=limits)
+    return LocalizeRun(tensors, metadata, result, check.last if check is not None else None)
+
+
+def _reference_model_limits(model, tokenizer, records, stop: StopRule, max_length: int, load_reference, say) -> dict:
+    from .models import check_same_tokenizer
+
+    if load_reference is None:
+        raise NeumuterError("a reference model needs a loader")
+    reference, reference_tokenizer = load_reference(stop.reference_model)
+    check_same_tokenizer(tokenizer, reference_tokenizer, getattr(model, "neumuter_source", "the model"),
+                         f"reference model {stop.reference_model}", [r["text"] for r in records])
+    limits = reference_model_limits(reference, tokenizer, records, max_length, stop.tolerance)
+    del reference
+    ref = limits["reference_ma"]
+    say(f"reference model: forget MA {sum(ref) / len(ref):.4f} (min {min(ref):.4f}, max {max(ref):.4f}); "
+        f"early stop when every forget text is at or below its reference MA + {stop.tolerance:g}")
+    return limits
+
+
+def _generic_limits(model, tokenizer, stop: StopRule, max_length: int, say) -> dict | None:
+    """Eq. 17's thresholds: ``stop_ma``/``stop_el``, else the MA threshold measured on the
+    reference texts (teacher-forced, cheap; EL_10 is only checked when ``stop_el`` gives it)."""
+    if stop.reference_texts is None and stop.stop_ma is None:
+        return None
+    limits = {}
+    if stop.stop_ma is None:
+        from .measure import memorization_accuracy
+
+        values = memorization_accuracy(model, encode(tokenizer, stop.reference_texts, max_length))
+        limits["ma"] = sum(values) / len(values)
+        say(f"MA threshold {limits['ma']:.4f} (mean over {len(values)} reference texts)")
+    else:
+        limits["ma"] = stop.stop_ma
+    if stop.stop_el is not None:
+        limits["el_10"] = stop.stop_el
+    say(f"early stop when every forget text has MA <= {limits['ma']:.4f}"
+        + (f" and EL_10 <= {stop.stop_el:.4f}" if stop.stop_el is not None else ""))
+    return limits
