@@ -286,7 +286,7 @@ def _el_sizes(ctx, param, values):
               help="Cut every text to its first N tokens (the benchmark's sample length).")
 @click.option("--el-n", "el_ns", multiple=True, default=("10",), show_default=True, callback=_el_sizes,
               metavar="N[,N..]", help="n of EL_n; several allowed (5,10 or repeat the option); 0 skips EL.")
-@click.option("--reference", metavar="UNSEEN.jsonl",
+@click.option("--reference", "reference_path", metavar="UNSEEN.jsonl",
               help="Texts the model never saw: their mean MA and EL_n are the thresholds (eq. 17) "
                    "and their mean loss the anchor of the MIA distance (B.3).")
 @click.option("--thresholds", "thresholds_path", metavar="FILE.json",
@@ -303,14 +303,14 @@ def _el_sizes(ctx, param, values):
                    "or JSONL output of `measure INPUT --model REF` (same records in the same order, same "
                    "--max-length and --el-n; checked record by record). For PrivLeak it must be the JSON "
                    "output of a run with the same --holdout.")
-@click.option("--tolerance", type=click.FloatRange(0, 1), default=0.05, show_default=True,
+@click.option("--tolerance", type=FiniteFloat(0, 1), default=0.05, show_default=True,
               help="With a reference model: a record is forgotten when its MA and every EL_n are at most "
                    "the reference's + this, and over-forgotten when its MA is below the reference's - this.")
 @click.option("--holdout", "holdout_path", metavar="HOLDOUT.jsonl",
               help="Texts of the same kind that neither model trained on: the summary gives the AUC of "
                    "membership-inference attacks telling the records from them, and PrivLeak with a "
                    "reference model.")
-@click.option("--quantize", "quantize_type", type=click.Choice(list(QUANT_TYPES), case_sensitive=False),
+@click.option("--quantize", "quantize", type=click.Choice(list(QUANT_TYPES), case_sensitive=False),
               default=None, help="Round-trip every linear weight of the decoder blocks (attention and FFN "
                                  "projections; not embeddings, LM head or norms) through this llama.cpp "
                                  "format (gguf package) before measuring: is the text still forgotten once "
@@ -334,7 +334,7 @@ def _el_sizes(ctx, param, values):
               help="How far each window moves [default: the window, i.e. non-overlapping windows that "
                    "score all their tokens but the first]; a smaller stride scores each token once "
                    "with more context.")
-@click.option("--generations", "n_generations", type=click.IntRange(0), default=0, show_default=True,
+@click.option("--generations", "generations", type=click.IntRange(0), default=0, show_default=True,
               metavar="N", help="For the first N records, show the greedy continuation of the prefix "
                                 "beside the true suffix and where they part (the paper's Table 14).")
 @click.option("--prefix-tokens", type=click.IntRange(1), default=100, show_default=True,
@@ -347,10 +347,7 @@ def _el_sizes(ctx, param, values):
               show_default=True, help="auto: table on a terminal, jsonl otherwise.")
 @click.option("--output", "-o", default="-", show_default=True, metavar="FILE|-",
               help="Where the data goes (written atomically); - is stdout.")
-def measure_cmd(input_path, model, device, dtype, device_map, trust_remote_code, max_length, el_ns,
-                reference, thresholds_path, reference_model, reference_scores_path, tolerance, holdout_path,
-                quantize_type, quantize_reference, check, allow_over_forgotten, ppl_path, ppl_window, ppl_stride,
-                n_generations, prefix_tokens, new_tokens, batch_size, fmt, output):
+def measure_cmd(check, allow_over_forgotten, fmt, output, **options):
     """Measure how well a model remembers texts: MA, EL_n, loss; is it forgotten; MIA; perplexity.
 
     Reads records (JSONL with "text"; INPUT or - / nothing: stdin) and, per record, computes on
@@ -413,35 +410,26 @@ def measure_cmd(input_path, model, device, dtype, device_map, trust_remote_code,
     --allow-over-forgotten (the data is written first).
     """
     from .measure import MeasureConfig, run_measure
-    from .records import atomic_output
+    from .records import atomic_output, check_output
     from .render import summary_table, write_result
 
-    from .records import check_output
-
-    check_output(output, inputs=(input_path, reference, thresholds_path, ppl_path, holdout_path,
-                                 reference_scores_path))
-    judged = reference or thresholds_path or reference_model or reference_scores_path
+    config = MeasureConfig(**{**options, "quantize": options["quantize"] and options["quantize"].lower()})
+    check_output(output, inputs=(config.input_path, config.reference_path, config.thresholds_path, config.ppl_path,
+                                 config.holdout_path, config.reference_scores_path))
+    judged = config.reference_path or config.thresholds_path or config.reference_model or config.reference_scores_path
     if check and not judged:
         raise click.UsageError("--check needs --reference, --thresholds, --reference-model or --reference-scores "
                                "(the verdicts come from it)")
-    if allow_over_forgotten and not (reference_model or reference_scores_path):
+    if allow_over_forgotten and not (config.reference_model or config.reference_scores_path):
         raise click.UsageError("--allow-over-forgotten needs --reference-model or --reference-scores")
-    config = MeasureConfig(
-        model=model, input_path=input_path, device=device, dtype=dtype, device_map=device_map,
-        trust_remote_code=trust_remote_code, max_length=max_length, el_ns=el_ns, batch_size=batch_size,
-        reference_path=reference, thresholds_path=thresholds_path, reference_model=reference_model,
-        reference_scores_path=reference_scores_path, tolerance=tolerance, holdout_path=holdout_path,
-        quantize=quantize_type.lower() if quantize_type else None, quantize_reference=quantize_reference,
-        ppl_path=ppl_path, ppl_window=ppl_window, ppl_stride=ppl_stride, generations=n_generations,
-        prefix_tokens=prefix_tokens, new_tokens=new_tokens)
     try:
         config.validate()
     except NeumuterError as exc:
         raise click.UsageError(str(exc)) from None
     if fmt == "auto":
         fmt = "table" if output == "-" and sys.stdout.isatty() else "jsonl"
-    if input_path == "-" and sys.stdin.isatty():
-        if not ppl_path:
+    if config.input_path == "-" and sys.stdin.isatty():
+        if not config.ppl_path:
             raise NeumuterError("no input: give a JSONL file or pipe one into stdin")
         config.input_path = None             # perplexity alone: nothing to read on a terminal
 
@@ -452,7 +440,7 @@ def measure_cmd(input_path, model, device, dtype, device_map, trust_remote_code,
         write_result(result, fmt, out, click.style if fmt == "table" and output == "-" and sys.stdout.isatty()
                      else None)
     if fmt == "jsonl":
-        click.echo(summary_table(result.summary, el_ns), err=True)
+        click.echo(summary_table(result.summary, config.el_ns), err=True)
     if check:
         failed = False
         for labels, what in ((result.not_forgotten, "not forgotten"),
