@@ -28,7 +28,7 @@ class LocalizeConfig:
     batch_size: int = 1
     kl_top_k: int = 256              # 0: full vocabulary
     seed: int = 0
-    check_every: int = 5             # epochs between forgetting checks (when a check is given)
+    check_every: int = 1             # epochs between forgetting checks (one teacher-forced pass each)
     straight_through: bool = True    # gradient through the upper clamp of the gate
     optimizer: str = "adam"          # adam: a step per gate | shared-adam: one step size for all gates
     prune: bool = True               # after a passing check, keep the smallest top-ranked set that still passes
