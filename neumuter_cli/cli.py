@@ -700,6 +700,42 @@ def relearn_cmd(input_path, model, device, dtype, device_map, trust_remote_code,
              f"{result.losses[-1]:.4f} (first and last batch); checkpoint written to {output}")
 
 
+@cli.command("quantize")
+@model_options
+@click.option("--type", "qtype", type=click.Choice(list(QUANT_TYPES), case_sensitive=False), required=True,
+              help="The llama.cpp block format every linear weight of the decoder blocks goes through.")
+@click.option("--output", "-o", required=True, metavar="DIR",
+              help="Checkpoint directory to write (save_pretrained + tokenizer + neumuter.json).")
+@click.option("--force", is_flag=True, default=False,
+              help="Replace DIR if it holds a previous neumuter checkpoint (and nothing else).")
+def quantize_cmd(model, device, dtype, device_map, trust_remote_code, qtype, output, force):
+    """Write the model as llama.cpp would run it: every block weight quantised and back.
+
+    Each linear weight inside the decoder blocks (attention and FFN projections; not the
+    embeddings, the LM head or the norms) goes through the --type block format and back with
+    the gguf package's own quantisers, exactly as `measure --quantize` does, and the result is
+    saved as an ordinary float checkpoint. Use it to see what you deploy, or to unlearn on the
+    weights you will deploy when quantising brings forgotten text back:
+
+    \b
+      neumuter quantize -m LM --type q4_0 -o lm-q4/
+      neumuter localize nb.jsonl -m lm-q4/ --reference-model REF -o mask.safetensors
+      neumuter select mask.safetensors | neumuter apply -m lm-q4/ -o muted/
+      neumuter measure forget.jsonl -m muted/ --reference-model REF --quantize q4_0
+    """
+    from .apply import save_checkpoint
+    from .artifacts import check_output_dir
+    from .quantize import quantize_model, quantized_checkpoint_record
+
+    check_output_dir(output, force, protected=(model,))
+    lm, tokenizer = load_lm(model, device, dtype, device_map, trust_remote_code)
+    summary = quantize_model(lm, qtype.lower(), progress)
+    save_checkpoint(lm, tokenizer, output, quantized_checkpoint_record(lm, model, summary), force, protected=(model,))
+    progress(f"{summary['weights']} block weights ({summary['elements']:,} values) through {summary['type']}"
+             + (f", {len(summary['skipped'])} left as they are" if summary["skipped"] else "")
+             + f"; checkpoint written to {output}")
+
+
 def main():
     """The console entry (`neumuter`, `python -m neumuter_cli`)."""
     cli(prog_name="neumuter")
