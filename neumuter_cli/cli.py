@@ -99,10 +99,14 @@ def cli():
 
     \b
       neumuter neighbors forget.jsonl --mlm MLM > nb.jsonl
-      neumuter localize nb.jsonl --model LM > mask.safetensors
+      neumuter localize nb.jsonl --model LM --reference-model BASE > mask.safetensors
       neumuter select mask.safetensors > scales.safetensors
       neumuter apply scales.safetensors --model LM -o muted/
-      neumuter measure forget.jsonl --model muted/ --reference unseen.jsonl
+      neumuter measure forget.jsonl --model muted/ --reference-model BASE --check
+
+    BASE is a model that never saw the forget texts (the model before your fine-tune):
+    forgotten means "no better remembered than by BASE". Without one, --reference
+    unseen.jsonl uses the paper's generic threshold (eq. 17).
 
     Data goes to stdout or -o; progress and summaries go to stderr. Outputs are written
     atomically: an error or an interrupt leaves no partial file behind.
