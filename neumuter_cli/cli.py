@@ -685,8 +685,9 @@ def relearn_cmd(input_path, model, device, dtype, device_map, trust_remote_code,
 
     from .apply import save_checkpoint
     from .artifacts import check_output_dir
+    from .models import fingerprint
     from .records import read_records
-    from .relearn import check_config, ffn_fingerprint, first_halves as halve, provenance, relearn
+    from .relearn import check_config, first_halves as halve, provenance, relearn
 
     config = replace(RELEARN_DEFAULTS, steps=steps, lr=lr, batch_size=batch_size, layers=layers,
                      max_length=max_length, seed=seed)
@@ -695,7 +696,7 @@ def relearn_cmd(input_path, model, device, dtype, device_map, trust_remote_code,
     records = read_records(input_path)
     lm, tokenizer = load_lm(model, device, dtype, device_map, trust_remote_code)
     trained = halve(records, tokenizer, max_length) if first_halves else records
-    source_fingerprint = ffn_fingerprint(lm)
+    source_fingerprint = fingerprint(lm)
     result = relearn(lm, tokenizer, trained, config, progress=progress)
     record = provenance(lm, config, result, trained, model, source_fingerprint, input_records=records,
                         first_halves=first_halves)

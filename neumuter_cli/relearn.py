@@ -187,17 +187,6 @@ def first_halves(records: Sequence[dict], tokenizer, max_length: int | None = 20
     return out
 
 
-def ffn_fingerprint(model) -> str | None:
-    """The model fingerprint that mask and scales files record (None for a model whose FFNs
-    neumuter cannot gate: such a model can still be relearned)."""
-    from .models import describe, find_ffn_layers
-
-    try:
-        return describe(model, find_ffn_layers(model))["fingerprint"]
-    except NeumuterError:
-        return None
-
-
 def provenance(model, config: RelearnConfig, result: RelearnResult, records: Sequence[dict],
                source: str, source_fingerprint: str | None = None,
                input_records: Sequence[dict] | None = None, first_halves: bool = False) -> dict:
@@ -211,6 +200,7 @@ def provenance(model, config: RelearnConfig, result: RelearnResult, records: Seq
     whether those were the input's first halves."""
     from . import __version__
     from .apply import previous_records
+    from .models import fingerprint
     from .records import sha256_texts
 
     record = {
@@ -218,7 +208,7 @@ def provenance(model, config: RelearnConfig, result: RelearnResult, records: Seq
         "tool_version": __version__,
         "source_model": source,
         "source_fingerprint": source_fingerprint,
-        "fingerprint": ffn_fingerprint(model),
+        "fingerprint": fingerprint(model),
         "architecture": getattr(getattr(model, "config", None), "model_type", type(model).__name__),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "input_sha256": sha256_texts(r["text"] for r in (records if input_records is None else input_records)),
@@ -238,4 +228,4 @@ def provenance(model, config: RelearnConfig, result: RelearnResult, records: Seq
 
 
 __all__ = ["RelearnConfig", "RelearnResult", "relearn", "check_config", "data_order", "trainable_parameters",
-           "first_halves", "provenance", "ffn_fingerprint", "RelearnConfig"]
+           "first_halves", "provenance", "RelearnConfig"]
