@@ -11,7 +11,7 @@ from tabulate import tabulate
 from . import NeumuterError, __version__
 # torch-free: the options and --help are built from these defaults; the stages themselves (and
 # torch, transformers) are imported inside the commands, so that --help and completion are instant
-from .config import FORGET_TERMS, OPTIMIZERS, QUANT_TYPES, LocalizeConfig, NeighborsConfig, RelearnConfig
+from .config import FORGET_TERMS, LOCALIZE_METHODS, OPTIMIZERS, QUANT_TYPES, LocalizeConfig, NeighborsConfig, RelearnConfig
 from .errors import NonFiniteLoss, SettingError
 
 DEFAULTS = LocalizeConfig()
@@ -589,6 +589,14 @@ def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, b
               help="adam: each gate steps at the learning rate whatever the size of its gradient (the public "
                    "code); shared-adam: one step size for all gates, so gates move in proportion to their "
                    "gradients and only the ones that matter most close.")
+@click.option("--method", type=click.Choice(LOCALIZE_METHODS), default=DEFAULTS.method, show_default=True,
+              help="gates: train a Hard-Concrete gate per neuron (the paper). attribution: rank the neurons per "
+                   "text by -dCE/ds at s = 1 and keep, per text, the shortest prefix that reaches the stop "
+                   "(needs --reference-model, --reference or --stop-ma; no epochs).")
+@click.option("--max-per-text", type=click.IntRange(1), default=DEFAULTS.max_per_text, show_default=True,
+              help="attribution: the most neurons one text may take.")
+@click.option("--contrast", type=FiniteFloat(0), default=DEFAULTS.contrast, show_default=True,
+              help="attribution: subtract this times the neighbours' attribution from the text's.")
 @click.option("--prune/--no-prune", default=DEFAULTS.prune, show_default=True,
               help="When the early stop fires, keep only the smallest set of most-closed gates that still "
                    "passes the check (bisection, a pass over the forget texts per probe) and reopen the rest.")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 FORGET_TERMS = ("hinge", "bounded", "ascent")
+LOCALIZE_METHODS = ("gates", "attribution")
 OPTIMIZERS = ("shared-adam", "adam")
 
 #: the llama.cpp block formats `measure --quantize` offers: name -> gguf GGMLQuantizationType member
@@ -32,6 +33,9 @@ class LocalizeConfig:
     straight_through: bool = True    # gradient through the upper clamp of the gate
     optimizer: str = "adam"          # adam: a step per gate | shared-adam: one step size for all gates
     prune: bool = True               # after a passing check, keep the smallest top-ranked set that still passes
+    method: str = "gates"            # gates: train Hard-Concrete gates | attribution: per-text rankings (attribution.py)
+    max_per_text: int = 460          # attribution: the longest prefix of a text's ranking that is tried
+    contrast: float = 0.0            # attribution: weight of the neighbours' attribution subtracted
 
 
 @dataclass
@@ -64,4 +68,4 @@ class RelearnConfig:
     seed: int = 0
 
 
-__all__ = ["FORGET_TERMS", "OPTIMIZERS", "QUANT_TYPES", "LocalizeConfig", "NeighborsConfig", "RelearnConfig"]
+__all__ = ["FORGET_TERMS", "LOCALIZE_METHODS", "OPTIMIZERS", "QUANT_TYPES", "LocalizeConfig", "NeighborsConfig", "RelearnConfig"]

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import NeumuterError
-from .config import FORGET_TERMS, OPTIMIZERS, LocalizeConfig
+from .config import FORGET_TERMS, LOCALIZE_METHODS, OPTIMIZERS, LocalizeConfig
 from .errors import NonFiniteLoss, SettingError
 from .gates import GAMMA, ZETA, deterministic_gate, initial_log_alpha, l0_term, training_gate
 from .measure import check_context, encode
@@ -461,9 +461,36 @@ def run_localize(model, tokenizer, records: Sequence[dict], config: LocalizeConf
         check = forgetting_check(model, tokenizer, records, layers_all, limits, config.max_length, progress=progress)
     say(f"localize: {len(records)} forget texts, {sum(len(r['neighbors']) for r in records)} neighbours, "
         f"{sum(layer.neurons for layer in chosen)} gates in {len(chosen)} blocks")
-    result = localize(model, tokenizer, records, chosen, config, check=check, progress=progress, targets=targets)
+    if config.method == "attribution":
+        result = _by_attribution(model, tokenizer, records, chosen, config, limits, check, progress)
+    elif config.method == "gates":
+        result = localize(model, tokenizer, records, chosen, config, check=check, progress=progress, targets=targets)
+    else:
+        raise NeumuterError(f"unknown method {config.method!r} (choose {', '.join(LOCALIZE_METHODS)})")
     tensors, metadata = mask_artifact(model, layers_all, result, config, records, stop=limits)
     return LocalizeRun(tensors, metadata, result, check.last if check is not None else None)
+
+
+def _by_attribution(model, tokenizer, records, layers, config: LocalizeConfig, limits: dict | None, check,
+                    progress) -> LocalizeResult:
+    """The attribution method (attribution.py): per-text rankings cut where each text reaches its
+    stopping point; the forgetting check then scores the union, as for trained gates."""
+    from .attribution import localize_by_attribution
+
+    if limits is None:
+        raise NeumuterError("the attribution method needs a stopping point: a reference model, reference texts "
+                            "or an MA threshold")
+    forget_ids = encode(tokenizer, [r["text"] for r in records], config.max_length)
+    check_context(model, max(len(ids) for ids in forget_ids), "a forget text (use a smaller --max-length)")
+    neighbour_ids = [encode(tokenizer, r["neighbors"], config.max_length) for r in records] if config.contrast else []
+    per_text = limits["ma"] if isinstance(limits["ma"], (list, tuple)) else [limits["ma"]] * len(records)
+    found = localize_by_attribution(model, tokenizer, forget_ids, neighbour_ids, layers, per_text,
+                                    config.max_per_text, config.contrast, progress=progress)
+    check({b: deterministic_gate(la) for b, la in found.log_alpha.items()})
+    return LocalizeResult(log_alpha=found.log_alpha, losses={}, epochs_run=0, stopped_early=False,
+                          seconds=found.seconds,
+                          pruned={"per_text": found.per_text, "texts_not_reached": sum(not r for r in found.reached),
+                                  "probes": found.probes})
 
 
 def _reference_model_limits(model, tokenizer, records, stop: StopRule, max_length: int, load_reference, say) -> dict:

@@ -1,0 +1,165 @@
+"""Localise by per-text attribution instead of gate training (`localize --method attribution`).
+
+MemPi localises one sequence at a time. Here each forget text gets its own ranking of every FFN
+neuron by first-order attribution, −∂CE/∂s at s = 1 (s: a scale on the neuron's input to the
+down-projection; zeroing the neuron changes the text's loss by about that much). Optionally the
+same attribution on the text's neighbours is subtracted, so neurons that every text of this
+kind needs rank lower. Then each text keeps the smallest prefix of its own ranking that brings
+it to its stopping point (its reference model's MA + tolerance, or eq. 17's threshold), found by
+bisection, all texts at once: every probe is one batched teacher-forced pass in which each row
+carries its own scales. The mask is the union of those prefixes, closed, every other gate open.
+
+One forward and backward pass per text, then about log2(max_per_text) batched passes: no
+epochs. The cost is that nothing is learnt jointly: where the texts share their neurons the
+union forgets each of them further than its own prefix did.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import NeumuterError
+from .models import FFNLayer, gated, input_device
+
+#: log_alpha of a closed gate: its deterministic value is exactly 0
+CLOSED_LOG_ALPHA = -20.0
+
+
+@dataclass
+class AttributionResult:
+    log_alpha: dict[int, torch.Tensor]
+    per_text: list[int]            # prefix length each text needed (max_per_text when never reached)
+    reached: list[bool]            # whether that prefix brought the text to its stopping point
+    probes: int                    # batched passes of the bisection
+    seconds: float
+
+
+def _pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from .localize import pad
+
+    return pad(rows, pad_id)
+
+
+def _forward(model, layers, ids, mask, scales: list[torch.Tensor]):
+    """Logits with per-row scales ``scales[i]`` (rows, neurons) on layer i's neuron inputs."""
+    with gated(layers, lambda i: scales[i][:, None, :]):
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+def attribution(model, layers: Sequence[FFNLayer], ids_list: Sequence[Sequence[int]], pad_id: int,
+                batch_size: int = 8) -> torch.Tensor:
+    """(texts, neurons): −∂(mean token CE of text t)/∂s at s = 1, layers concatenated in order."""
+    device = input_device(model)
+    widths = [layer.neurons for layer in layers]
+    out = []
+    for start in range(0, len(ids_list), batch_size):
+        rows = ids_list[start:start + batch_size]
+        ids, mask = (t.to(device) for t in _pad(rows, pad_id))
+        scales = [torch.ones(len(rows), w, device=device, requires_grad=True) for w in widths]
+        logits = _forward(model, layers, ids, mask, scales)[:, :-1].float()
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                             reduction="none").view(len(rows), -1)
+        weight = mask[:, 1:].float()
+        ((ce * weight).sum(1) / weight.sum(1).clamp(min=1)).sum().backward()
+        out.append(-torch.cat([s.grad for s in scales], dim=1).detach().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def row_ma(model, layers, ids, mask, scales) -> list[float]:
+    logits = _forward(model, layers, ids, mask, scales)
+    weight = mask[:, 1:].double()
+    hits = (logits[:, :-1].argmax(-1) == ids[:, 1:]).double() * weight
+    return (hits.sum(1) / weight.sum(1).clamp(min=1)).tolist()     # exact ratios, as memorization_accuracy
+
+
+def localize_by_attribution(model, tokenizer, forget_ids: Sequence[Sequence[int]],
+                            neighbour_ids: Sequence[Sequence[Sequence[int]]], layers: Sequence[FFNLayer],
+                            limits: Sequence[float], max_per_text: int, contrast: float = 0.0,
+                            batch_size: int = 8, progress: Callable[[str], None] | None = None
+                            ) -> AttributionResult:
+    """Per-text attribution rankings and their smallest passing prefixes (module docstring).
+
+    ``limits``: one MA per text, its stopping point. ``contrast``: weight of the neighbours'
+    mean attribution subtracted from the text's."""
+    say = progress or (lambda message: None)
+    if not forget_ids:
+        raise NeumuterError("no forget records")
+    if len(limits) != len(forget_ids):
+        raise NeumuterError(f"{len(limits)} limits for {len(forget_ids)} forget texts")
+    if max_per_text < 1:
+        raise NeumuterError(f"max_per_text must be >= 1, not {max_per_text}")
+    started = time.perf_counter()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = input_device(model)
+    widths = [layer.neurons for layer in layers]
+    total = sum(widths)
+    max_per_text = min(max_per_text, total)
+    scores = attribution(model, layers, forget_ids, pad_id, batch_size)
+    if contrast:
+        flat = [ids for group in neighbour_ids for ids in group]
+        owner = torch.tensor([t for t, group in enumerate(neighbour_ids) for _ in group])
+        if flat:
+            nb = attribution(model, layers, flat, pad_id, batch_size)
+            mean = torch.zeros_like(scores).index_add_(0, owner, nb)
+            counts = torch.bincount(owner, minlength=len(forget_ids)).clamp(min=1)
+            scores = scores - contrast * mean / counts[:, None]
+    if not torch.isfinite(scores).all():
+        raise NeumuterError("the attribution is not finite (the model gives non-finite losses)")
+    say(f"attribution: {len(forget_ids)} texts ranked over {total} neurons ({time.perf_counter() - started:.1f}s)")
+    # ranking[t] = neuron indices (layers concatenated) of text t, most important first; ties by index
+    ranking = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :max_per_text]
+
+    ids, mask = (t.to(device) for t in _pad(forget_ids, pad_id))
+
+    def probe(prefix: list[int]) -> list[bool]:
+        passed = []
+        for start in range(0, len(prefix), batch_size):
+            rows = list(range(start, min(start + batch_size, len(prefix))))
+            flat = torch.ones(len(rows), total)
+            for r, t in enumerate(rows):
+                flat[r, ranking[t, :prefix[t]]] = 0.0
+            scales = [s.to(device) for s in torch.split(flat, widths, dim=1)]
+            width = int(mask[rows].sum(1).max())
+            values = row_ma(model, layers, ids[rows, :width], mask[rows, :width], scales)
+            passed.extend(v <= limits[t] + 1e-9 for v, t in zip(values, rows))
+        return passed
+
+    n = len(forget_ids)
+    low, high = [0] * n, [max_per_text] * n     # invariant: prefix low fails, prefix high passes
+    probes = 0
+    at_zero = probe([0] * n)
+    at_max = probe([max_per_text] * n)
+    probes += 2
+    reached = list(at_max)
+    for t in range(n):
+        if at_zero[t]:
+            high[t] = 0
+        elif not at_max[t]:
+            low[t] = high[t] = max_per_text
+    while any(h - lo > 1 for lo, h in zip(low, high)):
+        middle = [(lo + h) // 2 if h - lo > 1 else h for lo, h in zip(low, high)]
+        passed = probe(middle)
+        probes += 1
+        for t in range(n):
+            if high[t] - low[t] > 1:
+                if passed[t]:
+                    high[t] = middle[t]
+                else:
+                    low[t] = middle[t]
+        say(f"  bisection {probes}: prefixes {min(high)}..{max(high)} neurons per text "
+            f"({time.perf_counter() - started:.1f}s)")
+    chosen = torch.zeros(total, dtype=torch.bool)
+    for t in range(n):
+        chosen[ranking[t, :high[t]]] = True
+    from .gates import initial_log_alpha
+
+    flat = torch.where(chosen, torch.tensor(CLOSED_LOG_ALPHA), torch.tensor(initial_log_alpha()))
+    log_alpha = {layer.index: part.clone() for layer, part in zip(layers, torch.split(flat, widths))}
+    say(f"attribution: {int(chosen.sum())} neurons in the union of {n} prefixes "
+        f"({sum(not r for r in reached)} texts not at their stopping point within {max_per_text} neurons)")
+    return AttributionResult(log_alpha, high, reached, probes, time.perf_counter() - started)

@@ -1,0 +1,98 @@
+"""localize --method attribution: per-text rankings by -dCE/ds, cut where each text is forgotten."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+from helpers import PEOPLE, UNSEEN, tiny_model, train_memorizer
+from neumuter_cli.artifacts import load_artifact
+from neumuter_cli.attribution import attribution, localize_by_attribution, row_ma
+from neumuter_cli.cli import cli
+from neumuter_cli.models import find_ffn_layers, gated, load_model
+
+
+@pytest.fixture(scope="module")
+def memorizer(tmp_path_factory):
+    path = tmp_path_factory.mktemp("attr-mem")
+    train_memorizer(path, steps=150)
+    return str(path)
+
+
+def slow_attribution(model, layers, ids):
+    """One text, no padding: -d(mean CE)/d(scale) of every neuron, layers concatenated."""
+    scales = [torch.ones(layer.neurons, requires_grad=True) for layer in layers]
+    with gated(layers, lambda i: scales[i]):
+        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+    F.cross_entropy(logits, torch.tensor(ids[1:])).backward()
+    return -torch.cat([s.grad for s in scales])
+
+
+def test_batched_attribution_equals_one_text_at_a_time():
+    model = tiny_model("llama")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers = find_ffn_layers(model)
+    texts = [[5, 9, 11, 3, 7, 2], [4, 8, 1], [6, 6, 10, 12, 2]]      # unequal lengths: padding matters
+    batched = attribution(model, layers, texts, pad_id=0, batch_size=2)
+    assert batched.shape == (3, sum(layer.neurons for layer in layers))
+    for row, ids in zip(batched, texts):
+        torch.testing.assert_close(row, slow_attribution(model, layers, ids), rtol=1e-4, atol=1e-6)
+
+
+def test_each_prefix_is_the_shortest_that_reaches_its_limit(memorizer):
+    model, tokenizer = load_model(memorizer, device="cpu")
+    layers = find_ffn_layers(model)
+    ids = [tokenizer(t).input_ids for t in PEOPLE[:3]]
+    reference = [0.8, 0.7, 0.6]
+    found = localize_by_attribution(model, tokenizer, ids, [], layers, reference, max_per_text=512)
+    ranking = torch.sort(attribution(model, layers, ids, 0), dim=1, descending=True, stable=True).indices
+    widths = [layer.neurons for layer in layers]
+
+    def ma_with(t, k):
+        flat = torch.ones(1, sum(widths))
+        flat[0, ranking[t, :k]] = 0.0
+        x = torch.tensor([ids[t]])
+        return row_ma(model, layers, x, torch.ones_like(x), list(torch.split(flat, widths, dim=1)))[0]
+
+    for t, k in enumerate(found.per_text):
+        assert found.reached[t]
+        assert ma_with(t, k) <= reference[t]
+        assert k == 0 or ma_with(t, k - 1) > reference[t]
+    union = torch.cat([found.log_alpha[layer.index] for layer in layers]) < 0
+    expected = set()
+    for t, k in enumerate(found.per_text):
+        expected |= set(ranking[t, :k].tolist())
+    assert set(torch.nonzero(union).flatten().tolist()) == expected
+
+
+def test_the_command_writes_a_mask_that_select_turns_into_exactly_the_union(memorizer, tmp_path):
+    nb = tmp_path / "nb.jsonl"
+    nb.write_text("".join(json.dumps({"text": t, "neighbors": [UNSEEN[0]]}) + "\n" for t in PEOPLE[:2]))
+    mask, scales = tmp_path / "mask.safetensors", tmp_path / "scales.safetensors"
+    runner = CliRunner()
+    result = runner.invoke(cli, ["localize", str(nb), "-m", memorizer, "--method", "attribution", "--stop-ma", "0.3",
+                                 "--contrast", "1", "-o", str(mask), "--device", "cpu"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "0 of 2 forget texts above the MA threshold 0.3000" in result.stderr
+    tensors, meta = load_artifact(str(mask), kind="neumuter-mask")
+    closed = sum(int((t < 0).sum()) for t in tensors.values())
+    assert meta["hyperparameters"]["method"] == "attribution" and meta["epochs_run"] == 0
+    assert closed > 0
+    result = runner.invoke(cli, ["select", str(mask), "-o", str(scales)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    chosen, _ = load_artifact(str(scales), kind="neumuter-scales")
+    assert sum(int((t == 0).sum()) for t in chosen.values()) == closed
+    assert sum(int((t != 1).sum()) for t in chosen.values()) == closed
+
+
+def test_attribution_without_a_stopping_point_is_refused(memorizer, tmp_path):
+    nb = tmp_path / "nb.jsonl"
+    nb.write_text(json.dumps({"text": PEOPLE[0], "neighbors": [UNSEEN[0]]}) + "\n")
+    result = CliRunner().invoke(cli, ["localize", str(nb), "-m", memorizer, "--method", "attribution",
+                                      "-o", str(tmp_path / "m.safetensors"), "--device", "cpu"])
+    assert result.exit_code == 3
+    assert result.stderr.strip().splitlines()[-1] == (
+        "Error: the attribution method needs a stopping point: a reference model, reference texts or an MA threshold")
+    assert not (tmp_path / "m.safetensors").exists()
