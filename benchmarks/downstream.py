@@ -356,47 +356,53 @@ def continuation_loglikelihoods(model, requests: Sequence[tuple[Sequence[int], S
                                 batch_size: int = 16, max_length: int | None = None,
                                 progress: ProgressFn = None) -> list[tuple[float, bool]]:
     """(log p(continuation | context), whether every continuation token is the greedy one) of
-    each (context ids, continuation ids) request, in one forward pass per request, batched.
+    each (context ids, continuation ids) request, batched.
 
-    Requests are sorted by length (longest first); a batch is right-padded with an attention
+    One forward pass per distinct model input (context + continuation without its last token):
+    requests with the same input, such as BoolQ's one-token " no" and " yes", read their
+    log-probs from the same logits (lm-eval's one-token-continuation cache does the same).
+    Inputs are sorted by length (longest first); a batch is right-padded with an attention
     mask, which leaves every real position as an unpadded pass computes it (causal attention).
     A request longer than ``max_length + 1`` tokens (default: the model's context) loses its
     first tokens, as lm-eval truncates."""
     max_length = max_length or model_context(model, cap=1 << 30)
     device = input_device(model)
     vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else 1
-    inputs = []
+    inputs: dict[tuple[int, ...], list[int]] = {}    # model input -> the requests it serves
     for k, (ctx, cont) in enumerate(requests):
         if not cont:
             raise NeumuterError(f"request {k + 1} has an empty continuation after tokenisation")
         if len(cont) > max_length:
             raise NeumuterError(f"request {k + 1}: its continuation of {len(cont)} tokens is longer than "
                                 f"the model's context ({max_length})")
-        inputs.append((list(ctx) + list(cont))[-(max_length + 1):][:-1])
-    order = sorted(range(len(requests)), key=lambda k: (-len(inputs[k]), k))
+        inputs.setdefault(tuple((list(ctx) + list(cont))[-(max_length + 1):][:-1]), []).append(k)
+    unique = list(inputs)
+    order = sorted(range(len(unique)), key=lambda u: (-len(unique[u]), u))
     results: list[tuple[float, bool] | None] = [None] * len(requests)
-    start = 0
+    start = done = 0
     while start < len(order):
-        longest = len(inputs[order[start]])
+        longest = len(unique[order[start]])
         size = max(1, min(batch_size, LOGIT_BUDGET // max(1, longest * vocab)))
         batch = order[start:start + size]
         start += len(batch)
-        lengths = [len(inputs[k]) for k in batch]
+        lengths = [len(unique[u]) for u in batch]
         x = torch.zeros(len(batch), longest, dtype=torch.long)
         mask = torch.zeros(len(batch), longest, dtype=torch.long)
-        for row, k in enumerate(batch):
-            x[row, :lengths[row]] = torch.tensor(inputs[k], dtype=torch.long)
+        for row, u in enumerate(batch):
+            x[row, :lengths[row]] = torch.tensor(unique[u], dtype=torch.long)
             mask[row, :lengths[row]] = 1
         kwargs = {"attention_mask": mask.to(device)} if min(lengths) != longest else {}
         logits = model(input_ids=x.to(device), use_cache=False, **kwargs).logits
-        for row, k in enumerate(batch):
-            cont = torch.tensor(requests[k][1], dtype=torch.long, device=logits.device)
-            # the logits at position t predict token t+1: the continuation's come from its last len(cont) inputs
-            scored = logits[row, lengths[row] - len(cont):lengths[row]].float().log_softmax(-1)
-            loglikelihood = scored.gather(-1, cont[:, None]).sum().item()
-            results[k] = (loglikelihood, bool((scored.argmax(-1) == cont).all()))
+        for row, u in enumerate(batch):
+            for k in inputs[unique[u]]:
+                cont = torch.tensor(requests[k][1], dtype=torch.long, device=logits.device)
+                # the logits at position t predict token t+1: the continuation's come from its last len(cont) inputs
+                scored = logits[row, lengths[row] - len(cont):lengths[row]].float().log_softmax(-1)
+                loglikelihood = scored.gather(-1, cont[:, None]).sum().item()
+                results[k] = (loglikelihood, bool((scored.argmax(-1) == cont).all()))
+                done += 1
         if progress:
-            progress(f"{start}/{len(order)} continuations")
+            progress(f"{done}/{len(requests)} continuations")
     return results  # type: ignore[return-value]
 
 

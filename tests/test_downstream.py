@@ -274,6 +274,7 @@ class NextTokenLM(torch.nn.Module):
         self.embed = torch.nn.Embedding(self.vocab, 1)
         self.head = torch.nn.Linear(1, self.vocab)
         self.config = SimpleNamespace(max_position_embeddings=64)
+        self.rows = 0     # sequences seen by forward, padded or not
 
     def get_input_embeddings(self):
         return self.embed
@@ -282,6 +283,7 @@ class NextTokenLM(torch.nn.Module):
         return self.head
 
     def forward(self, input_ids, attention_mask=None, use_cache=False):
+        self.rows += input_ids.shape[0]
         return SimpleNamespace(logits=F.one_hot((input_ids + 1) % self.vocab, self.vocab).float() * self.margin)
 
 
@@ -295,6 +297,19 @@ def test_last_word_is_correct_only_when_every_token_is_greedy():
     sure = -math.log1p((NextTokenLM.vocab - 1) * math.exp(-NextTokenLM.margin))  # log p of the predicted token
     assert results[0][0] == pytest.approx(2 * sure, rel=1e-5)
     assert results[1][0] == pytest.approx(sure + sure - NextTokenLM.margin, rel=1e-5)
+
+
+def test_requests_with_the_same_input_share_one_forward():
+    model = NextTokenLM()
+    # BoolQ's case: one context, one-token options; and two 2-token options that share their first token
+    requests = [([1, 2, 3], [4]), ([1, 2, 3], [9]), ([5, 6], [7, 8]), ([5, 6], [7, 2]), ([5, 6], [3, 4])]
+    results = ds.continuation_loglikelihoods(model, requests, batch_size=8)
+    assert model.rows == 3            # inputs [1, 2, 3], [5, 6, 7], [5, 6, 3]
+    sure = -math.log1p((NextTokenLM.vocab - 1) * math.exp(-NextTokenLM.margin))
+    miss = NextTokenLM.margin
+    expected = [sure, sure - miss, 2 * sure, 2 * sure - miss, 2 * sure - miss]    # [3, 4]: 3 is a miss, 4 follows 3
+    assert [ll for ll, _ in results] == pytest.approx(expected, rel=1e-5)
+    assert [g for _, g in results] == [True, False, True, False, False]
 
 
 def test_lambada_reader_keeps_the_first_request_of_each_native_id():
