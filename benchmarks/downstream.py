@@ -545,10 +545,11 @@ def render_table(result: dict) -> str:
                      f"{r['perplexity']:.2f}" if "perplexity" in r else ""])
     lines = [tabulate(rows, headers=["task", "items", "acc", "acc_norm", "perplexity"])] if rows else []
     if "mean_acc" in result:
-        lines.append(f"mean acc over {len(rows)} tasks: {result['mean_acc']:.3f}")
+        lines.append(f"mean acc over {len(rows)} task{'s' * (len(rows) != 1)}: {result['mean_acc']:.3f}")
     if "wiki" in result:
         w = result["wiki"]
-        lines.append(f"wiki perplexity: {w['perplexity']:.2f} ({w['windows']} windows of {w['window']} tokens)")
+        lines.append(f"wiki perplexity: {w['perplexity']:.2f} ({w['windows']} window{'s' * (w['windows'] != 1)} "
+                     f"of {w['window']} tokens)")
     lines.append(f"{result['seconds']:.1f} s")
     return "\n".join(lines)
 
@@ -591,6 +592,8 @@ def main(argv=None) -> int:
             raise NeumuterError("--batch-size must be at least 1")
         if args.wiki_windows < 0:
             raise NeumuterError("--wiki-windows must be 0 (skip) or more")
+        if not tasks and not args.wiki_windows:
+            raise NeumuterError("nothing to measure: --tasks is empty and --wiki-windows is 0")
         data = TaskData.locate(args.data, say)
         data.prefetch(tasks, wiki=args.wiki_windows > 0)   # a missing file fails before the model loads
         from neumuter_cli.models import load_model

