@@ -132,11 +132,11 @@ def run(args) -> dict:
                  256, args.tolerance)
     downstream = None
     if args.downstream:
-        from downstream import downstream_accuracy
+        from downstream import TaskData, downstream_accuracy
 
         tasks = [t for t in args.downstream.split(",") if t]
-        downstream = lambda m, tok: downstream_accuracy(m, tok, tasks, args.downstream_limit,  # noqa: E731
-                                                        args.downstream_data)
+        data = TaskData.locate(args.downstream_data, say)     # loaded once, reused by every row
+        downstream = lambda m, tok: downstream_accuracy(m, tok, tasks, args.downstream_limit, data)  # noqa: E731
 
     say(f"base model {args.base}")
     base, _ = load_model(args.base, device="cpu")
