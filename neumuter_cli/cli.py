@@ -506,7 +506,7 @@ def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, b
     import itertools
 
     from .neighbors import NeighborWriter, load_mlm
-    from .records import atomic_output, check_output, dumps_record, iter_records
+    from .records import atomic_output, check_output, iter_records, record_writer
 
     if input_path == "-" and sys.stdin.isatty():
         raise NeumuterError("no input: give a JSONL file or pipe one into stdin")
@@ -520,10 +520,8 @@ def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, b
     if temperature == 0 and ratio == 1 and k > 1:
         progress(f"warning: with --temperature 0 and -r 1 the {k} neighbours of a record "
                  "are identical (use --temperature > 0 for distinct ones)")
-    with atomic_output(output, "w") as out:
-        for record in writer.records(itertools.chain([first], records)):
-            out.write(dumps_record(record) + "\n")
-            out.flush()
+    with atomic_output(output, "w") as out, record_writer(out, flush=True) as lines:
+        lines.write_all(writer.records(itertools.chain([first], records)))
     progress(f"neighbors: {writer.rewrites} tokens rewritten in {writer.calls} MLM calls")
 
 

@@ -44,6 +44,7 @@ turns its conventional AUCs into MUSE's with 1 - x).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import zlib
@@ -189,15 +190,16 @@ def _load_json_or_jsonl(path: str):
         return json.loads(content)
     except json.JSONDecodeError:
         pass
-    rows = []
-    for lineno, line in enumerate(content.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise NeumuterError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
-    return rows
+    import jsonlines
+
+    # lines end at \n, \r\n or \r only: measure writes U+2028 and the like raw inside strings
+    reader = jsonlines.Reader(io.StringIO(content, newline=None), loads=json.loads)
+    try:
+        return list(reader.iter(skip_empty=True, allow_none=True))
+    except jsonlines.InvalidLineError as exc:
+        cause = exc.__cause__
+        raise NeumuterError(f"{path}:{exc.lineno}: invalid JSON "
+                            f"({cause.msg if isinstance(cause, json.JSONDecodeError) else cause})") from None
 
 
 def read_reference_scores(path: str, texts: Sequence[str], el_ns: Sequence[int]) -> dict:
