@@ -41,10 +41,9 @@ import gc
 import inspect
 import json
 import math
-import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +51,7 @@ import torch.nn.functional as F
 from . import NeumuterError
 from .fastpaths import roomy_cache
 from .models import input_device
-
-ProgressFn = Callable[[str], None] | None
+from .progress import ProgressFn, steps, throttled
 
 #: cap on the logits one teacher-forced forward may hold (batch × length × vocab floats)
 LOGIT_BUDGET = 1 << 27
@@ -181,6 +179,7 @@ def teacher_forced(model, ids_list: Sequence[Sequence[int]], batch_size: int = 3
     order = sorted(range(len(ids_list)), key=lambda k: -len(ids_list[k]))
     results: list[TeacherForced | None] = [None] * len(ids_list)
     start = 0
+    tracker = steps(progress, len(order), "teacher-forced", "text")
     while start < len(order):
         longest = len(ids_list[order[start]])
         size = max(1, min(batch_size, LOGIT_BUDGET // max(1, longest * vocab)))
@@ -204,8 +203,8 @@ def teacher_forced(model, ids_list: Sequence[Sequence[int]], batch_size: int = 3
             results[k] = TeacherForced(preds[row, :n].tolist(), nll[row, :n].tolist())
             if stats:
                 results[k].mu, results[k].sigma = _vocab_stats(logits[row, :n])
-        if progress:
-            progress(f"teacher-forced: {start if start < len(order) else len(order)}/{len(order)} texts")
+        tracker.advance(len(batch), f"teacher-forced: {min(start, len(order))}/{len(order)} texts")
+    tracker.close()
     return results  # type: ignore[return-value]
 
 
@@ -241,13 +240,14 @@ def greedy_continuations(model, rows: Sequence[tuple[Sequence[int], int]], batch
     if todo:
         check_context(model, max(len(rows[j][0]) + rows[j][1] - 1 for j in todo), "a generation")
     done = 0
+    tracker = steps(progress, len(todo), "greedy generation", "continuation")
     for first in range(0, len(todo), batch_size):
         batch = todo[first:first + batch_size]
         for j, tokens in zip(batch, _lockstep_batch(model, [rows[j] for j in batch])):
             results[j] = tokens
         done += len(batch)
-        if progress:
-            progress(f"greedy generation: {done}/{len(todo)} continuations")
+        tracker.advance(len(batch), f"greedy generation: {done}/{len(todo)} continuations")
+    tracker.close()
     return results  # type: ignore[return-value]
 
 
@@ -717,20 +717,6 @@ class MeasureResult:
         return [record_label(r, k) for k, r in enumerate(self.records) if r.get("over_forgotten")]
 
 
-def _throttled(progress: ProgressFn, every: float = 2.0) -> ProgressFn:
-    """``progress`` at most once per ``every`` seconds (for the inner loops)."""
-    if progress is None:
-        return None
-    last = [-math.inf]
-
-    def say(message: str) -> None:
-        now = time.monotonic()
-        if now - last[0] >= every:
-            last[0] = now
-            progress(message)
-    return say
-
-
 def _free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -810,7 +796,7 @@ def run_measure(config: MeasureConfig, progress: ProgressFn = None) -> MeasureRe
 
     config.validate()
     say = progress or (lambda message: None)
-    inner = _throttled(progress)
+    inner = throttled(progress)
     el_ns = tuple(config.el_ns)
 
     # 1. every input, before any model
