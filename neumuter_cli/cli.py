@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import sys
 
 import click
@@ -317,6 +318,12 @@ def _el_sizes(ctx, param, values):
     return tuple(sizes)
 
 
+def _png_path(ctx, param, value):
+    if value is not None and (value == "-" or not value.lower().endswith(".png")):
+        raise click.BadParameter("give a file name ending in .png")
+    return value
+
+
 @cli.command("measure")
 @click.argument("input_path", default="-", metavar="[INPUT|-]")
 @model_options
@@ -385,8 +392,13 @@ def _el_sizes(ctx, param, values):
               show_default=True, help="auto: table on a terminal, jsonl otherwise.")
 @click.option("--output", "-o", default="-", show_default=True, metavar="FILE|-",
               help="Where the data goes (written atomically); - is stdout.")
+@click.option("--plot", "plot_path", metavar="FILE.png", callback=_png_path,
+              help="Also draw the result to this PNG (written atomically): each record's MA against its "
+                   "reference model's MA on it (or eq. 17's threshold), forgotten / over-forgotten / kept in "
+                   "their own colours, and with --holdout the ROC curves of the membership-inference attacks. "
+                   "Needs matplotlib: pip install 'neumuter[plot]'.")
 @quiet_option
-def measure_cmd(check, allow_over_forgotten, fmt, output, **options):
+def measure_cmd(check, allow_over_forgotten, fmt, output, plot_path, **options):
     """Measure how well a model remembers texts: MA, EL_n, loss; is it forgotten; MIA; perplexity.
 
     Reads records (JSONL with "text"; INPUT or - / nothing: stdin) and, per record, computes on
@@ -449,13 +461,20 @@ def measure_cmd(check, allow_over_forgotten, fmt, output, **options):
     --allow-over-forgotten (the data is written first).
     """
     from .measure import MeasureConfig, run_measure
+    from .plots import plot_measure, require_matplotlib
     from .progress import follow_in_transformers
     from .records import atomic_output, check_output
     from .render import summary_table, write_result
 
     config = MeasureConfig(**{**options, "quantize": options["quantize"] and options["quantize"].lower()})
-    check_output(output, inputs=(config.input_path, config.reference_path, config.thresholds_path, config.ppl_path,
-                                 config.holdout_path, config.reference_scores_path))
+    inputs = (config.input_path, config.reference_path, config.thresholds_path, config.ppl_path,
+              config.holdout_path, config.reference_scores_path)
+    check_output(output, inputs=inputs)
+    if plot_path:
+        if output != "-" and os.path.abspath(output) == os.path.abspath(plot_path):
+            raise click.UsageError("--plot and --output name the same file")
+        check_output(plot_path, inputs=inputs)
+        require_matplotlib()                 # before the model loads, not after the measurement
     judged = config.reference_path or config.thresholds_path or config.reference_model or config.reference_scores_path
     if check and not judged:
         raise click.UsageError("--check needs --reference, --thresholds, --reference-model or --reference-scores "
@@ -480,6 +499,11 @@ def measure_cmd(check, allow_over_forgotten, fmt, output, **options):
     with atomic_output(output, "w") as out:
         write_result(result, fmt, out, click.style if fmt == "table" and output == "-" and sys.stdout.isatty()
                      else None)
+    if plot_path:
+        source = "<stdin>" if config.input_path == "-" else config.input_path
+        plot_measure(result, plot_path, f"{config.model} on {source}"
+                     + (f" ({config.quantize} weights)" if config.quantize else ""))
+        progress(f"figure written to {plot_path}")
     if fmt == "jsonl":
         progress(summary_table(result.summary, config.el_ns))
     if check:

@@ -697,11 +697,16 @@ class MeasureConfig:
 
 @dataclass
 class MeasureResult:
-    """The measured records (input keys kept, metrics added) and the summary."""
+    """The measured records (input keys kept, metrics added) and the summary. With a holdout,
+    ``mia_scores`` holds every text's membership scores (``mia.MIA_SCORES``, higher = more
+    member-like): ``{"records": [...], "holdout": [...]}`` under the model, plus
+    ``"ref_records"`` and ``"ref_holdout"`` under a reference model (not from saved scores);
+    the ROC curves are drawn from them (``plots.plot_measure``)."""
 
     records: list[dict]
     summary: dict
     el_ns: tuple[int, ...]
+    mia_scores: dict | None = None
 
     @property
     def judged(self) -> bool:
@@ -866,6 +871,7 @@ def run_measure(config: MeasureConfig, progress: ProgressFn = None) -> MeasureRe
 
     # 3. the reference model, alone in memory, on the same token ids
     ref_results = ref_aucs = ref_quantized = None
+    scores = {"records": member_scores, "holdout": holdout_scores} if with_mia else None
     if config.reference_model:
         del lm, tfs
         _free_memory()
@@ -877,7 +883,9 @@ def run_measure(config: MeasureConfig, progress: ProgressFn = None) -> MeasureRe
         if with_mia:
             say(f"scoring the {len(holdout_ids)} holdout texts under the reference model")
             ref_holdout = teacher_forced(ref_lm, holdout_ids, config.batch_size, inner, stats=True)
-            ref_aucs = mia.aucs(_mia_scores(ref_tfs, compressed), _mia_scores(ref_holdout, holdout_compressed))
+            scores.update(ref_records=_mia_scores(ref_tfs, compressed),
+                          ref_holdout=_mia_scores(ref_holdout, holdout_compressed))
+            ref_aucs = mia.aucs(scores["ref_records"], scores["ref_holdout"])
         del ref_lm, ref_tfs
         _free_memory()
     elif ref_scores is not None:
@@ -912,7 +920,7 @@ def run_measure(config: MeasureConfig, progress: ProgressFn = None) -> MeasureRe
         summary["quantized"] = quantized
     if ppl is not None:
         summary["perplexity"] = ppl
-    return MeasureResult(out_records, summary, el_ns)
+    return MeasureResult(out_records, summary, el_ns, scores)
 
 
 __all__ = [

@@ -93,6 +93,24 @@ def auc(members: Sequence[float], nonmembers: Sequence[float]) -> float:
     return float(u) / (len(members) * len(nonmembers))
 
 
+def roc_curve(members: Sequence[float], nonmembers: Sequence[float]) -> tuple[list[float], list[float]]:
+    """The ROC curve of telling members from non-members by a score (higher = member):
+    (false positive rates, true positive rates) from (0, 0) to (1, 1), one point per distinct
+    score (ties move both rates at once, so the area under it is :func:`auc`)."""
+    if not members or not nonmembers:
+        raise NeumuterError("a ROC curve needs at least one member and one non-member text")
+    labelled = sorted([(s, 1) for s in members] + [(s, 0) for s in nonmembers], key=lambda x: -x[0])
+    fpr, tpr = [0.0], [0.0]
+    positives = negatives = 0
+    for k, (score, member) in enumerate(labelled):
+        positives += member
+        negatives += 1 - member
+        if k + 1 == len(labelled) or labelled[k + 1][0] != score:
+            fpr.append(negatives / len(nonmembers))
+            tpr.append(positives / len(members))
+    return fpr, tpr
+
+
 def aucs(member_scores: Sequence[dict], holdout_scores: Sequence[dict]) -> dict:
     """``{"auc_<score>": AUC}`` for every score of :data:`MIA_SCORES`."""
     return {f"auc_{name}": auc([s[name] for s in member_scores], [s[name] for s in holdout_scores])
@@ -251,6 +269,6 @@ def read_reference_scores(path: str, texts: Sequence[str], el_ns: Sequence[int])
 
 
 __all__ = [
-    "MIA_SCORES", "PRIVLEAK_SCORE", "zlib_length", "mia_scores", "auc", "aucs", "privleak", "privleaks",
+    "MIA_SCORES", "PRIVLEAK_SCORE", "zlib_length", "mia_scores", "auc", "roc_curve", "aucs", "privleak", "privleaks",
     "forget_quality", "mark_against_reference", "reference_summary", "read_reference_scores", "text_sha256",
 ]
