@@ -186,3 +186,45 @@ def test_a_terminal_gets_bars_from_the_commands(model_dir, records_file, tmp_pat
     assert "teacher-forced: 100%|" in result.stderr and json.loads(result.stdout)["summary"]["records"] == len(RECORDS)
     result = CliRunner().invoke(cli, relearn_args(model_dir, records_file, tmp_path / "d") + ["-q"])
     assert result.exit_code == 0 and result.stderr == ""
+
+
+@pytest.fixture(scope="module")
+def mlm_dir(tmp_path_factory):
+    from test_neighbors import save_mlm
+
+    return str(save_mlm(tmp_path_factory.mktemp("mlm")))
+
+
+@pytest.fixture(scope="module")
+def neighbours_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("nb") / "nb.jsonl"
+    path.write_text("".join(json.dumps({**r, "neighbors": [PEOPLE[-1 - k]]}) + "\n" for k, r in enumerate(RECORDS[:3])))
+    return str(path)
+
+
+def stage_args(stage, model_dir, records_file, neighbours_file, mlm_dir, out):
+    if stage == "neighbors":
+        return ["neighbors", records_file, "--mlm", mlm_dir, "--device", "cpu", "--batch-size", "2", "-o", str(out)]
+    return ["localize", neighbours_file, "-m", model_dir, "--device", "cpu", "--epochs", "2", "--batch-size", "1",
+            "-o", str(out)]
+
+
+@pytest.mark.parametrize("stage, line, bar", [
+    ("neighbors", r"^neighbors: \d+ records done", f"neighbors: 100%|.*{len(RECORDS)}/{len(RECORDS)}"),
+    ("localize", r"^epoch   2  forget CE", r"localize: 100%\|.*6/6"),        # 2 epochs x 3 batches of 1
+])
+def test_neighbors_and_localize_lines_bars_and_quiet(stage, line, bar, model_dir, records_file, neighbours_file,
+                                                      mlm_dir, tmp_path, monkeypatch):
+    def args(name):
+        return stage_args(stage, model_dir, records_file, neighbours_file, mlm_dir, tmp_path / name)
+
+    result = CliRunner().invoke(cli, args("lines"))
+    assert result.exit_code == 0, result.output
+    assert re.search(line, result.stderr, re.M) and "%|" not in result.stderr, result.stderr
+    result = CliRunner().invoke(cli, ["-q", *args("quiet")])
+    assert result.exit_code == 0 and result.stderr == "", result.stderr
+    monkeypatch.setattr(Reporter, "bars", property(lambda self: not self.quiet))
+    result = CliRunner().invoke(cli, args("bar"))
+    assert result.exit_code == 0, result.output
+    assert re.search(bar, result.stderr) and not re.search(line, result.stderr, re.M), result.stderr
+    assert (tmp_path / "lines").read_bytes() == (tmp_path / "quiet").read_bytes() == (tmp_path / "bar").read_bytes()
