@@ -491,6 +491,8 @@ def measure_cmd(check, allow_over_forgotten, fmt, output, plot_path, **options):
         if not config.ppl_path:
             raise NeumuterError("no input: give a JSONL file or pipe one into stdin")
         config.input_path = None             # perplexity alone: nothing to read on a terminal
+        if plot_path:
+            raise click.UsageError("--plot draws the records: give INPUT")
 
     config.require_records = check
     follow_in_transformers(reporter())        # measure loads its models itself
