@@ -274,36 +274,47 @@ def plot_robustness(data: dict, path: str, title: str) -> None:
     save(fig, path)
 
 
+LOCALIZATION_KEYS = ("system", "modulated", "recall", "precision", "forgotten", "n_forget", "retained_ma_before",
+                     "retained_ma_after", "ppl_before", "ppl_after")
+
+
 def plot_localization(rows: Sequence[dict], path: str, title: str) -> None:
     """Localisation across systems: recall against neurons modulated (log scale), and retained
     MA against the perplexity change (an arrow from before to after each system's edit).
-    ``rows``: one dict per system with ``system``, ``modulated``, ``recall``, ``precision``,
-    ``forgotten``, ``n_forget``, ``retained_ma_before``, ``retained_ma_after``, ``ppl_before``,
-    ``ppl_after``."""
+    ``rows``: one dict per system with every key of :data:`LOCALIZATION_KEYS`; ``recall`` and
+    ``precision`` may be None for a system whose neurons were not scored against the injected
+    ones (it is then drawn in the second panel only)."""
     if not rows:
         raise NeumuterError("plot_localization: no rows to draw")
     for row in rows:
-        if not all(math.isfinite(row[key]) for key in ("modulated", "recall", "precision", "ppl_before", "ppl_after",
-                                                        "retained_ma_before", "retained_ma_after")):
+        missing = [key for key in LOCALIZATION_KEYS if key not in row]
+        if missing:
+            raise NeumuterError(f"plot_localization: row {row.get('system', '?')!r} has no {', '.join(missing)}")
+        numbers = [row[key] for key in ("modulated", "ppl_before", "ppl_after", "retained_ma_before",
+                                        "retained_ma_after")] + [row[key] for key in ("recall", "precision")
+                                                                 if row[key] is not None]
+        if not all(math.isfinite(value) for value in numbers):
             raise NeumuterError(f"plot_localization: {row['system']} has a number that is not finite")
     fig, (left, right) = _figure(2, title)
     palette = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000")
     for k, row in enumerate(rows):
         colour = palette[k % len(palette)]
-        left.scatter(row["modulated"], row["recall"], s=60, color=colour, edgecolor="black", linewidth=0.5,
-                     zorder=3, label=f"{row['system']}: precision {row['precision']:.2f}, "
-                                     f"forgot {row['forgotten']}/{row['n_forget']}")
+        if row["recall"] is not None:
+            precision = "-" if row["precision"] is None else f"{row['precision']:.2f}"
+            left.scatter(row["modulated"], row["recall"], s=60, color=colour, edgecolor="black", linewidth=0.5,
+                         zorder=3, label=f"{row['system']}: precision {precision}, "
+                                         f"forgot {row['forgotten']}/{row['n_forget']}")
         change = 100 * (row["ppl_after"] / row["ppl_before"] - 1)
         right.annotate("", xy=(change, row["retained_ma_after"]), xytext=(0, row["retained_ma_before"]),
                        arrowprops=dict(arrowstyle="->", color=colour, linewidth=1.4))
         right.scatter([change], [row["retained_ma_after"]], s=50, color=colour, edgecolor="black", linewidth=0.5,
-                      zorder=3, label=row["system"])
+                      zorder=3, label=f"{row['system']} (forgot {row['forgotten']}/{row['n_forget']})")
     befores = {row["retained_ma_before"] for row in rows}
     right.scatter([0] * len(befores), sorted(befores), s=40, marker="D", facecolor="white", edgecolor="black",
                   zorder=3, label="before")
     left.set_xscale("log")
     left.set_xlabel("neurons modulated (log scale)")
-    left.set_ylabel("recall (share of the memory-holding neurons found)")
+    left.set_ylabel("recall (per forget text, share of its neurons modulated)")
     left.set_ylim(-0.02, 1.02)
     left.set_title("does it find the neurons that hold the memory?", fontsize=10)
     left.grid(alpha=0.3, which="both")
@@ -361,4 +372,4 @@ def benchmark_figure(draw: Callable[[dict, str, str], None], data: dict, path: s
 
 __all__ = ["MISSING", "MatplotlibMissing", "require_matplotlib", "save", "figure_path", "check_figure_path",
            "benchmark_figure", "plot_measure", "plot_tradeoff",
-           "plot_controls", "plot_robustness", "plot_localization"]
+           "plot_controls", "plot_robustness", "plot_localization", "LOCALIZATION_KEYS"]

@@ -150,9 +150,13 @@ LOCALIZATION_ROWS = [   # made-up numbers: the shape benchmarks/localization.py 
 
 def test_plot_localization_two_panels(tmp_path):
     out = tmp_path / "localization.png"
-    plot_localization(LOCALIZATION_ROWS, str(out), "made-up model on made-up texts")
+    unscored = {**LOCALIZATION_ROWS[2], "system": "activation control", "recall": None, "precision": None}
+    plot_localization(LOCALIZATION_ROWS + [unscored], str(out), "made-up model on made-up texts")
     width, height = png_size(out)
     assert width > 1.8 * height and os.listdir(tmp_path) == ["localization.png"]
+    without = {key: value for key, value in LOCALIZATION_ROWS[0].items() if key != "ppl_before"}
+    with pytest.raises(NeumuterError, match="row 'neumuter' has no ppl_before"):
+        plot_localization([without], str(tmp_path / "x.png"), "x")
     with pytest.raises(NeumuterError, match="random has a number that is not finite"):
         plot_localization(LOCALIZATION_ROWS[:2] + [{**LOCALIZATION_ROWS[2], "recall": float("nan")}],
                           str(tmp_path / "nan.png"), "x")
