@@ -26,6 +26,10 @@ KS p-value of the per-text losses against the reference model's (TOFU's forget q
 retained MA, held-out perplexity (windows of --ppl-window tokens), steps and time. The reference
 model's and the model's own rows come first. Everything goes to --out as JSON too.
 
+The figure (each method's retained MA against its perplexity, filled when it met the target)
+goes beside the JSON as controls.png (--plot FILE.png elsewhere, --no-plot none; needs
+matplotlib).
+
 usage (the SmolLM2 fixture):
   python benchmarks/controls.py --model /tmp/smol/mem --reference-model /tmp/smol/ref \\
       --fixtures /work/shared/fixtures --scales scales.safetensors --out controls.json
@@ -51,6 +55,7 @@ from neumuter_cli import NeumuterError  # noqa: E402
 from neumuter_cli.apply import check_fingerprint  # noqa: E402
 from neumuter_cli.measure import encode, memorization_accuracy, perplexity, teacher_forced  # noqa: E402
 from neumuter_cli.models import find_ffn_layers, gated, input_device, load_model, parse_layers  # noqa: E402
+from neumuter_cli.plots import benchmark_figure, check_figure_path, figure_path, plot_controls  # noqa: E402
 from neumuter_cli.records import atomic_output, read_records  # noqa: E402
 from neumuter_cli.artifacts import SCALES_KIND, read_artifact  # noqa: E402
 from neumuter_cli.select import scales_by_block  # noqa: E402
@@ -593,6 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int,
                     help="torch CPU threads (default: torch's; on a busy machine 1 is often several times faster)")
     ap.add_argument("--out", help="write every number to this JSON file")
+    ap.add_argument("--plot", metavar="FILE.png", help="the figure (default: --out with .png)")
+    ap.add_argument("--no-plot", action="store_true", help="no figure")
     ap.add_argument("--save-dir", help="save the gradient-ascent and NPO models in DIR/ga and DIR/npo "
                                        "(inputs of benchmarks/robustness.py)")
     return ap
@@ -622,6 +629,8 @@ def run(args) -> dict:
             progress(f"no --scales: skipping {', '.join(skipped)}")
         controls = [c for c in controls if c not in ("neumuter", "random")]
     path = lambda given, name: given or os.path.join(args.fixtures, name)  # noqa: E731
+    plot = figure_path(args.out, args.plot, args.no_plot)
+    check_figure_path(plot)
     started = time.perf_counter()
 
     progress(f"loading {args.model}")
@@ -698,6 +707,8 @@ def run(args) -> dict:
         with atomic_output(args.out) as handle:
             json.dump(result, handle, indent=1, default=_json_default)
             handle.write("\n")
+    benchmark_figure(plot_controls, result, plot, f"{os.path.basename(os.path.normpath(args.model))} on "
+                     f"{len(forget)} forget texts: controls at matched forgetting", "controls.py")
     progress(f"done in {result['seconds']:.0f} s")
     return result
 

@@ -1,4 +1,4 @@
-"""An upper bound on what scaling FFN neurons can do on the fixture (README, "Results").
+"""An upper bound on what scaling FFN neurons can do on the fixture (docs/results.md).
 
 Outside the product: an unconstrained scale (any sign, any size) on every FFN neuron of the
 memorizer, trained with localize's hinge on the forget texts and, as the preservation term, a

@@ -24,7 +24,9 @@ steps + --tolerance (it relearns no faster than a model that never saw the texts
 section: the first set's (--forget) MA, at-ref count and the perplexity after both requests,
 beside the muted model's after the first (and, with --second-forget B.jsonl, set B's MA).
 
-Tables go to stdout, progress to stderr, everything to --out (JSON).
+Tables go to stdout, progress to stderr, everything to --out (JSON), and the figure (forget MA
+along the relearning steps, and under each quantisation) beside it as results.png
+(--plot FILE.png elsewhere, --no-plot none; needs matplotlib).
 
 usage: python benchmarks/robustness.py --memorizer MEM --reference REF --muted MUTED [--ga GA]
          --forget forget.jsonl --retain retain.jsonl --heldout heldout.jsonl
@@ -47,6 +49,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from neumuter_cli import NeumuterError  # noqa: E402
 from neumuter_cli.measure import encode, memorization_accuracy, perplexity, teacher_forced  # noqa: E402
 from neumuter_cli.models import load_model  # noqa: E402
+from neumuter_cli.plots import benchmark_figure, check_figure_path, figure_path, plot_robustness  # noqa: E402
 from neumuter_cli.records import atomic_output, read_records  # noqa: E402
 from neumuter_cli.relearn import RelearnConfig, check_config, first_halves, relearn  # noqa: E402
 
@@ -104,6 +107,8 @@ def parse_args(argv):
     ap.add_argument("--batch-size", type=int, default=32, help="texts per forward pass when measuring")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     ap.add_argument("--out", help="write every number to this JSON file")
+    ap.add_argument("--plot", metavar="FILE.png", help="the figure (default: --out with .png)")
+    ap.add_argument("--no-plot", action="store_true", help="no figure")
     args = ap.parse_args(argv)
     if args.verdict_steps not in args.steps:
         ap.error(f"--verdict-steps {args.verdict_steps} is not one of --steps {args.steps}")
@@ -305,6 +310,8 @@ def tables(results, args) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    plot = figure_path(args.out, args.plot, args.no_plot)
+    check_figure_path(plot)
     quantize_model = quantizer(args.quantize)
     check_config(RelearnConfig(steps=max(args.steps), lr=args.relearn_lr, batch_size=args.relearn_batch_size,
                                max_length=args.max_length, seed=args.seed))
@@ -331,6 +338,8 @@ def main(argv=None) -> dict:
             json.dump(results, out, indent=1)
             out.write("\n")
         log(f"wrote {args.out}")
+    benchmark_figure(plot_robustness, results, plot, f"{os.path.basename(os.path.normpath(args.muted))} against "
+                     f"the memorizer and the reference on {len(records)} forget texts", "robustness.py")
     return results
 
 

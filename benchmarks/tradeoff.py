@@ -5,6 +5,9 @@ level, the neurons, the retained MA and the held-out perplexity.
 For each k in --ks the scales are the kept gates' deterministic values (as `select` writes
 them), applied as gates on the FFN down-projections (the same numbers as folding them in).
 
+The figure (forget and retained MA, and the perplexity change, by neurons kept) goes beside
+the JSON as tradeoff.png (--plot FILE.png elsewhere, --no-plot none; needs matplotlib).
+
 usage (the SmolLM2 fixture):
   python benchmarks/tradeoff.py MASK --model /tmp/smol/mem --reference-model /tmp/smol/ref \\
       --fixtures ../shared/fixtures --ks 115,230,460,920,1840,3680 --out tradeoff.json
@@ -28,6 +31,7 @@ from neumuter_cli.gates import deterministic_gate  # noqa: E402
 from neumuter_cli.localize import keep_most_closed  # noqa: E402
 from neumuter_cli.measure import encode, memorization_accuracy, perplexity, teacher_forced  # noqa: E402
 from neumuter_cli.models import find_ffn_layers, gated, load_model  # noqa: E402
+from neumuter_cli.plots import benchmark_figure, check_figure_path, figure_path, plot_tradeoff  # noqa: E402
 from neumuter_cli.records import read_records  # noqa: E402
 from neumuter_cli.select import _block_tensors  # noqa: E402
 
@@ -50,7 +54,11 @@ def main(argv=None):
     ap.add_argument("--retain-limit", type=int, default=128)
     ap.add_argument("--heldout-limit", type=int, default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--plot", default=None, metavar="FILE.png", help="the figure (default: --out with .png)")
+    ap.add_argument("--no-plot", action="store_true", help="no figure")
     a = ap.parse_args(argv)
+    plot = figure_path(a.out, a.plot, a.no_plot)
+    check_figure_path(plot)
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     texts = lambda name: [r["text"] for r in read_records(os.path.join(a.fixtures, name))]  # noqa: E731
 
@@ -99,9 +107,13 @@ def main(argv=None):
              for r in rows]
     print(f"reference model: forget MA {sum(ref_ma) / len(ref_ma):.3f}; mask: {moved} gates moved")
     print(tabulate(table, headers=["neurons kept", "forget MA", "at ref + tol", "KS p", "retained MA", "perplexity"]))
+    data = {"mask": a.mask, "moved": moved, "reference_ma": ref_ma, "rows": rows}
     if a.out:
         with open(a.out, "w") as handle:
-            json.dump({"mask": a.mask, "moved": moved, "reference_ma": ref_ma, "rows": rows}, handle, indent=2)
+            json.dump(data, handle, indent=2)
+    benchmark_figure(plot_tradeoff, data, plot, f"{os.path.basename(os.path.normpath(a.model))} on "
+                     f"{len(forget)} forget texts: keeping the k most-closed gates of {os.path.basename(a.mask)}",
+                     "tradeoff.py")
 
 
 if __name__ == "__main__":

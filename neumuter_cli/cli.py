@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import sys
 
 import click
@@ -13,6 +14,7 @@ from . import NeumuterError, __version__
 # torch, transformers) are imported inside the commands, so that --help and completion are instant
 from .config import FORGET_TERMS, LOCALIZE_METHODS, OPTIMIZERS, QUANT_TYPES, LocalizeConfig, NeighborsConfig, RelearnConfig
 from .errors import NonFiniteLoss, SettingError
+from .progress import Reporter
 
 DEFAULTS = LocalizeConfig()
 NEIGHBORS = NeighborsConfig()
@@ -68,6 +70,10 @@ class NeumuterGroup(click.Group):
         except OSError as exc:
             where = f"{exc.filename}: " if exc.filename else ""
             raise CommandError(f"{where}{exc.strerror or exc}") from None
+        finally:
+            left = ctx.meta.get(REPORTER)
+            if left is not None:
+                left.close()                  # a bar an error cut short ends before the error line
 
 
 class FiniteFloat(click.FloatRange):
@@ -88,8 +94,24 @@ class FiniteFloat(click.FloatRange):
         return super()._describe_range()
 
 
+REPORTER, QUIET = "neumuter.reporter", "neumuter.quiet"    # keys of click's ctx.meta
+
+
+def _set_quiet(ctx, param, value):
+    if value:
+        ctx.meta[QUIET] = True                # meta is shared by the group and the command
+
+
+def quiet_option(func):
+    """--quiet, on the group and on the commands that report progress (either place works)."""
+    return click.option("--quiet", "-q", is_flag=True, expose_value=False, callback=_set_quiet,
+                        help="No progress on stderr: no bars, no progress or summary lines "
+                             "(warnings and errors are still shown).")(func)
+
+
 @click.group(cls=NeumuterGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="neumuter")
+@quiet_option
 def cli():
     """Make a causal language model forget specific training texts.
 
@@ -110,6 +132,9 @@ def cli():
 
     Data goes to stdout or -o; progress and summaries go to stderr. Outputs are written
     atomically: an error or an interrupt leaves no partial file behind.
+
+    Progress is a bar (rate, time left) when stderr is a terminal and log lines otherwise;
+    with --quiet (before or after the command) only warnings and errors are shown.
 
     \b
     Exit status:
@@ -141,14 +166,25 @@ def model_options(func):
 
 def load_lm(model, device, dtype, device_map, trust_remote_code):
     from .models import load_model
+    from .progress import follow_in_transformers
 
     progress(f"loading {model}")
+    follow_in_transformers(reporter())
     return load_model(model, device=device, dtype=dtype, device_map=device_map,
                       trust_remote_code=trust_remote_code)
 
 
+def reporter() -> Reporter:
+    """This command's progress: bars on a terminal, lines otherwise, nothing with --quiet."""
+    ctx = click.get_current_context()
+    found = ctx.meta.get(REPORTER)
+    if found is None:
+        found = ctx.meta[REPORTER] = Reporter(quiet=bool(ctx.meta.get(QUIET)))
+    return found
+
+
 def progress(message: str) -> None:
-    click.echo(message, err=True)
+    reporter()(message)
 
 
 @cli.command()
@@ -213,8 +249,7 @@ def select_cmd(mask, output, energy, threshold, top_fraction):
     scales, metadata = select_from_mask(artifact.tensors, artifact.metadata, rule, value,
                                         mask_sha256=artifact.sha256, name=artifact.name)
     save_artifact(scales, metadata, output)
-    click.echo(tabulate(summary_rows(metadata), headers=["block", "down-projection", "neurons", "selected", "%"]),
-               err=True)
+    progress(tabulate(summary_rows(metadata), headers=["block", "down-projection", "neurons", "selected", "%"]))
     epsilon = metadata["epsilon"]
     cut = "none selected" if epsilon is None else f"eps = {epsilon:.6g}"
     progress(f"rule {rule} {value:g}: {cut}; {metadata['selected']} of {metadata['total_neurons']} "
@@ -260,7 +295,7 @@ def apply_cmd(scales, model, device, dtype, device_map, trust_remote_code, outpu
                                scales_sha256=artifact.sha256, force=force, name=artifact.name,
                                allow_any_scale=allow_any_scale, protected=(model, scales))
     rows = [[b, record["modules"][b], n] for b, n in record["neurons_scaled_per_layer"].items()]
-    click.echo(tabulate(rows, headers=["block", "down-projection", "neurons scaled"]), err=True)
+    progress(tabulate(rows, headers=["block", "down-projection", "neurons scaled"]))
     progress(f"{record['neurons_scaled']} of {record['total_neurons']} FFN neurons scaled; "
              f"checkpoint written to {output}")
 
@@ -281,6 +316,12 @@ def _el_sizes(ctx, param, values):
             if n and n not in sizes:
                 sizes.append(n)
     return tuple(sizes)
+
+
+def _png_path(ctx, param, value):
+    if value is not None and (value == "-" or not value.lower().endswith(".png")):
+        raise click.BadParameter("give a file name ending in .png")
+    return value
 
 
 @cli.command("measure")
@@ -351,7 +392,13 @@ def _el_sizes(ctx, param, values):
               show_default=True, help="auto: table on a terminal, jsonl otherwise.")
 @click.option("--output", "-o", default="-", show_default=True, metavar="FILE|-",
               help="Where the data goes (written atomically); - is stdout.")
-def measure_cmd(check, allow_over_forgotten, fmt, output, **options):
+@click.option("--plot", "plot_path", metavar="FILE.png", callback=_png_path,
+              help="Also draw the result to this PNG (written atomically): each record's MA against its "
+                   "reference model's MA on it (or eq. 17's threshold), forgotten / over-forgotten / kept in "
+                   "their own colours, and with --holdout the ROC curves of the membership-inference attacks. "
+                   "Needs matplotlib: pip install 'neumuter[plot]'.")
+@quiet_option
+def measure_cmd(check, allow_over_forgotten, fmt, output, plot_path, **options):
     """Measure how well a model remembers texts: MA, EL_n, loss; is it forgotten; MIA; perplexity.
 
     Reads records (JSONL with "text"; INPUT or - / nothing: stdin) and, per record, computes on
@@ -414,12 +461,20 @@ def measure_cmd(check, allow_over_forgotten, fmt, output, **options):
     --allow-over-forgotten (the data is written first).
     """
     from .measure import MeasureConfig, run_measure
+    from .plots import plot_measure, require_matplotlib
+    from .progress import follow_in_transformers
     from .records import atomic_output, check_output
     from .render import summary_table, write_result
 
     config = MeasureConfig(**{**options, "quantize": options["quantize"] and options["quantize"].lower()})
-    check_output(output, inputs=(config.input_path, config.reference_path, config.thresholds_path, config.ppl_path,
-                                 config.holdout_path, config.reference_scores_path))
+    inputs = (config.input_path, config.reference_path, config.thresholds_path, config.ppl_path,
+              config.holdout_path, config.reference_scores_path)
+    check_output(output, inputs=inputs)
+    if plot_path:
+        if output != "-" and os.path.abspath(output) == os.path.abspath(plot_path):
+            raise click.UsageError("--plot and --output name the same file")
+        check_output(plot_path, inputs=inputs)
+        require_matplotlib()                 # before the model loads, not after the measurement
     judged = config.reference_path or config.thresholds_path or config.reference_model or config.reference_scores_path
     if check and not judged:
         raise click.UsageError("--check needs --reference, --thresholds, --reference-model or --reference-scores "
@@ -436,15 +491,23 @@ def measure_cmd(check, allow_over_forgotten, fmt, output, **options):
         if not config.ppl_path:
             raise NeumuterError("no input: give a JSONL file or pipe one into stdin")
         config.input_path = None             # perplexity alone: nothing to read on a terminal
+        if plot_path:
+            raise click.UsageError("--plot draws the records: give INPUT")
 
     config.require_records = check
-    result = run_measure(config, progress)
+    follow_in_transformers(reporter())        # measure loads its models itself
+    result = run_measure(config, reporter())
 
     with atomic_output(output, "w") as out:
         write_result(result, fmt, out, click.style if fmt == "table" and output == "-" and sys.stdout.isatty()
                      else None)
+    if plot_path:
+        source = "<stdin>" if config.input_path == "-" else config.input_path
+        plot_measure(result, plot_path, f"{config.model} on {source}"
+                     + (f" ({config.quantize} weights)" if config.quantize else ""))
+        progress(f"figure written to {plot_path}")
     if fmt == "jsonl":
-        click.echo(summary_table(result.summary, config.el_ns), err=True)
+        progress(summary_table(result.summary, config.el_ns))
     if check:
         failed = False
         for labels, what in ((result.not_forgotten, "not forgotten"),
@@ -482,6 +545,7 @@ def measure_cmd(check, allow_over_forgotten, fmt, output, **options):
               metavar="N", help="Sequences (records x neighbours) advanced by one MLM call.")
 @click.option("--output", "-o", default="-", show_default=True, metavar="FILE|-",
               help="Where the records go (written atomically); - is stdout.")
+@quiet_option
 def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, batch_size, output):
     """Add K neighbour texts to every record, written by a masked LM.
 
@@ -506,7 +570,8 @@ def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, b
     import itertools
 
     from .neighbors import NeighborWriter, load_mlm
-    from .records import atomic_output, check_output, dumps_record, iter_records
+    from .progress import follow_in_transformers
+    from .records import atomic_output, check_output, iter_records, record_writer
 
     if input_path == "-" and sys.stdin.isatty():
         raise NeumuterError("no input: give a JSONL file or pipe one into stdin")
@@ -515,15 +580,16 @@ def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, b
                              seed=seed)
     records = iter_records(input_path)
     first = next(records)  # a missing or malformed input fails before the MLM is loaded
+    # the bar's length: a second, quick read of the file (stdin can only be read once)
+    total = sum(1 for _ in iter_records(input_path)) if reporter().bars and input_path != "-" else None
     progress(f"loading {mlm}")
-    writer = NeighborWriter(*load_mlm(mlm, device), config, progress=progress)
+    follow_in_transformers(reporter())
+    writer = NeighborWriter(*load_mlm(mlm, device), config, progress=reporter())
     if temperature == 0 and ratio == 1 and k > 1:
         progress(f"warning: with --temperature 0 and -r 1 the {k} neighbours of a record "
                  "are identical (use --temperature > 0 for distinct ones)")
-    with atomic_output(output, "w") as out:
-        for record in writer.records(itertools.chain([first], records)):
-            out.write(dumps_record(record) + "\n")
-            out.flush()
+    with atomic_output(output, "w") as out, record_writer(out, flush=True) as lines:
+        lines.write_all(writer.records(itertools.chain([first], records), total=total))
     progress(f"neighbors: {writer.rewrites} tokens rewritten in {writer.calls} MLM calls")
 
 
@@ -600,6 +666,7 @@ def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, b
 @click.option("--prune/--no-prune", default=DEFAULTS.prune, show_default=True,
               help="When the early stop fires, keep only the smallest set of most-closed gates that still "
                    "passes the check (bisection, a pass over the forget texts per probe) and reopen the rest.")
+@quiet_option
 def localize_cmd(input_path, output, layers, reference_path, reference_limit, reference_model, tolerance, stop_ma,
                  stop_el, target_ma, model, device, dtype, device_map, trust_remote_code, **training):
     """Train one gate per FFN neuron so that the forget texts become unlikely.
@@ -630,7 +697,7 @@ def localize_cmd(input_path, output, layers, reference_path, reference_limit, re
     stop = StopRule(reference_model, tolerance, reference_texts, stop_ma, stop_el, target_ma)
     lm, tokenizer = load_lm(model, device, dtype, device_map, trust_remote_code)
     run = run_localize(lm, tokenizer, records, LocalizeConfig(**training), layers, stop,
-                       lambda name: load_lm(name, device, dtype, device_map, trust_remote_code), progress)
+                       lambda name: load_lm(name, device, dtype, device_map, trust_remote_code), reporter())
     save_artifact(run.tensors, run.metadata, output)
     result, last = run.result, run.last_check
     how = "stopped: every forget text below the thresholds" if result.stopped_early else "done"
@@ -664,6 +731,7 @@ def localize_cmd(input_path, output, layers, reference_path, reference_limit, re
 @click.option("--seed", type=int, default=RELEARN_DEFAULTS.seed, show_default=True,
               help="Seed of the data order: the same seed gives the same weights.")
 @click.option("--force", is_flag=True, default=False, help="Replace DIR if it exists and is not empty.")
+@quiet_option
 def relearn_cmd(input_path, model, device, dtype, device_map, trust_remote_code, output, steps, lr, batch_size,
                 layers, first_halves, max_length, seed, force):
     """Fine-tune a model on texts for a few steps: the relearning attack, to red-team your own unlearning.
@@ -705,7 +773,7 @@ def relearn_cmd(input_path, model, device, dtype, device_map, trust_remote_code,
     lm, tokenizer = load_lm(model, device, dtype, device_map, trust_remote_code)
     trained = halve(records, tokenizer, max_length) if first_halves else records
     source_fingerprint = fingerprint(lm)
-    result = relearn(lm, tokenizer, trained, config, progress=progress)
+    result = relearn(lm, tokenizer, trained, config, progress=reporter())
     record = provenance(lm, config, result, trained, model, source_fingerprint, input_records=records,
                         first_halves=first_halves)
     save_checkpoint(lm, tokenizer, output, record, force, protected=(model, input_path))
@@ -742,7 +810,7 @@ def quantize_cmd(model, device, dtype, device_map, trust_remote_code, qtype, out
 
     check_output_dir(output, force, protected=(model,))
     lm, tokenizer = load_lm(model, device, dtype, device_map, trust_remote_code)
-    summary = quantize_model(lm, qtype.lower(), progress)
+    summary = quantize_model(lm, qtype.lower(), reporter())
     save_checkpoint(lm, tokenizer, output, quantized_checkpoint_record(lm, model, summary), force, protected=(model,))
     progress(f"{summary['weights']} block weights ({summary['elements']:,} values) through {summary['type']}"
              + (f", {len(summary['skipped'])} left as they are" if summary["skipped"] else "")

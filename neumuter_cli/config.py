@@ -44,7 +44,7 @@ class NeighborsConfig:
 
     The paper uses K = 5, r = 1 with an argmax BERT; the authors' code K = 1, r = 1. These
     defaults were chosen by running localize on the fixtures with each kind of neighbour
-    (README, "Neighbours"): sampled neighbours keep the model's general ability far better than
+    (docs/results.md, "Neighbours"): sampled neighbours keep the model's general ability far better than
     argmax ones (argmax at r = 1 collapses into "- - -" with a weak MLM), and r = 0.5 keeps
     the form of the text."""
 

@@ -23,6 +23,7 @@ from .errors import NonFiniteLoss, SettingError
 from .gates import GAMMA, ZETA, deterministic_gate, initial_log_alpha, l0_term, training_gate
 from .measure import check_context, encode
 from .models import FFNLayer, gated, input_device
+from .progress import steps
 
 
 # (field, lowest, highest, whether the lowest is allowed): every float of the config is finite
@@ -218,7 +219,8 @@ def localize(
     stopped = done = False
     epoch = 0
     last = {}
-    with gated(layers, lambda i: current[i]):
+    with gated(layers, lambda i: current[i]), \
+            steps(progress, config.epochs * len(batches), "localize", "step") as tracker:
         for epoch in range(1, config.epochs + 1):
             totals = {"forget_ce": 0.0, "forget_term": 0.0, "kl": 0.0, "l0": 0.0}
             for b, ((f_ids, f_mask), (n_ids, n_mask), target) in enumerate(batches):
@@ -236,6 +238,7 @@ def localize(
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()
+                tracker.advance()
                 share = f_ids.shape[0] / len(records)
                 totals["forget_ce"] += ce.item() * share
                 totals["forget_term"] += term.item() * share
@@ -247,10 +250,10 @@ def localize(
                 gates = [deterministic_gate(la) for la in log_alpha]
                 closed = sum(int((g < 0.5).sum()) for g in gates) / sum(g.numel() for g in gates)
             last = dict(epoch=epoch, **{k: round(v, 5) for k, v in totals.items()}, closed=closed)
-            if progress:
-                progress(f"epoch {epoch:3d}  forget CE {totals['forget_ce']:.3f}  neighbour KL {totals['kl']:.4f}  "
-                         f"L0 {totals['l0']:.4f}  gates < 0.5: {100 * closed:.2f}%  "
-                         f"({time.perf_counter() - started:.1f}s)")
+            line = (f"epoch {epoch:3d}  forget CE {totals['forget_ce']:.3f}  neighbour KL {totals['kl']:.4f}  "
+                    f"L0 {totals['l0']:.4f}  gates < 0.5: {100 * closed:.2f}%  ({time.perf_counter() - started:.1f}s)")
+            tracker.advance(0, line, f"epoch {epoch}: CE {totals['forget_ce']:.3f}, KL {totals['kl']:.4f}, "
+                                     f"gates < 0.5: {100 * closed:.1f}%")
             if check is not None and (epoch % config.check_every == 0 or epoch == config.epochs):
                 for i in range(len(current)):
                     current[i] = torch.ones(layers[i].neurons)
@@ -258,6 +261,7 @@ def localize(
                     done = check({layer.index: deterministic_gate(la.detach()) for layer, la in zip(layers, log_alpha)})
                 if done:
                     stopped = epoch < config.epochs
+                    tracker.done(epoch * len(batches))
                     break
     final = {layer.index: la.detach().to("cpu", torch.float32) for layer, la in zip(layers, log_alpha)}
     pruned = None
@@ -297,14 +301,17 @@ def smallest_passing_set(log_alpha: dict[int, torch.Tensor], check, progress=Non
 
     low, high = 0, total                      # check(keep(high)) passed: it is the trained mask
     passing = getattr(check, "last", None)
+    tracker = steps(progress, max(1, math.ceil(math.log2(max(2, total)))), "prune", "probe")
     while high - low > max(1, high // 50):    # 2 %: each probe costs a pass over the forget texts
         middle = (low + high) // 2
-        if progress:
-            progress(f"  prune: trying the {middle} most-closed gates of {total}")
+        tracker.advance(0, f"  prune: trying the {middle} most-closed gates of {total}", f"{middle} gates")
         if check({b: deterministic_gate(v) for b, v in keep(middle).items()}):
             high, passing = middle, getattr(check, "last", None)
         else:
             low = middle
+        tracker.advance()
+    tracker.done(tracker.count)               # the bar's total was a bound on the probes
+    tracker.close()
     if passing is not None:
         check.last = passing                  # what the kept set scored, not the last failed probe
     return keep(high), {"moved": total, "kept": high}

@@ -41,10 +41,9 @@ import gc
 import inspect
 import json
 import math
-import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +51,7 @@ import torch.nn.functional as F
 from . import NeumuterError
 from .fastpaths import roomy_cache
 from .models import input_device
-
-ProgressFn = Callable[[str], None] | None
+from .progress import ProgressFn, steps, throttled
 
 #: cap on the logits one teacher-forced forward may hold (batch × length × vocab floats)
 LOGIT_BUDGET = 1 << 27
@@ -181,6 +179,7 @@ def teacher_forced(model, ids_list: Sequence[Sequence[int]], batch_size: int = 3
     order = sorted(range(len(ids_list)), key=lambda k: -len(ids_list[k]))
     results: list[TeacherForced | None] = [None] * len(ids_list)
     start = 0
+    tracker = steps(progress, len(order), "teacher-forced", "text")
     while start < len(order):
         longest = len(ids_list[order[start]])
         size = max(1, min(batch_size, LOGIT_BUDGET // max(1, longest * vocab)))
@@ -204,8 +203,8 @@ def teacher_forced(model, ids_list: Sequence[Sequence[int]], batch_size: int = 3
             results[k] = TeacherForced(preds[row, :n].tolist(), nll[row, :n].tolist())
             if stats:
                 results[k].mu, results[k].sigma = _vocab_stats(logits[row, :n])
-        if progress:
-            progress(f"teacher-forced: {start if start < len(order) else len(order)}/{len(order)} texts")
+        tracker.advance(len(batch), f"teacher-forced: {min(start, len(order))}/{len(order)} texts")
+    tracker.close()
     return results  # type: ignore[return-value]
 
 
@@ -241,13 +240,14 @@ def greedy_continuations(model, rows: Sequence[tuple[Sequence[int], int]], batch
     if todo:
         check_context(model, max(len(rows[j][0]) + rows[j][1] - 1 for j in todo), "a generation")
     done = 0
+    tracker = steps(progress, len(todo), "greedy generation", "continuation")
     for first in range(0, len(todo), batch_size):
         batch = todo[first:first + batch_size]
         for j, tokens in zip(batch, _lockstep_batch(model, [rows[j] for j in batch])):
             results[j] = tokens
         done += len(batch)
-        if progress:
-            progress(f"greedy generation: {done}/{len(todo)} continuations")
+        tracker.advance(len(batch), f"greedy generation: {done}/{len(todo)} continuations")
+    tracker.close()
     return results  # type: ignore[return-value]
 
 
@@ -697,11 +697,16 @@ class MeasureConfig:
 
 @dataclass
 class MeasureResult:
-    """The measured records (input keys kept, metrics added) and the summary."""
+    """The measured records (input keys kept, metrics added) and the summary. With a holdout,
+    ``mia_scores`` holds every text's membership scores (``mia.MIA_SCORES``, higher = more
+    member-like): ``{"records": [...], "holdout": [...]}`` under the model, plus
+    ``"ref_records"`` and ``"ref_holdout"`` under a reference model (not from saved scores);
+    the ROC curves are drawn from them (``plots.plot_measure``)."""
 
     records: list[dict]
     summary: dict
     el_ns: tuple[int, ...]
+    mia_scores: dict | None = None
 
     @property
     def judged(self) -> bool:
@@ -715,20 +720,6 @@ class MeasureResult:
     @property
     def over_forgotten(self) -> list[str]:
         return [record_label(r, k) for k, r in enumerate(self.records) if r.get("over_forgotten")]
-
-
-def _throttled(progress: ProgressFn, every: float = 2.0) -> ProgressFn:
-    """``progress`` at most once per ``every`` seconds (for the inner loops)."""
-    if progress is None:
-        return None
-    last = [-math.inf]
-
-    def say(message: str) -> None:
-        now = time.monotonic()
-        if now - last[0] >= every:
-            last[0] = now
-            progress(message)
-    return say
 
 
 def _free_memory() -> None:
@@ -810,7 +801,7 @@ def run_measure(config: MeasureConfig, progress: ProgressFn = None) -> MeasureRe
 
     config.validate()
     say = progress or (lambda message: None)
-    inner = _throttled(progress)
+    inner = throttled(progress)
     el_ns = tuple(config.el_ns)
 
     # 1. every input, before any model
@@ -880,6 +871,7 @@ def run_measure(config: MeasureConfig, progress: ProgressFn = None) -> MeasureRe
 
     # 3. the reference model, alone in memory, on the same token ids
     ref_results = ref_aucs = ref_quantized = None
+    scores = {"records": member_scores, "holdout": holdout_scores} if with_mia else None
     if config.reference_model:
         del lm, tfs
         _free_memory()
@@ -891,7 +883,9 @@ def run_measure(config: MeasureConfig, progress: ProgressFn = None) -> MeasureRe
         if with_mia:
             say(f"scoring the {len(holdout_ids)} holdout texts under the reference model")
             ref_holdout = teacher_forced(ref_lm, holdout_ids, config.batch_size, inner, stats=True)
-            ref_aucs = mia.aucs(_mia_scores(ref_tfs, compressed), _mia_scores(ref_holdout, holdout_compressed))
+            scores.update(ref_records=_mia_scores(ref_tfs, compressed),
+                          ref_holdout=_mia_scores(ref_holdout, holdout_compressed))
+            ref_aucs = mia.aucs(scores["ref_records"], scores["ref_holdout"])
         del ref_lm, ref_tfs
         _free_memory()
     elif ref_scores is not None:
@@ -926,7 +920,7 @@ def run_measure(config: MeasureConfig, progress: ProgressFn = None) -> MeasureRe
         summary["quantized"] = quantized
     if ppl is not None:
         summary["perplexity"] = ppl
-    return MeasureResult(out_records, summary, el_ns)
+    return MeasureResult(out_records, summary, el_ns, scores)
 
 
 __all__ = [

@@ -44,6 +44,7 @@ turns its conventional AUCs into MUSE's with 1 - x).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import zlib
@@ -90,6 +91,24 @@ def auc(members: Sequence[float], nonmembers: Sequence[float]) -> float:
         raise NeumuterError("an AUC needs at least one member and one non-member text")
     u = mannwhitneyu(list(members), list(nonmembers), alternative="two-sided").statistic
     return float(u) / (len(members) * len(nonmembers))
+
+
+def roc_curve(members: Sequence[float], nonmembers: Sequence[float]) -> tuple[list[float], list[float]]:
+    """The ROC curve of telling members from non-members by a score (higher = member):
+    (false positive rates, true positive rates) from (0, 0) to (1, 1), one point per distinct
+    score (ties move both rates at once, so the area under it is :func:`auc`)."""
+    if not members or not nonmembers:
+        raise NeumuterError("a ROC curve needs at least one member and one non-member text")
+    labelled = sorted([(s, 1) for s in members] + [(s, 0) for s in nonmembers], key=lambda x: -x[0])
+    fpr, tpr = [0.0], [0.0]
+    positives = negatives = 0
+    for k, (score, member) in enumerate(labelled):
+        positives += member
+        negatives += 1 - member
+        if k + 1 == len(labelled) or labelled[k + 1][0] != score:
+            fpr.append(negatives / len(nonmembers))
+            tpr.append(positives / len(members))
+    return fpr, tpr
 
 
 def aucs(member_scores: Sequence[dict], holdout_scores: Sequence[dict]) -> dict:
@@ -189,15 +208,16 @@ def _load_json_or_jsonl(path: str):
         return json.loads(content)
     except json.JSONDecodeError:
         pass
-    rows = []
-    for lineno, line in enumerate(content.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise NeumuterError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
-    return rows
+    import jsonlines
+
+    # lines end at \n, \r\n or \r only: measure writes U+2028 and the like raw inside strings
+    reader = jsonlines.Reader(io.StringIO(content, newline=None), loads=json.loads)
+    try:
+        return list(reader.iter(skip_empty=True, allow_none=True))
+    except jsonlines.InvalidLineError as exc:
+        cause = exc.__cause__
+        raise NeumuterError(f"{path}:{exc.lineno}: invalid JSON "
+                            f"({cause.msg if isinstance(cause, json.JSONDecodeError) else cause})") from None
 
 
 def read_reference_scores(path: str, texts: Sequence[str], el_ns: Sequence[int]) -> dict:
@@ -249,6 +269,6 @@ def read_reference_scores(path: str, texts: Sequence[str], el_ns: Sequence[int])
 
 
 __all__ = [
-    "MIA_SCORES", "PRIVLEAK_SCORE", "zlib_length", "mia_scores", "auc", "aucs", "privleak", "privleaks",
+    "MIA_SCORES", "PRIVLEAK_SCORE", "zlib_length", "mia_scores", "auc", "roc_curve", "aucs", "privleak", "privleaks",
     "forget_quality", "mark_against_reference", "reference_summary", "read_reference_scores", "text_sha256",
 ]

@@ -35,6 +35,7 @@ import torch
 from . import NeumuterError, fastpaths
 from .config import NeighborsConfig
 from .errors import SettingError
+from .progress import Steps, steps
 
 GROUP_BATCHES = 4           # records are read and rewritten in groups of about this many batches
 MIN_ROWS = 8                # a call is not cut for padding's sake below this many rows ...
@@ -138,6 +139,7 @@ class NeighborWriter:
         self._check_fast_path()
         self.calls = 0     # MLM calls so far
         self.rewrites = 0  # token positions predicted so far
+        self._tracker = Steps(progress, None)   # lines; while records() runs, its bar
 
     # -- public
 
@@ -179,20 +181,23 @@ class NeighborWriter:
                 flat[slot] = seq.tokens
         return [[list(flat[t * self.k + j]) for j in range(self.k)] for t in range(len(token_ids))]
 
-    def records(self, records: Iterable[dict], group: int | None = None) -> Iterator[dict]:
+    def records(self, records: Iterable[dict], group: int | None = None, total: int | None = None
+                ) -> Iterator[dict]:
         """Stream records: each comes out, in order, with its keys plus ``"neighbors"``.
 
         Records are read and rewritten in groups of ``group`` (default: enough for a few
-        batches) so that a long stream is neither held whole nor rewritten one by one."""
+        batches) so that a long stream is neither held whole nor rewritten one by one.
+        ``total``: how many records the stream holds, if known (a progress bar's length)."""
         group = group or max(1, math.ceil(GROUP_BATCHES * self.batch_size / self.k))
         batch: list[dict] = []
-        for record in records:
-            batch.append(record)
-            if len(batch) >= group:
+        with steps(self.progress, total, "neighbors", "record") as self._tracker:
+            for record in records:
+                batch.append(record)
+                if len(batch) >= group:
+                    yield from self._emit(batch)
+                    batch = []
+            if batch:
                 yield from self._emit(batch)
-                batch = []
-        if batch:
-            yield from self._emit(batch)
 
     # -- internals
 
@@ -203,10 +208,9 @@ class NeighborWriter:
             out = dict(record)
             out["neighbors"] = texts
             yield out
-        if self.progress:
-            self.progress(f"neighbors: {self._records_seen} records done ({len(batch)} in "
-                          f"{time.monotonic() - start:.1f} s, {self.rewrites} tokens rewritten, "
-                          f"{self.calls} MLM calls)")
+        self._tracker.advance(len(batch), f"neighbors: {self._records_seen} records done ({len(batch)} in "
+                                          f"{time.monotonic() - start:.1f} s, {self.rewrites} tokens rewritten, "
+                                          f"{self.calls} MLM calls)")
 
     def _window_start(self, seq: _Sequence, position: int) -> int:
         if len(seq.tokens) <= self.context:
@@ -229,9 +233,11 @@ class NeighborWriter:
                         seq.step += 1
                 done += len(pending)
                 pending = [seq for seq in pending if seq.step < len(seq.positions)]
-                if self.progress and time.monotonic() - last_report > 10:
+                if self._tracker.bar:
+                    self._tracker.advance(0, note=f"{done}/{total} tokens of this group")
+                elif time.monotonic() - last_report > 10:
                     last_report = time.monotonic()
-                    self.progress(f"neighbors: {done}/{total} tokens of this group rewritten")
+                    self._tracker.advance(0, f"neighbors: {done}/{total} tokens of this group rewritten")
 
     def _width(self, seq: _Sequence) -> int:
         return min(len(seq.tokens), self.context) + 2

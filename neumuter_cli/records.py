@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import io
 import json
 import math
 import os
@@ -52,48 +54,51 @@ def _json_constant(text: str):
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
-def _parse_line(line: str, name: str, lineno: int):
-    """One JSONL line → a Python value, or a NeumuterError naming the line. Refused besides
-    malformed JSON: NaN/Infinity, numbers a double cannot hold, integers too long to read,
-    nesting deeper than the interpreter can follow, and lone surrogates (not Unicode: they
-    could not be written back as UTF-8)."""
+class _LineError(ValueError):
+    """Why one line is refused (the file and line are added by :func:`iter_records`)."""
+
+
+_UNDECODABLE = re.compile("[\udc80-\udcff]")   # what surrogateescape makes of a byte that is not UTF-8
+
+
+def strict_loads(line: str):
+    """One JSONL line → a Python value; the ``loads`` of the ``jsonlines`` reader. Refused besides
+    malformed JSON: bytes that are not UTF-8 (the input is decoded with surrogateescape, so that
+    a bad byte is reported on its own line), NaN/Infinity, numbers a double cannot hold,
+    integers too long to read, nesting deeper than the interpreter can follow, and lone
+    surrogates (not Unicode: they could not be written back as UTF-8). Raises a ValueError
+    whose text is the reason."""
+    line = line.removesuffix("\n")
+    bad = _UNDECODABLE.search(line)
+    if bad:
+        column = len(line[:bad.start()].encode("utf-8", "surrogateescape")) + 1
+        raise _LineError(f"not UTF-8 text (byte 0x{ord(bad.group()) - 0xdc00:02x} at column {column})")
     try:
         value = json.loads(line, parse_int=_json_int, parse_float=_json_float, parse_constant=_json_constant)
     except json.JSONDecodeError as exc:
-        raise NeumuterError(f"{name}:{lineno}: invalid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})"
-                            ) from None
+        raise _LineError(f"invalid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})") from None
     except _BadValue as exc:
-        raise NeumuterError(f"{name}:{lineno}: invalid JSON ({exc})") from None
+        raise _LineError(f"invalid JSON ({exc})") from None
     except RecursionError:
-        raise NeumuterError(f"{name}:{lineno}: invalid JSON (nested too deeply)") from None
+        raise _LineError("invalid JSON (nested too deeply)") from None
     if _SURROGATE_ESCAPE.search(line):    # an escaped surrogate: fine in a pair, not alone
         try:
             json.dumps(value, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError as exc:
             bad = exc.object[exc.start]
-            raise NeumuterError(f"{name}:{lineno}: invalid JSON (a lone surrogate \\u{ord(bad):04x} "
-                                "is not Unicode text)") from None
+            raise _LineError(f"invalid JSON (a lone surrogate \\u{ord(bad):04x} is not Unicode text)") from None
     return value
 
 
-def _numbered_lines(stream, name: str) -> Iterator[tuple[int, str]]:
-    """(line number, text without its line end) for a binary or text stream. Binary lines are
-    decoded as UTF-8 one by one, so that a bad byte is reported on its line; \\n, \\r\\n and
-    a lone \\r all end a line (a raw CR cannot occur inside a JSON string)."""
-    lineno = 0
-    for raw in stream:
-        if isinstance(raw, bytes):
-            try:
-                raw = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise NeumuterError(f"{name}:{lineno + 1}: not UTF-8 text (byte 0x{raw[exc.start]:02x} "
-                                    f"at column {exc.start + 1})") from None
-        if lineno == 0:
-            raw = raw.removeprefix("\ufeff")   # a byte-order mark some editors write
-        raw = raw.removesuffix("\n").removesuffix("\r")
-        for line in raw.split("\r"):
-            lineno += 1
-            yield lineno, line
+def _text_lines(stream):
+    """``stream`` as text lines for the reader: a binary stream is decoded as UTF-8 whatever the
+    locale, with a leading byte-order mark dropped and undecodable bytes kept for
+    :func:`strict_loads` to report; \\n, \\r\\n and a lone \\r all end a line (a raw CR cannot
+    occur inside a JSON string). Returns (lines, the wrapper to detach afterwards or None)."""
+    if isinstance(stream, io.TextIOBase) or not hasattr(stream, "readable"):
+        return stream, None
+    wrapper = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline=None)
+    return wrapper, wrapper
 
 
 def iter_records(path: str, require: Iterable[str] = ("text",), stream: IO | None = None) -> Iterator[dict]:
@@ -101,9 +106,12 @@ def iter_records(path: str, require: Iterable[str] = ("text",), stream: IO | Non
 
     Every record must be an object whose ``text`` is a non-empty string; each key in
     ``require`` other than ``text`` must be present. Errors name the file and the line.
-    The input is read as UTF-8 whatever the locale. An input with no record at all raises
-    :class:`EmptyInput`. Whatever the bytes, the only error raised is a NeumuterError.
+    The input is read as UTF-8 whatever the locale, through a ``jsonlines.Reader`` with
+    :func:`strict_loads`. An input with no record at all raises :class:`EmptyInput`. Whatever
+    the bytes, the only error raised is a NeumuterError.
     """
+    import jsonlines
+
     name = display_name(path)
     require = tuple(require)
     owned = stream is None and path != "-"   # close only what is opened here
@@ -117,41 +125,61 @@ def iter_records(path: str, require: Iterable[str] = ("text",), stream: IO | Non
                 stream = open(path, "rb")
             except OSError as exc:
                 raise NeumuterError(f"cannot read {name}: {exc.strerror or exc}") from None
+    lines, wrapper = _text_lines(stream)
+    reader = jsonlines.Reader(lines, loads=functools.partial(_record_loads, require=require))
     count = 0
     try:
-        for lineno, line in _numbered_lines(stream, name):
-            if not line.strip():
-                continue
-            record = _parse_line(line, name, lineno)
-            validate_record(record, name, lineno, require)
+        for record in reader.iter(skip_empty=True):
             count += 1
             yield record
+    except jsonlines.InvalidLineError as exc:
+        raise NeumuterError(f"{name}:{exc.lineno}: {exc.__cause__}") from None
     except OSError as exc:
         raise NeumuterError(f"cannot read {name}: {exc.strerror or exc}") from None
     finally:
+        if wrapper is not None:
+            wrapper.detach()                 # the caller's stream (stdin) stays open
         if owned:
             stream.close()
     if count == 0:
         raise EmptyInput(f"{name}: no records (empty input)")
 
 
-def validate_record(record, name: str, lineno: int, require: Iterable[str] = ("text",)) -> None:
+def _record_loads(line: str, require: tuple[str, ...]) -> dict:
+    """:func:`strict_loads`, then the record checks: inside the reader's ``loads``, so that the
+    reader reports the line of a record that parses but is invalid too."""
+    record = strict_loads(line)
+    problem = record_problem(record, require)
+    if problem:
+        raise _LineError(problem)
+    return record
+
+
+def record_problem(record, require: Iterable[str] = ("text",)) -> str | None:
+    """Why ``record`` is not a valid input record (None when it is)."""
     if not isinstance(record, dict):
-        raise NeumuterError(f"{name}:{lineno}: a record must be a JSON object")
+        return "a record must be a JSON object"
     text = record.get("text")
     if "text" not in record:
-        raise NeumuterError(f"{name}:{lineno}: record has no \"text\"")
+        return 'record has no "text"'
     if not isinstance(text, str) or not text.strip():
-        raise NeumuterError(f"{name}:{lineno}: \"text\" must be a non-empty string")
+        return '"text" must be a non-empty string'
     for key in require:
         if key == "text":
             continue
         if key not in record:
-            raise NeumuterError(f"{name}:{lineno}: record has no \"{key}\"")
+            return f'record has no "{key}"'
         if key == "neighbors":
             nb = record[key]
             if not isinstance(nb, list) or not nb or not all(isinstance(t, str) and t.strip() for t in nb):
-                raise NeumuterError(f"{name}:{lineno}: \"neighbors\" must be a non-empty list of non-empty strings")
+                return '"neighbors" must be a non-empty list of non-empty strings'
+    return None
+
+
+def validate_record(record, name: str, lineno: int, require: Iterable[str] = ("text",)) -> None:
+    problem = record_problem(record, require)
+    if problem:
+        raise NeumuterError(f"{name}:{lineno}: {problem}")
 
 
 def read_records(path: str, require: Iterable[str] = ("text",)) -> list[dict]:
@@ -160,6 +188,14 @@ def read_records(path: str, require: Iterable[str] = ("text",)) -> list[dict]:
 
 def dumps_record(record: dict) -> str:
     return json.dumps(record, ensure_ascii=False)
+
+
+def record_writer(out: IO[str], flush: bool = False):
+    """A ``jsonlines.Writer`` of records on ``out``, one :func:`dumps_record` line each
+    (``flush``: after every line, for a stream read as it is written)."""
+    import jsonlines
+
+    return jsonlines.Writer(out, dumps=dumps_record, flush=flush)
 
 
 # ---------------------------------------------------------------- outputs
@@ -372,7 +408,8 @@ def sha256_bytes(data: bytes) -> str:
 
 
 __all__ = [
-    "EmptyInput", "display_name", "iter_records", "read_records", "validate_record", "dumps_record",
+    "EmptyInput", "display_name", "iter_records", "read_records", "validate_record", "record_problem",
+    "strict_loads", "dumps_record", "record_writer",
     "check_output", "check_folder_writable", "atomic_output", "atomic_directory", "sha256_texts",
     "sha256_file", "sha256_bytes",
 ]

@@ -29,6 +29,7 @@ from .config import RelearnConfig
 from .localize import pad
 from .measure import encode
 from .models import _decoder_blocks, input_device, parse_layers
+from .progress import steps
 
 ProgressFn = Callable[[str], None] | None
 
@@ -117,6 +118,7 @@ def relearn(model, tokenizer, records: Sequence[dict], config: RelearnConfig, pr
                  f"at lr {config.lr:g} on {where} ({count:,} parameters)")
     losses: list[float] = []
     started = time.perf_counter()
+    tracker = steps(progress, config.steps, "relearn", "step")
     try:
         for step, batch in enumerate(order, 1):
             input_ids, mask = pad([ids_list[k] for k in batch], pad_id)
@@ -145,12 +147,12 @@ def relearn(model, tokenizer, records: Sequence[dict], config: RelearnConfig, pr
                     if m is not None:
                         p.copy_(m.to(p.dtype))
             losses.append(loss.item())
-            if progress:
-                progress(f"step {step:4d}/{config.steps}  loss {losses[-1]:.4f}  "
-                         f"({time.perf_counter() - started:.1f}s)")
+            tracker.advance(1, f"step {step:4d}/{config.steps}  loss {losses[-1]:.4f}  "
+                               f"({time.perf_counter() - started:.1f}s)", f"loss {losses[-1]:.4f}")
             if on_step is not None:
                 on_step(step, losses[-1])
     finally:
+        tracker.close()
         for p in params:
             p.grad = None
             p.requires_grad_(False)

@@ -147,13 +147,16 @@ def write_result(result: MeasureResult, fmt: str, out: IO[str], style: Callable[
     """Write ``result`` as ``table`` (records, summary, generations), ``jsonl`` (one line per
     record; with no records one ``{"summary": ...}`` line) or ``json`` (``{"records",
     "summary"}``)."""
-    from .records import dumps_record
+    import jsonlines
+
+    from .records import record_writer
 
     if fmt == "jsonl":
-        for record in result.records:
-            out.write(dumps_record(record) + "\n")
+        with record_writer(out) as lines:
+            lines.write_all(result.records)
         if not result.records:                 # perplexity alone: the summary is the data
-            out.write(json.dumps({"summary": result.summary}) + "\n")
+            with jsonlines.Writer(out, dumps=json.dumps) as lines:
+                lines.write({"summary": result.summary})
     elif fmt == "json":
         out.write(json.dumps({"records": result.records, "summary": result.summary},
                              ensure_ascii=False, indent=2) + "\n")

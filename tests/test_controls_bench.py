@@ -3,6 +3,7 @@ stops at (or reports that it missed) the matched forgetting level, and random ne
 neumuter's per-block counts and values."""
 import importlib.util
 import json
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -75,8 +76,12 @@ def test_every_control_meets_the_mean_target_or_says_it_did_not(setup, tmp_path,
     out = tmp_path / "controls.json"
     bench, result = run_bench(root, files, "--scales", str(root / "scales.st"), "--target", str(TARGET),
                               "--max-neurons", "512", "--out", str(out))
-    table = capsys.readouterr().out
+    printed = capsys.readouterr()
+    table = printed.out
     assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(result["rows"], default=bench._json_default))
+    if importlib.util.find_spec("matplotlib"):                 # the figure, beside the JSON
+        assert (tmp_path / "controls.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"figure written to {tmp_path / 'controls.png'}" in printed.err
     rows = {row["control"]: row for row in result["rows"]}
     assert list(rows) == ["reference", "before", "neumuter", "random", "activation", "activation at neumuter's count",
                           "ga", "npo"]
@@ -145,6 +150,25 @@ def test_reference_target_and_a_budget_too_small(setup, capsys):
         assert row["reached"] == all(ma <= lim for ma, lim in zip(row["forget_ma"], limits))
         assert row["at_reference"] < len(FORGET)
     assert "gradient ascent" in capsys.readouterr().out
+
+
+def test_without_matplotlib_the_run_is_kept_and_says_so(setup, tmp_path, monkeypatch, capsys):
+    root, files, _ = setup
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    out = tmp_path / "controls.json"
+    run_bench(root, files, "--controls", "ga", "--budget-steps", "1", "--out", str(out))
+    assert json.loads(out.read_text())["rows"][-1]["control"] == "ga"
+    assert os.listdir(tmp_path) == ["controls.json"]
+    assert "matplotlib is not installed: pip install 'neumuter[plot]'; no figure written" in capsys.readouterr().err
+
+
+def test_a_figure_that_could_not_be_written_stops_the_run_before_it_starts(setup, tmp_path, capsys):
+    root, files, _ = setup
+    with pytest.raises(SystemExit):
+        run_bench(root, files, "--controls", "ga", "--out", str(tmp_path / "c.json"),
+                  "--plot", str(tmp_path / "missing" / "c.png"))
+    err = capsys.readouterr().err
+    assert "folder" in err and "does not exist" in err and "loading" not in err
 
 
 def test_the_cheap_reference_check_agrees_with_measuring_every_text(setup):

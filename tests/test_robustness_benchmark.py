@@ -89,6 +89,9 @@ def test_the_benchmark_runs_on_tiny_models(fixture, capsys):
     printed = capsys.readouterr()
     assert "forget MA fp32" in printed.out and "relearn 2" in printed.out and "second request" in printed.out
     assert "relearning steps" in printed.err
+    if importlib.util.find_spec("matplotlib"):                 # the figure, beside the JSON
+        assert (fixture["root"] / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"figure written to {fixture['root'] / 'results.png'}" in printed.err
 
 
 def test_quantisation_without_the_module_stops_clearly(fixture, monkeypatch, capsys):
