@@ -195,8 +195,14 @@ def run(args) -> dict:
     if args.plot:
         from neumuter_cli.plots import plot_localization
 
-        plot_localization([dict(r, system=r["method"], n_forget=len(forget)) for r in rows if r.get("modified")],
-                          args.plot, f"INJ on SmolLM2: {len(forget)} forget texts ({os.path.basename(args.injected)})")
+        def plotted(row):
+            return {"system": row["method"], "modulated": row["modified"], "recall": row.get("recall"),
+                    "precision": row.get("precision"), "forgotten": round(row["at_reference"]),
+                    "n_forget": len(forget), "retained_ma_before": result["retained_ma_before"],
+                    "retained_ma_after": row["retained_ma"], "ppl_before": result["ppl_before"],
+                    "ppl_after": row["perplexity"]}
+        plot_localization([plotted(r) for r in rows if r.get("modified")], args.plot,
+                          f"INJ on SmolLM2-135M: {len(forget)} forget, {len(retain)} retained injected texts")
     return result
 
 
