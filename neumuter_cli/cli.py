@@ -1,6 +1,7 @@
 """The `neumuter` command line: one thin command per stage. Options, streams, exit codes."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import sys
@@ -8,7 +9,7 @@ import sys
 import click
 from tabulate import tabulate
 
-from . import NeumuterError, __version__
+from . import NeumuterError, __version__, distributed
 # torch-free: the options and --help are built from these defaults; the stages themselves (and
 # torch, transformers) are imported inside the commands, so that --help and completion are instant
 from .config import FORGET_TERMS, LOCALIZE_METHODS, OPTIMIZERS, QUANT_TYPES, LocalizeConfig, NeighborsConfig, RelearnConfig
@@ -32,11 +33,34 @@ class CommandError(click.ClickException):
 
 
 
+#: the commands that split their work over the processes of a launcher (torchrun, accelerate
+#: launch: see docs/distributed.md); under a launcher every other command runs on rank 0 alone
+DATA_PARALLEL = ("localize", "measure", "neighbors", "relearn")
+
+
+def _shown_by_rank_0(exc: click.ClickException) -> None:
+    """Under a launcher every process parses the same command line: rank 0 alone shows a
+    usage error found while parsing."""
+    if not distributed.launched().main:
+        exc.show = lambda file=None: None
+
+
 class NeumuterCommand(click.Command):
     """Words the library's errors with this command's flags: a SettingError names a library
     parameter (``top_k``), the user gave an option (``--top-k``)."""
 
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.ClickException as exc:
+            _shown_by_rank_0(exc)
+            raise
+
     def invoke(self, ctx):
+        if self.name in DATA_PARALLEL:
+            distributed.enable()
+        elif not distributed.launched().main:
+            return None
         try:
             return super().invoke(ctx)
         except SettingError as exc:
@@ -60,14 +84,55 @@ class NeumuterGroup(click.Group):
 
     command_class = NeumuterCommand
 
-    def invoke(self, ctx):
+    def make_context(self, info_name, args, parent=None, **extra):
         try:
-            return super().invoke(ctx)
+            return super().make_context(info_name, args, parent, **extra)
+        except click.ClickException as exc:
+            _shown_by_rank_0(exc)
+            raise
+
+    def invoke(self, ctx):
+        # under a launcher, a failure on any process stops them all: the lowest failed rank
+        # shows its error, the others exit quietly with the same status
+        try:
+            return self._invoke(ctx)
+        except distributed.PeerFailed as peer:
+            raise SystemExit(peer.exit_code) from None
+        except click.exceptions.Exit:
+            raise
+        except click.ClickException as exc:
+            exc.message = _report_failure(exc.message, exc.exit_code)
+            raise
+        except SystemExit:
+            raise
+        except BaseException as exc:
+            _report_failure(f"{type(exc).__name__}: {exc}", EXIT_ERROR)
+            raise
+
+    def _invoke(self, ctx):
+        try:
+            result = super().invoke(ctx)
+        except SystemExit:           # `measure --check`'s verdict, the same on every process
+            with contextlib.suppress(NeumuterError):
+                distributed.finish()
+            raise
         except NeumuterError as exc:
             raise CommandError(str(exc)) from None
         except OSError as exc:
             where = f"{exc.filename}: " if exc.filename else ""
             raise CommandError(f"{where}{exc.strerror or exc}") from None
+        try:
+            distributed.finish()
+        except NeumuterError as exc:
+            raise CommandError(str(exc)) from None
+        return result
+
+
+def _report_failure(message: str, exit_code: int) -> str:
+    try:
+        return distributed.report_failure(message, exit_code)
+    except distributed.PeerFailed as peer:
+        raise SystemExit(peer.exit_code) from None
 
 
 class FiniteFloat(click.FloatRange):
@@ -148,7 +213,8 @@ def load_lm(model, device, dtype, device_map, trust_remote_code):
 
 
 def progress(message: str) -> None:
-    click.echo(message, err=True)
+    if distributed.is_main():
+        click.echo(message, err=True)
 
 
 @cli.command()
@@ -440,19 +506,19 @@ def measure_cmd(check, allow_over_forgotten, fmt, output, **options):
     config.require_records = check
     result = run_measure(config, progress)
 
-    with atomic_output(output, "w") as out:
-        write_result(result, fmt, out, click.style if fmt == "table" and output == "-" and sys.stdout.isatty()
-                     else None)
+    if distributed.is_main():
+        with atomic_output(output, "w") as out:
+            write_result(result, fmt, out, click.style if fmt == "table" and output == "-" and sys.stdout.isatty()
+                         else None)
     if fmt == "jsonl":
-        click.echo(summary_table(result.summary, config.el_ns), err=True)
+        progress(summary_table(result.summary, config.el_ns))
     if check:
         failed = False
         for labels, what in ((result.not_forgotten, "not forgotten"),
                              ([] if allow_over_forgotten else result.over_forgotten, "over-forgotten")):
             if labels:
                 shown = ", ".join(labels[:10]) + (", ..." if len(labels) > 10 else "")
-                click.echo(f"check failed: {len(labels)} of {len(result.records)} records are {what} ({shown})",
-                           err=True)
+                progress(f"check failed: {len(labels)} of {len(result.records)} records are {what} ({shown})")
                 failed = True
         if failed:
             sys.exit(1)
@@ -520,10 +586,11 @@ def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, b
     if temperature == 0 and ratio == 1 and k > 1:
         progress(f"warning: with --temperature 0 and -r 1 the {k} neighbours of a record "
                  "are identical (use --temperature > 0 for distinct ones)")
-    with atomic_output(output, "w") as out:
+    with atomic_output(output, "w") if distributed.is_main() else contextlib.nullcontext() as out:
         for record in writer.records(itertools.chain([first], records)):
-            out.write(dumps_record(record) + "\n")
-            out.flush()
+            if out is not None:
+                out.write(dumps_record(record) + "\n")
+                out.flush()
     progress(f"neighbors: {writer.rewrites} tokens rewritten in {writer.calls} MLM calls")
 
 
@@ -631,7 +698,8 @@ def localize_cmd(input_path, output, layers, reference_path, reference_limit, re
     lm, tokenizer = load_lm(model, device, dtype, device_map, trust_remote_code)
     run = run_localize(lm, tokenizer, records, LocalizeConfig(**training), layers, stop,
                        lambda name: load_lm(name, device, dtype, device_map, trust_remote_code), progress)
-    save_artifact(run.tensors, run.metadata, output)
+    if distributed.is_main():
+        save_artifact(run.tensors, run.metadata, output)
     result, last = run.result, run.last_check
     how = "stopped: every forget text below the thresholds" if result.stopped_early else "done"
     progress(f"{how} after {result.epochs_run} epochs, {result.seconds:.1f}s")
@@ -708,7 +776,8 @@ def relearn_cmd(input_path, model, device, dtype, device_map, trust_remote_code,
     result = relearn(lm, tokenizer, trained, config, progress=progress)
     record = provenance(lm, config, result, trained, model, source_fingerprint, input_records=records,
                         first_halves=first_halves)
-    save_checkpoint(lm, tokenizer, output, record, force, protected=(model, input_path))
+    if distributed.is_main():
+        save_checkpoint(lm, tokenizer, output, record, force, protected=(model, input_path))
     progress(f"{result.steps} steps in {result.seconds:.1f}s: loss {result.losses[0]:.4f} -> "
              f"{result.losses[-1]:.4f} (first and last batch); checkpoint written to {output}")
 

@@ -49,7 +49,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import NeumuterError
+from . import NeumuterError, distributed
 from .fastpaths import roomy_cache
 from .models import input_device
 
@@ -179,13 +179,17 @@ def teacher_forced(model, ids_list: Sequence[Sequence[int]], batch_size: int = 3
     device = input_device(model)
     vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else 1
     order = sorted(range(len(ids_list)), key=lambda k: -len(ids_list[k]))
-    results: list[TeacherForced | None] = [None] * len(ids_list)
+    results: dict[int, TeacherForced] = {}
     start = 0
+    number = -1
     while start < len(order):
         longest = len(ids_list[order[start]])
         size = max(1, min(batch_size, LOGIT_BUDGET // max(1, longest * vocab)))
         batch = order[start:start + size]
         start += size
+        number += 1
+        if not distributed.owns(number):    # under a launcher, the batches are dealt out round-robin
+            continue
         lengths = [len(ids_list[k]) for k in batch]
         x = torch.zeros(len(batch), longest, dtype=torch.long)
         mask = torch.zeros(len(batch), longest, dtype=torch.long)
@@ -206,7 +210,7 @@ def teacher_forced(model, ids_list: Sequence[Sequence[int]], batch_size: int = 3
                 results[k].mu, results[k].sigma = _vocab_stats(logits[row, :n])
         if progress:
             progress(f"teacher-forced: {start if start < len(order) else len(order)}/{len(order)} texts")
-    return results  # type: ignore[return-value]
+    return distributed.gather_items(results, len(ids_list))
 
 
 def memorization_accuracy(model, ids_list: Sequence[Sequence[int]], batch_size: int = 32) -> list[float]:
@@ -241,13 +245,20 @@ def greedy_continuations(model, rows: Sequence[tuple[Sequence[int], int]], batch
     if todo:
         check_context(model, max(len(rows[j][0]) + rows[j][1] - 1 for j in todo), "a generation")
     done = 0
-    for first in range(0, len(todo), batch_size):
+    generated: dict[int, list[int]] = {}
+    for number, first in enumerate(range(0, len(todo), batch_size)):
+        if not distributed.owns(number):    # under a launcher, the batches are dealt out round-robin
+            continue
         batch = todo[first:first + batch_size]
         for j, tokens in zip(batch, _lockstep_batch(model, [rows[j] for j in batch])):
-            results[j] = tokens
+            generated[j] = tokens
         done += len(batch)
         if progress:
             progress(f"greedy generation: {done}/{len(todo)} continuations")
+    if todo:
+        gathered = distributed.gather_items({k: generated[j] for k, j in enumerate(todo) if j in generated}, len(todo))
+        for j, tokens in zip(todo, gathered):
+            results[j] = tokens
     return results  # type: ignore[return-value]
 
 

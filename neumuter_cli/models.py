@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import NeumuterError
+from . import NeumuterError, distributed
 from .errors import DeviceUnavailable, SettingError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -120,7 +120,7 @@ def load_model(
     source, gguf_file = split_gguf(model)
     if gguf_file is None:
         _check_model_path(source)
-    target = resolve_device(device) if device_map is None else None
+    target = distributed.place(resolve_device(device)) if device_map is None else None
     kwargs = {"trust_remote_code": trust_remote_code, "dtype": resolve_dtype(dtype, target or "cuda")}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
