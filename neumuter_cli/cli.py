@@ -196,19 +196,41 @@ def model_options(func):
                   show_default=True, help="Weight dtype (auto: float32 on CPU, the checkpoint's own on a GPU).")
     @click.option("--device-map", type=click.Choice(["auto"]), default=None,
                   help="Spread a model too large for one GPU over all GPUs (needs accelerate).")
+    @click.option("--max-memory", default=None, metavar="DEVICE=SIZE[,..]", callback=_max_memory,
+                  help="With --device-map auto: the most of the model each device may hold, e.g. "
+                       "0=70GiB,1=70GiB,cpu=200GiB (GPU numbers, cpu, mps; sizes in B, KB, MB, GB, KiB, MiB, "
+                       "GiB...). What does not fit is offloaded to the CPU or, beyond it, to disk (a safetensors "
+                       "checkpoint is read in place) and brought in for each forward pass: slower, same results.")
     @click.option("--trust-remote-code", is_flag=True, default=False,
                   help="Allow model code from the checkpoint's repository to run.")
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        if kwargs["max_memory"] is not None and kwargs["device_map"] is None:
+            raise click.UsageError("--max-memory needs --device-map auto")
+        if kwargs["device_map"] is not None and distributed.world().size > 1:
+            raise click.UsageError(f"--device-map auto spreads one copy of the model over every GPU, but each of the "
+                                   f"{distributed.world().size} processes of the launcher holds its own: run one "
+                                   "process, or give each its own GPU (--device cuda)")
         return func(*args, **kwargs)
     return wrapper
 
 
-def load_lm(model, device, dtype, device_map, trust_remote_code):
+def _max_memory(ctx, param, value):
+    if value is None:
+        return None
+    from .offload import parse_max_memory
+
+    try:
+        return parse_max_memory(value)
+    except NeumuterError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def load_lm(model, device, dtype, device_map, max_memory, trust_remote_code):
     from .models import load_model
 
     progress(f"loading {model}")
-    return load_model(model, device=device, dtype=dtype, device_map=device_map,
+    return load_model(model, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory,
                       trust_remote_code=trust_remote_code)
 
 
@@ -219,14 +241,14 @@ def progress(message: str) -> None:
 
 @cli.command()
 @model_options
-def inspect(model, device, dtype, device_map, trust_remote_code):
+def inspect(model, device, dtype, device_map, max_memory, trust_remote_code):
     """Show each decoder block's FFN down-projection and its neuron count.
 
     Use the block numbers with `localize --layers`.
     """
     from .models import find_ffn_layers
 
-    lm, _ = load_lm(model, device, dtype, device_map, trust_remote_code)
+    lm, _ = load_lm(model, device, dtype, device_map, max_memory, trust_remote_code)
     layers = find_ffn_layers(lm)
     rows = [[layer.index, layer.path, layer.neurons, layer.orientation] for layer in layers]
     total = sum(layer.neurons for layer in layers)
@@ -298,7 +320,7 @@ def select_cmd(mask, output, energy, threshold, top_fraction):
 @click.option("--allow-any-scale", is_flag=True, default=False,
               help="Fold scales outside [0, 1] too (above 1 amplifies a neuron, below 0 flips it); "
                    "without it such a scales file is refused (select writes gate values in [0, 1]).")
-def apply_cmd(scales, model, device, dtype, device_map, trust_remote_code, output, force, allow_any_scale):
+def apply_cmd(scales, model, device, dtype, device_map, max_memory, trust_remote_code, output, force, allow_any_scale):
     """Fold a scales file into the model and save an ordinary checkpoint.
 
     Each selected neuron's scale multiplies its column of the FFN down-projection (a row for
@@ -321,7 +343,7 @@ def apply_cmd(scales, model, device, dtype, device_map, trust_remote_code, outpu
     artifact = read_artifact(scales, kind=SCALES_KIND)
     if dtype == "auto":
         dtype = checkpoint_dtype(model) or "auto"
-    lm, tokenizer = load_lm(model, device, dtype, device_map, trust_remote_code)
+    lm, tokenizer = load_lm(model, device, dtype, device_map, max_memory, trust_remote_code)
     record = apply_scales_file(lm, tokenizer, artifact.tensors, artifact.metadata, output,
                                scales_sha256=artifact.sha256, force=force, name=artifact.name,
                                allow_any_scale=allow_any_scale, protected=(model, scales))
@@ -668,7 +690,7 @@ def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, b
               help="When the early stop fires, keep only the smallest set of most-closed gates that still "
                    "passes the check (bisection, a pass over the forget texts per probe) and reopen the rest.")
 def localize_cmd(input_path, output, layers, reference_path, reference_limit, reference_model, tolerance, stop_ma,
-                 stop_el, target_ma, model, device, dtype, device_map, trust_remote_code, **training):
+                 stop_el, target_ma, model, device, dtype, device_map, max_memory, trust_remote_code, **training):
     """Train one gate per FFN neuron so that the forget texts become unlikely.
 
     INPUT holds records with "text" and "neighbors" (from `neumuter neighbors`). Every model
@@ -695,9 +717,9 @@ def localize_cmd(input_path, output, layers, reference_path, reference_limit, re
     if reference_path is not None and stop_ma is None:
         reference_texts = [r["text"] for r in read_records(reference_path)][:reference_limit]
     stop = StopRule(reference_model, tolerance, reference_texts, stop_ma, stop_el, target_ma)
-    lm, tokenizer = load_lm(model, device, dtype, device_map, trust_remote_code)
+    lm, tokenizer = load_lm(model, device, dtype, device_map, max_memory, trust_remote_code)
     run = run_localize(lm, tokenizer, records, LocalizeConfig(**training), layers, stop,
-                       lambda name: load_lm(name, device, dtype, device_map, trust_remote_code), progress)
+                       lambda name: load_lm(name, device, dtype, device_map, max_memory, trust_remote_code), progress)
     if distributed.is_main():
         save_artifact(run.tensors, run.metadata, output)
     result, last = run.result, run.last_check
@@ -732,8 +754,8 @@ def localize_cmd(input_path, output, layers, reference_path, reference_limit, re
 @click.option("--seed", type=int, default=RELEARN_DEFAULTS.seed, show_default=True,
               help="Seed of the data order: the same seed gives the same weights.")
 @click.option("--force", is_flag=True, default=False, help="Replace DIR if it exists and is not empty.")
-def relearn_cmd(input_path, model, device, dtype, device_map, trust_remote_code, output, steps, lr, batch_size,
-                layers, first_halves, max_length, seed, force):
+def relearn_cmd(input_path, model, device, dtype, device_map, max_memory, trust_remote_code, output, steps, lr,
+                batch_size, layers, first_halves, max_length, seed, force):
     """Fine-tune a model on texts for a few steps: the relearning attack, to red-team your own unlearning.
 
     Unlearning that only hides a memory is undone by a little fine-tuning on related text, for
@@ -770,7 +792,7 @@ def relearn_cmd(input_path, model, device, dtype, device_map, trust_remote_code,
     check_config(config)                # a bad --lr fails before the model loads
     check_output_dir(output, force, protected=(model, input_path))
     records = read_records(input_path)
-    lm, tokenizer = load_lm(model, device, dtype, device_map, trust_remote_code)
+    lm, tokenizer = load_lm(model, device, dtype, device_map, max_memory, trust_remote_code)
     trained = halve(records, tokenizer, max_length) if first_halves else records
     source_fingerprint = fingerprint(lm)
     result = relearn(lm, tokenizer, trained, config, progress=progress)
@@ -790,7 +812,7 @@ def relearn_cmd(input_path, model, device, dtype, device_map, trust_remote_code,
               help="Checkpoint directory to write (save_pretrained + tokenizer + neumuter.json).")
 @click.option("--force", is_flag=True, default=False,
               help="Replace DIR if it holds a previous neumuter checkpoint (and nothing else).")
-def quantize_cmd(model, device, dtype, device_map, trust_remote_code, qtype, output, force):
+def quantize_cmd(model, device, dtype, device_map, max_memory, trust_remote_code, qtype, output, force):
     """Write the model as llama.cpp would run it: every block weight quantised and back.
 
     Each linear weight inside the decoder blocks (attention and FFN projections; not the
@@ -810,7 +832,7 @@ def quantize_cmd(model, device, dtype, device_map, trust_remote_code, qtype, out
     from .quantize import quantize_model, quantized_checkpoint_record
 
     check_output_dir(output, force, protected=(model,))
-    lm, tokenizer = load_lm(model, device, dtype, device_map, trust_remote_code)
+    lm, tokenizer = load_lm(model, device, dtype, device_map, max_memory, trust_remote_code)
     summary = quantize_model(lm, qtype.lower(), progress)
     save_checkpoint(lm, tokenizer, output, quantized_checkpoint_record(lm, model, summary), force, protected=(model,))
     progress(f"{summary['weights']} block weights ({summary['elements']:,} values) through {summary['type']}"

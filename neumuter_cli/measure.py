@@ -671,6 +671,7 @@ class MeasureConfig:
     device: str = "auto"
     dtype: str = "auto"
     device_map: str | None = None
+    max_memory: dict | None = None
     trust_remote_code: bool = False
     max_length: int | None = 200
     el_ns: tuple[int, ...] = (10,)
@@ -849,7 +850,7 @@ def run_measure(config: MeasureConfig, progress: ProgressFn = None) -> MeasureRe
                              config.model, f"reference model {config.reference_model}",
                              texts + [r["text"] for r in holdout_records or []])
     load = dict(device=config.device, dtype=config.dtype, device_map=config.device_map,
-                trust_remote_code=config.trust_remote_code)
+                max_memory=config.max_memory, trust_remote_code=config.trust_remote_code)
 
     # 2. the model
     say(f"loading {config.model}")
