@@ -176,6 +176,14 @@ def cli():
     Data goes to stdout or -o; progress and summaries go to stderr. Outputs are written
     atomically: an error or an interrupt leaves no partial file behind.
 
+    Under torchrun or accelerate launch (the same command line), localize, measure,
+    neighbors and relearn split their records over the processes and rank 0 writes what
+    one process would; the other commands run on rank 0 alone (docs/distributed.md):
+
+    \b
+      torchrun --nproc-per-node 4 -m neumuter_cli localize nb.jsonl --model LM \\
+        --batch-size 32 -o mask.safetensors
+
     \b
     Exit status:
       0  success
@@ -649,7 +657,8 @@ def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, b
 @click.option("--max-length", type=click.IntRange(2), default=DEFAULTS.max_length, show_default=True,
               help="Tokens of each text (and neighbour) used.")
 @click.option("--batch-size", type=click.IntRange(1), default=DEFAULTS.batch_size, show_default=True,
-              help="Forget texts per optimiser step (their neighbours go in the same forward pass).")
+              help="Forget texts per optimiser step (their neighbours go in the same forward pass); under "
+                   "torchrun, the whole step's, split over the processes.")
 @click.option("--kl-top-k", type=click.IntRange(0), default=DEFAULTS.kl_top_k, show_default=True,
               help="Keep the original distribution as its top-k log-probs plus one bucket for the "
                    "rest of the vocabulary (0: the full vocabulary).")
@@ -742,7 +751,7 @@ def localize_cmd(input_path, output, layers, reference_path, reference_limit, re
               help="Adam learning rate (constant). Relearning attacks in the literature use 1e-5 to 1e-4 "
                    "on 100M-7B models; the default sits between.")
 @click.option("--batch-size", type=click.IntRange(1), default=RELEARN_DEFAULTS.batch_size, show_default=True,
-              help="Texts per optimiser step.")
+              help="Texts per optimiser step; under torchrun, the whole step's, split over the processes.")
 @click.option("--layers", default=None, metavar="SPEC",
               help="Train only the weights of these decoder blocks, e.g. 20-29 (as `localize --layers`; "
                    "default: every weight of the model, embeddings included).")
