@@ -202,7 +202,8 @@ def _before_collective() -> None:
 
 def all_reduce_sum(tensors: Sequence[torch.Tensor]) -> None:
     """Sum each tensor over the processes, in place (nothing in one process). Tensors are
-    flattened into buckets per device and dtype, so a model's gradients take a few calls."""
+    flattened into buckets per device and dtype, so a model's gradients take a few calls; CUDA
+    buckets go through NCCL, the others through gloo on the CPU."""
     if not _enabled:
         return
     import torch
@@ -218,10 +219,12 @@ def all_reduce_sum(tensors: Sequence[torch.Tensor]) -> None:
         for tensor in [*group, None]:
             if bucket and (tensor is None or size + tensor.numel() > BUCKET_ELEMENTS):
                 flat = torch.cat([t.reshape(-1) for t in bucket])
+                if flat.device.type not in ("cpu", "cuda"):      # e.g. MPS: gloo sums on the CPU
+                    flat = flat.cpu()
                 _guarded(dist.all_reduce, flat)
                 offset = 0
                 for t in bucket:
-                    t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                    t.copy_(flat[offset:offset + t.numel()].view_as(t).to(t.device))
                     offset += t.numel()
                 bucket, size = [], 0
             if tensor is not None:

@@ -172,7 +172,9 @@ def teacher_forced(model, ids_list: Sequence[Sequence[int]], batch_size: int = 3
     batched. Texts are sorted by length; equal lengths share a batch without padding, unequal
     ones are right-padded with an attention mask (exact for causal LMs: padding comes after
     every real position). ``stats``: also the vocabulary mean and standard deviation of the
-    log-probabilities at each position (same pass, computed text by text to bound memory)."""
+    log-probabilities at each position (same pass, computed text by text to bound memory).
+    Split over processes (distributed.enable), each computes every n-th batch exactly as one
+    process would, and every process gets every result."""
     _check_lengths(ids_list)
     if ids_list:
         check_context(model, max(map(len, ids_list)), "a text (use a smaller --max-length or window)")
@@ -231,7 +233,8 @@ def greedy_continuations(model, rows: Sequence[tuple[Sequence[int], int]], batch
     of a batch sits at the same absolute position. A batch is prefilled with the first ``p0``
     tokens of each row (``p0`` = its shortest context), then decoded one position at a time with
     a KV cache; a row is fed its own context tokens until its context ends and its own greedy
-    tokens after that. No padding, no attention mask, no position-id tricks."""
+    tokens after that. No padding, no attention mask, no position-id tricks. Split over
+    processes (distributed.enable), the batches are dealt out as in :func:`teacher_forced`."""
     results: list[list[int] | None] = [None] * len(rows)
     todo = []
     for j, (context, new) in enumerate(rows):

@@ -188,6 +188,12 @@ def test_an_error_every_process_finds_is_shown_once(files, tmp_path):
     outcome = spawn(["measure", files / "forget.jsonl", "-m", files / "mem", "--el-n", "x"])
     assert [status for status, _ in outcome] == [2, 2], outcome
     assert len(error_lines(outcome[0][1])) == 1 and outcome[1][1] == ""
+    outcome = spawn(["measure", files / "forget.jsonl", "-m", files / "mem", "--device-map", "auto"])
+    assert [status for status, _ in outcome] == [2, 2], outcome
+    assert error_lines(outcome[0][1]) == ["Error: --device-map auto spreads one copy of the model over every GPU, "
+                                          "but each of the 2 processes of the launcher holds its own: run one "
+                                          "process, or give each its own GPU (--device cuda)"]
+    assert error_lines(outcome[1][1]) == []
     assert not (tmp_path / "m.safetensors").exists()
 
 
