@@ -260,7 +260,7 @@ def gather_items(local: dict[int, Any], count: int) -> list:
 
 # ---------------------------------------------------------------- ending
 
-def report_failure(message: str, exit_code: int) -> str | None:
+def report_failure(message: str, exit_code: int) -> str:
     """Tell the other processes that this one failed. Returns the message to show (prefixed
     with the rank when some processes did not fail), or raises :class:`PeerFailed` when a
     lower rank failed too and reports it instead. In one process: ``message`` as it is."""
