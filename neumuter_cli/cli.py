@@ -1,6 +1,7 @@
 """The `neumuter` command line: one thin command per stage. Options, streams, exit codes."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -9,7 +10,7 @@ import sys
 import click
 from tabulate import tabulate
 
-from . import NeumuterError, __version__
+from . import NeumuterError, __version__, distributed
 # torch-free: the options and --help are built from these defaults; the stages themselves (and
 # torch, transformers) are imported inside the commands, so that --help and completion are instant
 from .config import FORGET_TERMS, LOCALIZE_METHODS, OPTIMIZERS, QUANT_TYPES, LocalizeConfig, NeighborsConfig, RelearnConfig
@@ -34,11 +35,34 @@ class CommandError(click.ClickException):
 
 
 
+#: the commands that split their work over the processes of a launcher (torchrun, accelerate
+#: launch: see docs/distributed.md); under a launcher every other command runs on rank 0 alone
+DATA_PARALLEL = ("localize", "measure", "neighbors", "relearn")
+
+
+def _shown_by_rank_0(exc: click.ClickException) -> None:
+    """Under a launcher every process parses the same command line: rank 0 alone shows a
+    usage error found while parsing."""
+    if not distributed.launched().main:
+        exc.show = lambda file=None: None
+
+
 class NeumuterCommand(click.Command):
     """Words the library's errors with this command's flags: a SettingError names a library
     parameter (``top_k``), the user gave an option (``--top-k``)."""
 
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.ClickException as exc:
+            _shown_by_rank_0(exc)
+            raise
+
     def invoke(self, ctx):
+        if self.name in DATA_PARALLEL:
+            distributed.enable()
+        elif not distributed.launched().main:
+            return None
         try:
             return super().invoke(ctx)
         except SettingError as exc:
@@ -62,9 +86,38 @@ class NeumuterGroup(click.Group):
 
     command_class = NeumuterCommand
 
-    def invoke(self, ctx):
+    def make_context(self, info_name, args, parent=None, **extra):
         try:
-            return super().invoke(ctx)
+            return super().make_context(info_name, args, parent, **extra)
+        except click.ClickException as exc:
+            _shown_by_rank_0(exc)
+            raise
+
+    def invoke(self, ctx):
+        # under a launcher, a failure on any process stops them all: the lowest failed rank
+        # shows its error, the others exit quietly with the same status
+        try:
+            return self._invoke(ctx)
+        except distributed.PeerFailed as peer:
+            raise SystemExit(peer.exit_code) from None
+        except click.exceptions.Exit:
+            raise
+        except click.ClickException as exc:
+            exc.message = _report_failure(exc.message, exc.exit_code)
+            raise
+        except SystemExit:
+            raise
+        except BaseException as exc:
+            _report_failure(f"{type(exc).__name__}: {exc}", EXIT_ERROR)
+            raise
+
+    def _invoke(self, ctx):
+        try:
+            result = super().invoke(ctx)
+        except SystemExit:           # `measure --check`'s verdict, the same on every process
+            with contextlib.suppress(NeumuterError):
+                distributed.finish()
+            raise
         except NeumuterError as exc:
             raise CommandError(str(exc)) from None
         except OSError as exc:
@@ -74,6 +127,18 @@ class NeumuterGroup(click.Group):
             left = ctx.meta.get(REPORTER)
             if left is not None:
                 left.close()                  # a bar an error cut short ends before the error line
+        try:
+            distributed.finish()
+        except NeumuterError as exc:
+            raise CommandError(str(exc)) from None
+        return result
+
+
+def _report_failure(message: str, exit_code: int) -> str:
+    try:
+        return distributed.report_failure(message, exit_code)
+    except distributed.PeerFailed as peer:
+        raise SystemExit(peer.exit_code) from None
 
 
 class FiniteFloat(click.FloatRange):
@@ -136,6 +201,14 @@ def cli():
     Progress is a bar (rate, time left) when stderr is a terminal and log lines otherwise;
     with --quiet (before or after the command) only warnings and errors are shown.
 
+    Under torchrun or accelerate launch (the same command line), localize, measure,
+    neighbors and relearn split their records over the processes and rank 0 writes what
+    one process would; the other commands run on rank 0 alone (docs/distributed.md):
+
+    \b
+      torchrun --nproc-per-node 4 -m neumuter_cli localize nb.jsonl --model LM \\
+        --batch-size 32 -o mask.safetensors
+
     \b
     Exit status:
       0  success
@@ -156,21 +229,43 @@ def model_options(func):
                   show_default=True, help="Weight dtype (auto: float32 on CPU, the checkpoint's own on a GPU).")
     @click.option("--device-map", type=click.Choice(["auto"]), default=None,
                   help="Spread a model too large for one GPU over all GPUs (needs accelerate).")
+    @click.option("--max-memory", default=None, metavar="DEVICE=SIZE[,..]", callback=_max_memory,
+                  help="With --device-map auto: the most of the model each device may hold, e.g. "
+                       "0=70GiB,1=70GiB,cpu=200GiB (GPU numbers, cpu, mps; sizes in B, KB, MB, GB, KiB, MiB, "
+                       "GiB...). What does not fit is offloaded to the CPU or, beyond it, to disk (a safetensors "
+                       "checkpoint is read in place) and brought in for each forward pass: slower, same results.")
     @click.option("--trust-remote-code", is_flag=True, default=False,
                   help="Allow model code from the checkpoint's repository to run.")
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        if kwargs["max_memory"] is not None and kwargs["device_map"] is None:
+            raise click.UsageError("--max-memory needs --device-map auto")
+        if kwargs["device_map"] is not None and distributed.world().size > 1:
+            raise click.UsageError(f"--device-map auto spreads one copy of the model over every GPU, but each of the "
+                                   f"{distributed.world().size} processes of the launcher holds its own: run one "
+                                   "process, or give each its own GPU (--device cuda)")
         return func(*args, **kwargs)
     return wrapper
 
 
-def load_lm(model, device, dtype, device_map, trust_remote_code):
+def _max_memory(ctx, param, value):
+    if value is None:
+        return None
+    from .offload import parse_max_memory
+
+    try:
+        return parse_max_memory(value)
+    except NeumuterError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def load_lm(model, device, dtype, device_map, max_memory, trust_remote_code):
     from .models import load_model
     from .progress import follow_in_transformers
 
     progress(f"loading {model}")
     follow_in_transformers(reporter())
-    return load_model(model, device=device, dtype=dtype, device_map=device_map,
+    return load_model(model, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory,
                       trust_remote_code=trust_remote_code)
 
 
@@ -184,19 +279,20 @@ def reporter() -> Reporter:
 
 
 def progress(message: str) -> None:
-    reporter()(message)
+    if distributed.is_main():
+        reporter()(message)
 
 
 @cli.command()
 @model_options
-def inspect(model, device, dtype, device_map, trust_remote_code):
+def inspect(model, device, dtype, device_map, max_memory, trust_remote_code):
     """Show each decoder block's FFN down-projection and its neuron count.
 
     Use the block numbers with `localize --layers`.
     """
     from .models import find_ffn_layers
 
-    lm, _ = load_lm(model, device, dtype, device_map, trust_remote_code)
+    lm, _ = load_lm(model, device, dtype, device_map, max_memory, trust_remote_code)
     layers = find_ffn_layers(lm)
     rows = [[layer.index, layer.path, layer.neurons, layer.orientation] for layer in layers]
     total = sum(layer.neurons for layer in layers)
@@ -267,7 +363,7 @@ def select_cmd(mask, output, energy, threshold, top_fraction):
 @click.option("--allow-any-scale", is_flag=True, default=False,
               help="Fold scales outside [0, 1] too (above 1 amplifies a neuron, below 0 flips it); "
                    "without it such a scales file is refused (select writes gate values in [0, 1]).")
-def apply_cmd(scales, model, device, dtype, device_map, trust_remote_code, output, force, allow_any_scale):
+def apply_cmd(scales, model, device, dtype, device_map, max_memory, trust_remote_code, output, force, allow_any_scale):
     """Fold a scales file into the model and save an ordinary checkpoint.
 
     Each selected neuron's scale multiplies its column of the FFN down-projection (a row for
@@ -290,7 +386,7 @@ def apply_cmd(scales, model, device, dtype, device_map, trust_remote_code, outpu
     artifact = read_artifact(scales, kind=SCALES_KIND)
     if dtype == "auto":
         dtype = checkpoint_dtype(model) or "auto"
-    lm, tokenizer = load_lm(model, device, dtype, device_map, trust_remote_code)
+    lm, tokenizer = load_lm(model, device, dtype, device_map, max_memory, trust_remote_code)
     record = apply_scales_file(lm, tokenizer, artifact.tensors, artifact.metadata, output,
                                scales_sha256=artifact.sha256, force=force, name=artifact.name,
                                allow_any_scale=allow_any_scale, protected=(model, scales))
@@ -498,14 +594,15 @@ def measure_cmd(check, allow_over_forgotten, fmt, output, plot_path, **options):
     follow_in_transformers(reporter())        # measure loads its models itself
     result = run_measure(config, reporter())
 
-    with atomic_output(output, "w") as out:
-        write_result(result, fmt, out, click.style if fmt == "table" and output == "-" and sys.stdout.isatty()
-                     else None)
-    if plot_path:
-        source = "<stdin>" if config.input_path == "-" else config.input_path
-        plot_measure(result, plot_path, f"{config.model} on {source}"
-                     + (f" ({config.quantize} weights)" if config.quantize else ""))
-        progress(f"figure written to {plot_path}")
+    if distributed.is_main():
+        with atomic_output(output, "w") as out:
+            write_result(result, fmt, out, click.style if fmt == "table" and output == "-" and sys.stdout.isatty()
+                         else None)
+        if plot_path:
+            source = "<stdin>" if config.input_path == "-" else config.input_path
+            plot_measure(result, plot_path, f"{config.model} on {source}"
+                         + (f" ({config.quantize} weights)" if config.quantize else ""))
+            progress(f"figure written to {plot_path}")
     if fmt == "jsonl":
         progress(summary_table(result.summary, config.el_ns))
     if check:
@@ -514,8 +611,7 @@ def measure_cmd(check, allow_over_forgotten, fmt, output, plot_path, **options):
                              ([] if allow_over_forgotten else result.over_forgotten, "over-forgotten")):
             if labels:
                 shown = ", ".join(labels[:10]) + (", ..." if len(labels) > 10 else "")
-                click.echo(f"check failed: {len(labels)} of {len(result.records)} records are {what} ({shown})",
-                           err=True)
+                progress(f"check failed: {len(labels)} of {len(result.records)} records are {what} ({shown})")
                 failed = True
         if failed:
             sys.exit(1)
@@ -588,8 +684,13 @@ def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, b
     if temperature == 0 and ratio == 1 and k > 1:
         progress(f"warning: with --temperature 0 and -r 1 the {k} neighbours of a record "
                  "are identical (use --temperature > 0 for distinct ones)")
-    with atomic_output(output, "w") as out, record_writer(out, flush=True) as lines:
-        lines.write_all(writer.records(itertools.chain([first], records), total=total))
+    rewritten = writer.records(itertools.chain([first], records), total=total)
+    if distributed.is_main():
+        with atomic_output(output, "w") as out, record_writer(out, flush=True) as lines:
+            lines.write_all(rewritten)
+    else:
+        for _ in rewritten:             # the other processes compute their share and write nothing
+            pass
     progress(f"neighbors: {writer.rewrites} tokens rewritten in {writer.calls} MLM calls")
 
 
@@ -626,7 +727,8 @@ def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, b
 @click.option("--max-length", type=click.IntRange(2), default=DEFAULTS.max_length, show_default=True,
               help="Tokens of each text (and neighbour) used.")
 @click.option("--batch-size", type=click.IntRange(1), default=DEFAULTS.batch_size, show_default=True,
-              help="Forget texts per optimiser step (their neighbours go in the same forward pass).")
+              help="Forget texts per optimiser step (their neighbours go in the same forward pass); under "
+                   "torchrun, the whole step's, split over the processes.")
 @click.option("--kl-top-k", type=click.IntRange(0), default=DEFAULTS.kl_top_k, show_default=True,
               help="Keep the original distribution as its top-k log-probs plus one bucket for the "
                    "rest of the vocabulary (0: the full vocabulary).")
@@ -668,7 +770,7 @@ def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, b
                    "passes the check (bisection, a pass over the forget texts per probe) and reopen the rest.")
 @quiet_option
 def localize_cmd(input_path, output, layers, reference_path, reference_limit, reference_model, tolerance, stop_ma,
-                 stop_el, target_ma, model, device, dtype, device_map, trust_remote_code, **training):
+                 stop_el, target_ma, model, device, dtype, device_map, max_memory, trust_remote_code, **training):
     """Train one gate per FFN neuron so that the forget texts become unlikely.
 
     INPUT holds records with "text" and "neighbors" (from `neumuter neighbors`). Every model
@@ -695,10 +797,12 @@ def localize_cmd(input_path, output, layers, reference_path, reference_limit, re
     if reference_path is not None and stop_ma is None:
         reference_texts = [r["text"] for r in read_records(reference_path)][:reference_limit]
     stop = StopRule(reference_model, tolerance, reference_texts, stop_ma, stop_el, target_ma)
-    lm, tokenizer = load_lm(model, device, dtype, device_map, trust_remote_code)
+    lm, tokenizer = load_lm(model, device, dtype, device_map, max_memory, trust_remote_code)
     run = run_localize(lm, tokenizer, records, LocalizeConfig(**training), layers, stop,
-                       lambda name: load_lm(name, device, dtype, device_map, trust_remote_code), reporter())
-    save_artifact(run.tensors, run.metadata, output)
+                       lambda name: load_lm(name, device, dtype, device_map, max_memory, trust_remote_code),
+                       reporter())
+    if distributed.is_main():
+        save_artifact(run.tensors, run.metadata, output)
     result, last = run.result, run.last_check
     how = "stopped: every forget text below the thresholds" if result.stopped_early else "done"
     progress(f"{how} after {result.epochs_run} epochs, {result.seconds:.1f}s")
@@ -719,7 +823,7 @@ def localize_cmd(input_path, output, layers, reference_path, reference_limit, re
               help="Adam learning rate (constant). Relearning attacks in the literature use 1e-5 to 1e-4 "
                    "on 100M-7B models; the default sits between.")
 @click.option("--batch-size", type=click.IntRange(1), default=RELEARN_DEFAULTS.batch_size, show_default=True,
-              help="Texts per optimiser step.")
+              help="Texts per optimiser step; under torchrun, the whole step's, split over the processes.")
 @click.option("--layers", default=None, metavar="SPEC",
               help="Train only the weights of these decoder blocks, e.g. 20-29 (as `localize --layers`; "
                    "default: every weight of the model, embeddings included).")
@@ -732,8 +836,8 @@ def localize_cmd(input_path, output, layers, reference_path, reference_limit, re
               help="Seed of the data order: the same seed gives the same weights.")
 @click.option("--force", is_flag=True, default=False, help="Replace DIR if it exists and is not empty.")
 @quiet_option
-def relearn_cmd(input_path, model, device, dtype, device_map, trust_remote_code, output, steps, lr, batch_size,
-                layers, first_halves, max_length, seed, force):
+def relearn_cmd(input_path, model, device, dtype, device_map, max_memory, trust_remote_code, output, steps, lr,
+                batch_size, layers, first_halves, max_length, seed, force):
     """Fine-tune a model on texts for a few steps: the relearning attack, to red-team your own unlearning.
 
     Unlearning that only hides a memory is undone by a little fine-tuning on related text, for
@@ -770,13 +874,14 @@ def relearn_cmd(input_path, model, device, dtype, device_map, trust_remote_code,
     check_config(config)                # a bad --lr fails before the model loads
     check_output_dir(output, force, protected=(model, input_path))
     records = read_records(input_path)
-    lm, tokenizer = load_lm(model, device, dtype, device_map, trust_remote_code)
+    lm, tokenizer = load_lm(model, device, dtype, device_map, max_memory, trust_remote_code)
     trained = halve(records, tokenizer, max_length) if first_halves else records
     source_fingerprint = fingerprint(lm)
     result = relearn(lm, tokenizer, trained, config, progress=reporter())
     record = provenance(lm, config, result, trained, model, source_fingerprint, input_records=records,
                         first_halves=first_halves)
-    save_checkpoint(lm, tokenizer, output, record, force, protected=(model, input_path))
+    if distributed.is_main():
+        save_checkpoint(lm, tokenizer, output, record, force, protected=(model, input_path))
     progress(f"{result.steps} steps in {result.seconds:.1f}s: loss {result.losses[0]:.4f} -> "
              f"{result.losses[-1]:.4f} (first and last batch); checkpoint written to {output}")
 
@@ -789,7 +894,7 @@ def relearn_cmd(input_path, model, device, dtype, device_map, trust_remote_code,
               help="Checkpoint directory to write (save_pretrained + tokenizer + neumuter.json).")
 @click.option("--force", is_flag=True, default=False,
               help="Replace DIR if it holds a previous neumuter checkpoint (and nothing else).")
-def quantize_cmd(model, device, dtype, device_map, trust_remote_code, qtype, output, force):
+def quantize_cmd(model, device, dtype, device_map, max_memory, trust_remote_code, qtype, output, force):
     """Write the model as llama.cpp would run it: every block weight quantised and back.
 
     Each linear weight inside the decoder blocks (attention and FFN projections; not the
@@ -809,7 +914,7 @@ def quantize_cmd(model, device, dtype, device_map, trust_remote_code, qtype, out
     from .quantize import quantize_model, quantized_checkpoint_record
 
     check_output_dir(output, force, protected=(model,))
-    lm, tokenizer = load_lm(model, device, dtype, device_map, trust_remote_code)
+    lm, tokenizer = load_lm(model, device, dtype, device_map, max_memory, trust_remote_code)
     summary = quantize_model(lm, qtype.lower(), reporter())
     save_checkpoint(lm, tokenizer, output, quantized_checkpoint_record(lm, model, summary), force, protected=(model,))
     progress(f"{summary['weights']} block weights ({summary['elements']:,} values) through {summary['type']}"

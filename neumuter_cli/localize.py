@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import NeumuterError
+from . import NeumuterError, distributed
 from .config import FORGET_TERMS, LOCALIZE_METHODS, OPTIMIZERS, LocalizeConfig
 from .errors import NonFiniteLoss, SettingError
 from .gates import GAMMA, ZETA, deterministic_gate, initial_log_alpha, l0_term, training_gate
@@ -109,9 +109,14 @@ def forget_loss(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tenso
 
 @torch.no_grad()
 def original_distribution(model, batches, top_k: int):
-    """Per neighbour batch: (top-k indices, top-k log-probs, log of the rest's mass)."""
+    """Per neighbour batch: (top-k indices, top-k log-probs, log of the rest's mass); None for
+    a batch that is None (no share of it in this process)."""
     cached = []
-    for input_ids, mask in batches:
+    for batch in batches:
+        if batch is None:
+            cached.append(None)
+            continue
+        input_ids, mask = batch
         logp = F.log_softmax(model(input_ids=input_ids, attention_mask=mask).logits.float(), -1)
         if top_k and top_k < logp.shape[-1]:
             values, indices = logp.topk(top_k, dim=-1)
@@ -199,16 +204,15 @@ def localize(
 
     generator = torch.Generator().manual_seed(config.seed)
     order = torch.randperm(len(records), generator=generator).tolist()
-    batches = []
-    for start in range(0, len(order), config.batch_size):
-        chosen = order[start : start + config.batch_size]
-        forget = pad([forget_ids[i] for i in chosen], pad_id)
-        neighbours = pad([ids for i in chosen for ids in neighbour_ids[i] if len(ids) >= 1], pad_id)
-        target = None if targets is None else torch.tensor([float(targets[i]) for i in chosen])
-        batches.append((tuple(t.to(device) for t in forget), tuple(t.to(device) for t in neighbours), target))
+    world = distributed.world()
+    if world.size > config.batch_size and progress:
+        progress(f"warning: batches of {config.batch_size} forget texts split over {world.size} processes: "
+                 f"{world.size - config.batch_size} of them have nothing to do (raise the batch size)")
+    batches = [_batch(order[start:start + config.batch_size], forget_ids, neighbour_ids, targets, pad_id, device)
+               for start in range(0, len(order), config.batch_size)]
 
     started = time.perf_counter()
-    original = original_distribution(model, [nb for _, nb, _ in batches], config.kl_top_k)
+    original = original_distribution(model, [batch.neighbours for batch in batches], config.kl_top_k)
 
     log_alpha = [torch.full((layer.neurons,), initial_log_alpha(), device=device, requires_grad=True)
                  for layer in layers]
@@ -223,26 +227,40 @@ def localize(
             steps(progress, config.epochs * len(batches), "localize", "step") as tracker:
         for epoch in range(1, config.epochs + 1):
             totals = {"forget_ce": 0.0, "forget_term": 0.0, "kl": 0.0, "l0": 0.0}
-            for b, ((f_ids, f_mask), (n_ids, n_mask), target) in enumerate(batches):
+            for b, batch in enumerate(batches):
+                # every process draws the noise of every gate from the same generator: the same gates
                 for i, la in enumerate(log_alpha):
                     current[i] = training_gate(la, config.beta, generator, config.straight_through)
-                both = _concat(f_ids, f_mask, n_ids, n_mask, pad_id)
-                logits = model(input_ids=both[0], attention_mask=both[1]).logits
-                f_logits, n_logits = logits[: f_ids.shape[0], : f_ids.shape[1]], logits[f_ids.shape[0]:, : n_ids.shape[1]]
-                term, ce = forget_loss(f_logits, f_ids, f_mask, config, target)
-                kl = neighbour_kl(n_logits, n_mask, original[b])
                 reg = l0_term(log_alpha, config.beta)
-                loss = term + config.kl_weight * kl + config.l0_weight * reg
-                if not torch.isfinite(loss):
-                    raise NonFiniteLoss(f"epoch {epoch}: the loss is not finite ({loss.item()})")
+                term = kl = ce = reg.new_zeros(())
+                if batch.forget is not None:
+                    (f_ids, f_mask), (n_ids, n_mask) = batch.forget, batch.neighbours
+                    both = _concat(f_ids, f_mask, n_ids, n_mask, pad_id)
+                    logits = model(input_ids=both[0], attention_mask=both[1]).logits
+                    f_logits = logits[: f_ids.shape[0], : f_ids.shape[1]]
+                    n_logits = logits[f_ids.shape[0]:, : n_ids.shape[1]]
+                    term, ce = forget_loss(f_logits, f_ids, f_mask, config, batch.target)
+                    kl = neighbour_kl(n_logits, n_mask, original[b])
+                # this process's share of the batch's means (1 in one process); the L0 term once
+                term, kl, ce = term * batch.forget_share, kl * batch.neighbour_share, ce * batch.forget_share
+                loss = term + config.kl_weight * kl + (config.l0_weight * reg if world.main else 0.0)
                 optimiser.zero_grad(set_to_none=True)
-                loss.backward()
+                if loss.requires_grad:
+                    loss.backward()
+                sums = torch.stack([loss.detach(), term.detach(), kl.detach(), ce.detach()])
+                if world.size > 1:
+                    for la in log_alpha:
+                        if la.grad is None:
+                            la.grad = torch.zeros_like(la)
+                    distributed.all_reduce_sum([*(la.grad for la in log_alpha), sums])
+                if not torch.isfinite(sums[0]):
+                    raise NonFiniteLoss(f"epoch {epoch}: the loss is not finite ({sums[0].item()})")
                 optimiser.step()
                 tracker.advance()
-                share = f_ids.shape[0] / len(records)
-                totals["forget_ce"] += ce.item() * share
-                totals["forget_term"] += term.item() * share
-                totals["kl"] += kl.item() * share
+                share = batch.rows / len(records)
+                totals["forget_ce"] += sums[3].item() * share
+                totals["forget_term"] += sums[1].item() * share
+                totals["kl"] += sums[2].item() * share
                 totals["l0"] += reg.item() * share
             if not all(torch.isfinite(la).all() for la in log_alpha):
                 raise NeumuterError(f"epoch {epoch}: the gates are not finite any more; try a smaller --lr")
@@ -315,6 +333,33 @@ def smallest_passing_set(log_alpha: dict[int, torch.Tensor], check, progress=Non
     if passing is not None:
         check.last = passing                  # what the kept set scored, not the last failed probe
     return keep(high), {"moved": total, "kept": high}
+
+
+@dataclass
+class _Batch:
+    """One optimiser step's forget texts (this process's share of them) and their neighbours."""
+
+    rows: int                        # forget texts in the whole batch, over every process
+    forget: tuple | None             # (input_ids, mask) of this process's share; None: no share
+    neighbours: tuple | None
+    target: torch.Tensor | None      # the hinge's per-text target MA
+    forget_share: float              # this share's part of the batch's texts ...
+    neighbour_share: float           # ... and of its neighbour tokens (1 and 1 in one process)
+
+
+def _batch(chosen: list[int], forget_ids, neighbour_ids, targets, pad_id: int, device) -> _Batch:
+    def neighbours_of(rows):
+        return [ids for i in rows for ids in neighbour_ids[i] if len(ids) >= 1]
+
+    mine = distributed.split(chosen)
+    if not mine:
+        return _Batch(len(chosen), None, None, None, 0.0, 0.0)
+    forget = pad([forget_ids[i] for i in mine], pad_id)
+    neighbours = pad(neighbours_of(mine), pad_id)
+    target = None if targets is None else torch.tensor([float(targets[i]) for i in mine])
+    share = sum(map(len, neighbours_of(mine))) / sum(map(len, neighbours_of(chosen)))
+    return _Batch(len(chosen), tuple(t.to(device) for t in forget), tuple(t.to(device) for t in neighbours),
+                  target, len(mine) / len(chosen), share)
 
 
 def _concat(f_ids, f_mask, n_ids, n_mask, pad_id):

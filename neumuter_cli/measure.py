@@ -48,7 +48,7 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import NeumuterError
+from . import NeumuterError, distributed
 from .fastpaths import roomy_cache
 from .models import input_device
 from .progress import ProgressFn, steps, throttled
@@ -170,21 +170,27 @@ def teacher_forced(model, ids_list: Sequence[Sequence[int]], batch_size: int = 3
     batched. Texts are sorted by length; equal lengths share a batch without padding, unequal
     ones are right-padded with an attention mask (exact for causal LMs: padding comes after
     every real position). ``stats``: also the vocabulary mean and standard deviation of the
-    log-probabilities at each position (same pass, computed text by text to bound memory)."""
+    log-probabilities at each position (same pass, computed text by text to bound memory).
+    Split over processes (distributed.enable), each computes every n-th batch exactly as one
+    process would, and every process gets every result."""
     _check_lengths(ids_list)
     if ids_list:
         check_context(model, max(map(len, ids_list)), "a text (use a smaller --max-length or window)")
     device = input_device(model)
     vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else 1
     order = sorted(range(len(ids_list)), key=lambda k: -len(ids_list[k]))
-    results: list[TeacherForced | None] = [None] * len(ids_list)
+    results: dict[int, TeacherForced] = {}
     start = 0
     tracker = steps(progress, len(order), "teacher-forced", "text")
+    number = -1
     while start < len(order):
         longest = len(ids_list[order[start]])
         size = max(1, min(batch_size, LOGIT_BUDGET // max(1, longest * vocab)))
         batch = order[start:start + size]
         start += size
+        number += 1
+        if not distributed.owns(number):    # under a launcher, the batches are dealt out round-robin
+            continue
         lengths = [len(ids_list[k]) for k in batch]
         x = torch.zeros(len(batch), longest, dtype=torch.long)
         mask = torch.zeros(len(batch), longest, dtype=torch.long)
@@ -205,7 +211,7 @@ def teacher_forced(model, ids_list: Sequence[Sequence[int]], batch_size: int = 3
                 results[k].mu, results[k].sigma = _vocab_stats(logits[row, :n])
         tracker.advance(len(batch), f"teacher-forced: {min(start, len(order))}/{len(order)} texts")
     tracker.close()
-    return results  # type: ignore[return-value]
+    return distributed.gather_items(results, len(ids_list))
 
 
 def memorization_accuracy(model, ids_list: Sequence[Sequence[int]], batch_size: int = 32) -> list[float]:
@@ -226,7 +232,8 @@ def greedy_continuations(model, rows: Sequence[tuple[Sequence[int], int]], batch
     of a batch sits at the same absolute position. A batch is prefilled with the first ``p0``
     tokens of each row (``p0`` = its shortest context), then decoded one position at a time with
     a KV cache; a row is fed its own context tokens until its context ends and its own greedy
-    tokens after that. No padding, no attention mask, no position-id tricks."""
+    tokens after that. No padding, no attention mask, no position-id tricks. Split over
+    processes (distributed.enable), the batches are dealt out as in :func:`teacher_forced`."""
     results: list[list[int] | None] = [None] * len(rows)
     todo = []
     for j, (context, new) in enumerate(rows):
@@ -241,13 +248,20 @@ def greedy_continuations(model, rows: Sequence[tuple[Sequence[int], int]], batch
         check_context(model, max(len(rows[j][0]) + rows[j][1] - 1 for j in todo), "a generation")
     done = 0
     tracker = steps(progress, len(todo), "greedy generation", "continuation")
-    for first in range(0, len(todo), batch_size):
+    generated: dict[int, list[int]] = {}
+    for number, first in enumerate(range(0, len(todo), batch_size)):
+        if not distributed.owns(number):    # under a launcher, the batches are dealt out round-robin
+            continue
         batch = todo[first:first + batch_size]
         for j, tokens in zip(batch, _lockstep_batch(model, [rows[j] for j in batch])):
-            results[j] = tokens
+            generated[j] = tokens
         done += len(batch)
         tracker.advance(len(batch), f"greedy generation: {done}/{len(todo)} continuations")
     tracker.close()
+    if todo:
+        gathered = distributed.gather_items({k: generated[j] for k, j in enumerate(todo) if j in generated}, len(todo))
+        for j, tokens in zip(todo, gathered):
+            results[j] = tokens
     return results  # type: ignore[return-value]
 
 
@@ -660,6 +674,7 @@ class MeasureConfig:
     device: str = "auto"
     dtype: str = "auto"
     device_map: str | None = None
+    max_memory: dict | None = None
     trust_remote_code: bool = False
     max_length: int | None = 200
     el_ns: tuple[int, ...] = (10,)
@@ -829,7 +844,7 @@ def run_measure(config: MeasureConfig, progress: ProgressFn = None) -> MeasureRe
                              config.model, f"reference model {config.reference_model}",
                              texts + [r["text"] for r in holdout_records or []])
     load = dict(device=config.device, dtype=config.dtype, device_map=config.device_map,
-                trust_remote_code=config.trust_remote_code)
+                max_memory=config.max_memory, trust_remote_code=config.trust_remote_code)
 
     # 2. the model
     say(f"loading {config.model}")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import NeumuterError
+from . import NeumuterError, distributed, offload
 from .errors import DeviceUnavailable, SettingError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -110,17 +110,26 @@ def load_model(
     dtype: str = "auto",
     device_map: str | None = None,
     trust_remote_code: bool = False,
+    max_memory: dict | None = None,
 ):
     """Load a causal LM (local dir, hub name, or ``.gguf`` file) in eval mode with frozen weights.
 
     Returns (model, tokenizer). ``device_map="auto"`` spreads a large model over the GPUs
-    (accelerate); then ``device`` is ignored."""
+    (accelerate); then ``device`` is ignored. ``max_memory`` (with ``device_map``): the most
+    each device may hold, e.g. ``{0: 20 * 2**30, "cpu": 64 * 2**30}``; the rest is offloaded
+    to the CPU or to disk (see offload.py)."""
     from transformers import AutoModelForCausalLM
 
+    if max_memory is not None and device_map is None:
+        raise SettingError("max_memory", "needs a device map (--device-map auto)")
+    if device_map is not None and distributed.world().size > 1:
+        raise SettingError("device_map", "spreads one copy of the model over every GPU, but each of the "
+                                         f"{distributed.world().size} processes of the launcher holds its own copy: "
+                                         "run one process, or give each process its own GPU")
     source, gguf_file = split_gguf(model)
     if gguf_file is None:
         _check_model_path(source)
-    target = resolve_device(device) if device_map is None else None
+    target = distributed.place(resolve_device(device)) if device_map is None else None
     kwargs = {"trust_remote_code": trust_remote_code, "dtype": resolve_dtype(dtype, target or "cuda")}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
@@ -128,6 +137,8 @@ def load_model(
             kwargs["dtype"] = torch.float32
     if device_map is not None:
         kwargs["device_map"] = device_map
+        if max_memory is not None:
+            kwargs["max_memory"] = dict(max_memory)
     try:
         lm = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except ImportError as exc:
@@ -188,7 +199,12 @@ def _first_line(exc: BaseException) -> str:
 
 
 def input_device(model: nn.Module) -> torch.device:
-    return model.get_input_embeddings().weight.device
+    """Where the model's inputs go: its embeddings' device (where accelerate runs them when
+    they are offloaded)."""
+    embeddings = model.get_input_embeddings()
+    if offload.is_offloaded(embeddings.weight):
+        return offload.execution_device(embeddings) or torch.device("cpu")
+    return embeddings.weight.device
 
 
 # ---------------------------------------------------------------- locating the FFN neurons
@@ -341,15 +357,16 @@ def fold_scales(layers: Sequence[FFNLayer], scales: Sequence[torch.Tensor]) -> N
     nn.Linear weight, row i of a Conv1D weight). The bias is not touched: it does not depend
     on the neuron inputs."""
     for layer, scale in zip(layers, scales):
-        weight = layer.module.weight
+        weight = offload.read(layer.module, "weight")
         if scale.shape != (layer.neurons,):
             raise NeumuterError(f"{layer.path}: {scale.numel()} scales for {layer.neurons} neurons")
         compute = torch.promote_types(weight.dtype, torch.float32)  # float64 weights stay float64
         factor = scale.to(device=weight.device, dtype=compute)
-        if layer.conv1d:
-            weight.copy_((weight.to(compute) * factor[:, None]).to(weight.dtype))
+        folded = (weight.to(compute) * (factor[:, None] if layer.conv1d else factor[None, :])).to(weight.dtype)
+        if offload.is_offloaded(layer.module.weight):
+            offload.write(layer.module, "weight", folded)
         else:
-            weight.copy_((weight.to(compute) * factor[None, :]).to(weight.dtype))
+            weight.copy_(folded)
 
 
 def neuron_columns(layer: FFNLayer) -> torch.Tensor:
@@ -382,13 +399,13 @@ def fingerprint(model: nn.Module) -> str:
     widened = None   # reused buffer for bfloat16 → float32 bits
     for name, tensor in model.state_dict().items():
         tensor = tensor.detach()
-        if tensor.device.type == "meta":
-            raise NeumuterError(f"cannot fingerprint the model: {name} is not loaded (offloaded weights); "
-                                "load it on one device")
+        source = None
+        if offload.is_offloaded(tensor):        # kept by accelerate outside the model (--max-memory)
+            tensor, source = offload.stored(model, name)
         as_float32 = tensor.is_floating_point() and tensor.element_size() <= 4
         dtype = "float32" if as_float32 else str(tensor.dtype).replace("torch.", "")
         digest.update(f"{name}\0{tuple(tensor.shape)}\0{dtype}\0".encode())
-        key = (tensor.device, tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
+        key = source or (tensor.device, tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
         if tensor.numel() and key in seen:
             digest.update(f"={seen[key]}\0".encode())
             continue

@@ -32,7 +32,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from . import NeumuterError, fastpaths
+from . import NeumuterError, distributed, fastpaths
 from .config import NeighborsConfig
 from .errors import SettingError
 from .progress import Steps, steps
@@ -55,7 +55,7 @@ def load_mlm(name_or_path: str, device: str = "auto"):
     from .models import _check_model_path, _first_line, load_tokenizer, resolve_device
 
     _check_model_path(name_or_path)
-    target = resolve_device(device)
+    target = distributed.place(resolve_device(device))
     try:
         mlm = AutoModelForMaskedLM.from_pretrained(name_or_path, dtype=torch.float32)
     except (OSError, ValueError, KeyError, ImportError) as exc:
@@ -173,12 +173,22 @@ class NeighborWriter:
                 sequences.append(seq)
                 if self.temperature == 0:
                     greedy_seen[(t, tuple(positions))] = seq
+        # under a launcher, each process rewrites the records dealt to it (round-robin by record
+        # number) and every process gets every result; the position choice above ran for all
+        mine = [seq for seq in sequences if distributed.owns(self._records_seen + seq.slot // self.k)]
         self._records_seen += len(token_ids)
-        self._run(sequences)
+        calls, rewrites = self.calls, self.rewrites
+        self._run(mine)
+        written = {seq.slot: seq.tokens for seq in mine}
+        if distributed.world().size > 1:
+            parts = distributed.all_gather((written, self.calls - calls, self.rewrites - rewrites))
+            written = {slot: tokens for part, _, _ in parts for slot, tokens in part.items()}
+            self.calls = calls + sum(part[1] for part in parts)
+            self.rewrites = rewrites + sum(part[2] for part in parts)
         flat: list[list[int] | None] = [None] * (len(token_ids) * self.k)
         for seq in sequences:
             for slot in [seq.slot, *seq.copies]:
-                flat[slot] = seq.tokens
+                flat[slot] = written[seq.slot]
         return [[list(flat[t * self.k + j]) for j in range(self.k)] for t in range(len(token_ids))]
 
     def records(self, records: Iterable[dict], group: int | None = None, total: int | None = None

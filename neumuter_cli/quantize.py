@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from . import NeumuterError
+from . import NeumuterError, offload
 
 from .config import QUANT_TYPES  # noqa: E402  (the formats offered, defined torch-free for the CLI)
 
@@ -89,7 +89,7 @@ def quantize_model(model, qtype: str, progress: Callable[[str], None] | None = N
     done, skipped, elements = [], [], 0
     linears = _block_linears(model)
     for k, (path, module, conv1d) in enumerate(linears):
-        weight = module.weight
+        weight = offload.read(module, "weight")
         rows = weight.t() if conv1d else weight          # (out, in): blocks run along the input
         if rows.shape[1] % block:
             skipped.append(path)
@@ -97,7 +97,11 @@ def quantize_model(model, qtype: str, progress: Callable[[str], None] | None = N
         array = rows.detach().to("cpu", torch.float32).contiguous().numpy()
         restored = quants.dequantize(quants.quantize(array, member), member)
         restored = torch.from_numpy(np.ascontiguousarray(restored, dtype=np.float32)).reshape(rows.shape)
-        rows.copy_(restored.to(device=weight.device, dtype=weight.dtype))
+        if offload.is_offloaded(module.weight):       # kept by accelerate outside the model
+            restored = restored.t() if conv1d else restored
+            offload.write(module, "weight", restored.to(dtype=weight.dtype).contiguous())
+        else:
+            rows.copy_(restored.to(device=weight.device, dtype=weight.dtype))
         done.append(path)
         elements += array.size
         if progress and (k + 1) % 16 == 0:

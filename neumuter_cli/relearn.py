@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import NeumuterError
+from . import NeumuterError, distributed
 from .config import RelearnConfig
 from .localize import pad
 from .measure import encode
@@ -116,31 +116,48 @@ def relearn(model, tokenizer, records: Sequence[dict], config: RelearnConfig, pr
         where = "every weight" if blocks is None else f"the weights of blocks {_span(blocks)}"
         progress(f"relearn: {len(records)} texts, {config.batch_size} per step, {config.steps} Adam steps "
                  f"at lr {config.lr:g} on {where} ({count:,} parameters)")
+    world = distributed.world()
+    if world.size > config.batch_size and progress:
+        progress(f"warning: batches of {config.batch_size} texts split over {world.size} processes: "
+                 f"{world.size - config.batch_size} of them have nothing to do (raise the batch size)")
     losses: list[float] = []
     started = time.perf_counter()
     tracker = steps(progress, config.steps, "relearn", "step")
     try:
         for step, batch in enumerate(order, 1):
-            input_ids, mask = pad([ids_list[k] for k in batch], pad_id)
-            input_ids, mask = input_ids.to(device), mask.to(device)
-            logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
-            target = input_ids[:, 1:].to(logits.device)
-            weight = mask[:, 1:].to(logits.device).float()
-            token_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                         reduction="none").view_as(target)
-            loss = (token_loss * weight).sum() / weight.sum()
-            if not torch.isfinite(loss):
-                raise NeumuterError(f"step {step}: the loss is not finite ({loss.item()}); "
-                                    "try a smaller --lr or --dtype float32")
+            # under a launcher each process takes its share of the batch; the loss is the mean
+            # over the whole batch's tokens, so the summed gradients are one process's
+            mine = distributed.split(batch)
+            tokens = sum(len(ids_list[k]) - 1 for k in batch)
             optimiser.zero_grad(set_to_none=True)
             for m in masters:
                 if m is not None:
                     m.grad = None
-            loss.backward()
+            loss = torch.zeros((), device=device)
+            if mine:
+                input_ids, mask = pad([ids_list[k] for k in mine], pad_id)
+                input_ids, mask = input_ids.to(device), mask.to(device)
+                logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
+                target = input_ids[:, 1:].to(logits.device)
+                weight = mask[:, 1:].to(logits.device).float()
+                token_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                             reduction="none").view_as(target)
+                # divided by a 0-dim tensor as before (one process gives the same bits)
+                loss = (token_loss * weight).sum() / torch.tensor(float(tokens), device=weight.device)
+                loss.backward()
             for p, m in zip(params, masters):
                 if m is not None and p.grad is not None:
                     m.grad = p.grad.float()
                     p.grad = None
+            loss = loss.detach().reshape(1)
+            if world.size > 1:
+                for p in optimised:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                distributed.all_reduce_sum([*(p.grad for p in optimised), loss])
+            if not torch.isfinite(loss).all():
+                raise NeumuterError(f"step {step}: the loss is not finite ({loss.item()}); "
+                                    "try a smaller --lr or --dtype float32")
             optimiser.step()
             with torch.no_grad():
                 for p, m in zip(params, masters):
