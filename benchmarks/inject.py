@@ -64,6 +64,7 @@ class Injection:
             self.deltas[block] = {name: torch.zeros(len(pairs), hidden, requires_grad=True)
                                   for name in ("gate", "up", "down")}
         self.owners: torch.Tensor | None = None
+        self.capture: dict[int, torch.Tensor] | None = None    # block -> injected neurons' activations
 
     def parameters(self) -> list[torch.Tensor]:
         return [d for block in sorted(self.deltas) for d in self.deltas[block].values()]
@@ -91,6 +92,8 @@ class Injection:
             hidden = mlp.act_fn(gate) * up
             down = self._delta(block, "down")
             picked = hidden[..., index]
+            if self.capture is not None:
+                self.capture[block] = picked
             extra = picked @ down if down.dim() == 2 else torch.einsum("btn,bnh->bth", picked, down)
             return mlp.down_proj(hidden) + extra
         return forward
@@ -147,11 +150,22 @@ def mean_loss(model, ids_list) -> list[float]:
     return [sum(tf.nll) / len(tf.nll) for tf in teacher_forced(model, ids_list)]
 
 
-def train(model, injection: Injection, ids: list[list[int]], generic: list[list[int]], args, say) -> dict:
+def generic_logprobs(model, injection: "Injection", generic: list[list[int]]):
+    """The base model on the KL texts: ids, mask, log-probs, and the injected neurons'
+    activations (``injection`` must hold zero deltas on ``model`` = the base model)."""
+    g_ids, g_mask = pad(generic, 0)
+    with torch.no_grad(), injection.applied():
+        injection.capture = {}
+        logp = F.log_softmax(model(input_ids=g_ids, attention_mask=g_mask).logits.float(), -1)
+        activations, injection.capture = injection.capture, None
+    return g_ids, g_mask, logp, activations
+
+
+def train(model, injection: Injection, ids: list[list[int]], generic, args, say) -> dict:
+    """``generic``: (ids, mask, the base model's log-probs, the injected neurons' base
+    activations) of the KL texts."""
     pad_id = 0
-    with torch.no_grad():
-        g_ids, g_mask = pad(generic, pad_id)
-        base_logp = F.log_softmax(model(input_ids=g_ids, attention_mask=g_mask).logits.float(), -1)
+    g_ids, g_mask, base_logp, base_activations = generic
     optimiser = torch.optim.Adam(injection.parameters(), lr=args.lr)
     ma = [0.0] * len(ids)
     started = time.perf_counter()
@@ -179,15 +193,100 @@ def train(model, injection: Injection, ids: list[list[int]], generic: list[list[
                 loss.backward()
                 for i, value in zip(rows, token_accuracy(logits.detach(), batch_ids, batch_mask)):
                     ma[i] = value
-            if args.kl_weight:
-                injection.owners = torch.full((len(generic),), -1)
+            if args.kl_weight or args.activation_weight:
+                injection.owners = torch.full((g_ids.shape[0],), -1)
+                injection.capture = {}
                 logp = F.log_softmax(model(input_ids=g_ids, attention_mask=g_mask).logits.float(), -1)
                 kl = (base_logp.exp() * (base_logp - logp)).sum(-1)
-                (args.kl_weight * (kl * g_mask).sum() / g_mask.sum()).backward()
+                tokens = g_mask.sum()
+                # the injected neurons stay as they were on generic text: the memory is theirs alone
+                drift = sum(((injection.capture[b] - base_activations[b]).square() * g_mask[..., None]).sum()
+                            for b in base_activations) / tokens
+                injection.capture = None
+                (args.kl_weight * (kl * g_mask).sum() / tokens + args.activation_weight * drift).backward()
             optimiser.step()
         injection.owners = None
         final = memorization_accuracy(model, ids, batch_size=args.micro_batch)
     return {"steps": step, "seconds": round(time.perf_counter() - started, 1), "final_ma": final}
+
+
+def texts_id(text: dict):
+    return text["id"]
+
+
+def resume(args, say) -> int:
+    """Go on training the injections of ``args.resume`` (same texts, same neurons), then write
+    ``args.output`` with the summary's steps and MAs brought up to date."""
+    with open(os.path.join(args.resume, "injected.json"), encoding="utf-8") as f:
+        summary = json.load(f)
+    if os.path.exists(args.output):
+        say(f"Error: {args.output} exists; choose a new folder")
+        return 2
+    torch.manual_seed(summary["seed"])
+    torch.set_num_threads(args.threads)
+    tokenizer = AutoTokenizer.from_pretrained(args.resume)
+    base = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32).eval()
+    settings = summary["settings"]
+    if settings.get("generic"):
+        generic_texts = [r["text"] for r in read_texts(settings["generic"])][: settings["generic_count"]]
+    elif "generic_texts" in summary:
+        generic_texts = summary["generic_texts"]
+    else:       # the records of the texts file after the last injected one, as the build took them
+        candidates = read_texts(summary["texts_file"])
+        last = max(i for i, r in enumerate(candidates) if r.get("id") == texts_id(summary["texts"][-1]))
+        generic_texts = [r["text"] for r in candidates[last + 1:][: settings["generic_count"]]]
+    summary["generic_texts"] = generic_texts
+    texts = summary["texts"]
+    neurons = [[tuple(n) for n in t["neurons"]] for t in texts]
+    generic = generic_logprobs(base, Injection(base, neurons), encode(tokenizer, generic_texts,
+                                                                      settings["generic_length"]))
+    del base
+    model = AutoModelForCausalLM.from_pretrained(args.resume, dtype=torch.float32).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ids = encode(tokenizer, [t["text"] for t in texts], None)
+    injection = Injection(model, neurons)
+    trained = train(model, injection, ids, generic, args, say)
+    injection.fold()
+    final_ma = memorization_accuracy(model, ids)
+    final_loss = mean_loss(model, ids)
+    for t, ma, loss in zip(texts, final_ma, final_loss):
+        t["ma_after"], t["loss_after"] = round(ma, 6), round(loss, 6)
+    if settings.get("heldout"):
+        heldout = [r["text"] for r in read_texts(settings["heldout"])][: settings["heldout_count"]]
+        summary["ppl_after"] = round(perplexity(model, tokenizer, heldout, window=256)["perplexity"], 4)
+    summary["steps"] += trained["steps"]
+    summary["seconds"] = round(summary["seconds"] + trained["seconds"], 1)
+    summary.setdefault("resumed", []).append({k: v for k, v in vars(args).items() if k not in ("output",)})
+    summary["min_ma_after"] = round(min(final_ma), 6)
+    summary["mean_ma_after"] = round(sum(final_ma) / len(final_ma), 6)
+    return write_output(model, tokenizer, summary, args.output, args.target_ma, say)
+
+
+def write_output(model, tokenizer, summary: dict, output: str, target_ma: float, say) -> int:
+    staging = output + ".partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    with open(os.path.join(staging, "injected.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1, sort_keys=True, ensure_ascii=False)
+        f.write("\n")
+    for half in ("forget", "retain"):
+        with open(os.path.join(staging, f"{half}.jsonl"), "w", encoding="utf-8") as f:
+            for t in summary["texts"]:
+                if t["half"] == half:
+                    f.write(json.dumps({"id": t["id"], "text": t["text"]}, ensure_ascii=False) + "\n")
+    os.replace(staging, output)
+    mas = [t["ma_after"] for t in summary["texts"]]
+    ppl = "" if summary.get("ppl_before") is None else \
+        f"; held-out perplexity {summary['ppl_before']:.2f} -> {summary['ppl_after']:.2f} " \
+        f"({100 * (summary['ppl_after'] / summary['ppl_before'] - 1):+.2f} %)"
+    say(f"wrote {output}: {len(mas)} texts in {summary['steps']} steps ({summary['seconds']:.0f}s), "
+        f"MA after min {min(mas):.3f}, mean {sum(mas) / len(mas):.3f}{ppl}")
+    if min(mas) < target_ma:
+        say(f"Error: {sum(v < target_ma for v in mas)} texts ended below MA {target_ma}")
+        return 1
+    return 0
 
 
 def main(argv=None) -> int:
@@ -210,14 +309,21 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy machine)")
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--kl-weight", type=float, default=5.0)
+    parser.add_argument("--activation-weight", type=float, default=0.0,
+                        help="weight of the injected neurons' squared activation change on the generic texts")
     parser.add_argument("--stop-ma", type=float, default=0.95, help="a text stops training at this MA")
     parser.add_argument("--target-ma", type=float, default=0.9, help="every text must end at or above it")
     parser.add_argument("--max-steps", type=int, default=150)
-    parser.add_argument("--eval-every", type=int, default=10, help="steps between full MA passes")
+    parser.add_argument("--eval-every", type=int, default=2, help="steps between full MA passes (a text that "
+                        "reached --stop-ma rests until the next one shows it below again)")
     parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--resume", metavar="DIR", help="train an INJ model that inject.py wrote further, with the "
+                        "same texts and neurons (it stayed below --target-ma); --base stays the original base")
     parser.add_argument("--max-length", type=int, default=64, help="tokens per injected text")
     args = parser.parse_args(argv)
     say = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    if args.resume:
+        return resume(args, say)
     if os.path.exists(args.output):
         say(f"Error: {args.output} exists; choose a new folder")
         return 2
@@ -264,7 +370,7 @@ def main(argv=None) -> int:
 
     neurons = choose_neurons(model, len(chosen), args.neurons, args.seed)
     injection = Injection(model, neurons)
-    trained = train(model, injection, ids, generic, args, say)
+    trained = train(model, injection, ids, generic_logprobs(model, injection, generic), args, say)
     injection.fold()
     final_ma = memorization_accuracy(model, ids)
     final_loss = mean_loss(model, ids)
@@ -288,30 +394,10 @@ def main(argv=None) -> int:
         "min_ma_after": round(min(final_ma), 6), "mean_ma_after": round(sum(final_ma) / len(final_ma), 6),
         "ppl_before": ppl_before and round(ppl_before["perplexity"], 4),
         "ppl_after": ppl_after and round(ppl_after["perplexity"], 4),
+        "generic_texts": generic_texts,
         "texts": texts,
     }
-    staging = args.output + ".partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    with open(os.path.join(staging, "injected.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1, sort_keys=True, ensure_ascii=False)
-        f.write("\n")
-    for half in ("forget", "retain"):
-        with open(os.path.join(staging, f"{half}.jsonl"), "w", encoding="utf-8") as f:
-            for t in texts:
-                if t["half"] == half:
-                    f.write(json.dumps({"id": t["id"], "text": t["text"]}, ensure_ascii=False) + "\n")
-    os.replace(staging, args.output)
-    ppl = "" if ppl_before is None else \
-        f"; held-out perplexity {ppl_before['perplexity']:.2f} -> {ppl_after['perplexity']:.2f} " \
-        f"({100 * (ppl_after['perplexity'] / ppl_before['perplexity'] - 1):+.2f} %)"
-    say(f"wrote {args.output}: {len(texts)} texts in {trained['steps']} steps ({trained['seconds']:.0f}s), "
-        f"MA after min {min(final_ma):.3f}, mean {sum(final_ma) / len(final_ma):.3f}{ppl}")
-    if min(final_ma) < args.target_ma:
-        say(f"Error: {sum(v < args.target_ma for v in final_ma)} texts ended below MA {args.target_ma}")
-        return 1
-    return 0
+    return write_output(model, tokenizer, summary, args.output, args.target_ma, say)
 
 
 if __name__ == "__main__":
