@@ -51,22 +51,35 @@ def _forward(model, layers, ids, mask, scales: list[torch.Tensor]):
 
 
 def attribution(model, layers: Sequence[FFNLayer], ids_list: Sequence[Sequence[int]], pad_id: int,
-                batch_size: int = 8) -> torch.Tensor:
-    """(texts, neurons): −∂(mean token CE of text t)/∂s at s = 1, layers concatenated in order."""
+                batch_size: int = 8, activations: bool = False):
+    """(texts, neurons): −∂(mean token CE of text t)/∂s at s = 1, layers concatenated in order.
+    With ``activations``, also (texts, neurons): the mean |input| of each neuron over the text's
+    tokens (the same pass)."""
     device = input_device(model)
     widths = [layer.neurons for layer in layers]
-    out = []
+    out, mean_abs = [], []
     for start in range(0, len(ids_list), batch_size):
         rows = ids_list[start:start + batch_size]
         ids, mask = (t.to(device) for t in _pad(rows, pad_id))
         scales = [torch.ones(len(rows), w, device=device, requires_grad=True) for w in widths]
-        logits = _forward(model, layers, ids, mask, scales)[:, :-1].float()
+        seen = []
+        hooks = [layer.module.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+                 for layer in layers] if activations else []
+        try:
+            logits = _forward(model, layers, ids, mask, scales)[:, :-1].float()
+        finally:
+            for hook in hooks:
+                hook.remove()
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                              reduction="none").view(len(rows), -1)
         weight = mask[:, 1:].float()
         ((ce * weight).sum(1) / weight.sum(1).clamp(min=1)).sum().backward()
         out.append(-torch.cat([s.grad for s in scales], dim=1).detach().cpu())
-    return torch.cat(out)
+        if activations:
+            tokens = mask.float()[..., None]
+            mean_abs.append(torch.cat([(h.abs().float() * tokens).sum(1) / tokens.sum(1) for h in seen], 1).cpu())
+    scores = torch.cat(out)
+    return (scores, torch.cat(mean_abs)) if activations else scores
 
 
 @torch.no_grad()
@@ -80,8 +93,8 @@ def row_ma(model, layers, ids, mask, scales) -> list[float]:
 def localize_by_attribution(model, tokenizer, forget_ids: Sequence[Sequence[int]],
                             neighbour_ids: Sequence[Sequence[Sequence[int]]], layers: Sequence[FFNLayer],
                             limits: Sequence[float], max_per_text: int, contrast: float = 0.0,
-                            batch_size: int = 8, progress: Callable[[str], None] | None = None
-                            ) -> AttributionResult:
+                            specificity: float = 0.0, batch_size: int = 8,
+                            progress: Callable[[str], None] | None = None) -> AttributionResult:
     """Per-text attribution rankings and their smallest passing prefixes (module docstring).
 
     ``limits``: one MA per text, its stopping point. ``contrast``: weight of the neighbours'
@@ -99,15 +112,21 @@ def localize_by_attribution(model, tokenizer, forget_ids: Sequence[Sequence[int]
     widths = [layer.neurons for layer in layers]
     total = sum(widths)
     max_per_text = min(max_per_text, total)
-    scores = attribution(model, layers, forget_ids, pad_id, batch_size)
-    if contrast:
-        flat = [ids for group in neighbour_ids for ids in group]
+    scores, active = attribution(model, layers, forget_ids, pad_id, batch_size, activations=True)
+    flat = [ids for group in neighbour_ids for ids in group]
+    if flat and (contrast or specificity):
         owner = torch.tensor([t for t, group in enumerate(neighbour_ids) for _ in group])
-        if flat:
-            nb = attribution(model, layers, flat, pad_id, batch_size)
+        nb, nb_active = attribution(model, layers, flat, pad_id, batch_size, activations=True)
+        if contrast:
             mean = torch.zeros_like(scores).index_add_(0, owner, nb)
             counts = torch.bincount(owner, minlength=len(forget_ids)).clamp(min=1)
             scores = scores - contrast * mean / counts[:, None]
+    if specificity:
+        # how much more the neuron fires on this text than on the others and the neighbours:
+        # a neuron every text uses ranks low however large its gradient
+        context = torch.cat([active, nb_active]) if flat else active
+        others = (context.sum(0, keepdim=True) - active) / max(1, context.shape[0] - 1)
+        scores = scores.clamp(min=0) * (active / (others + 1e-6)).pow(specificity)
     if not torch.isfinite(scores).all():
         raise NeumuterError("the attribution is not finite (the model gives non-finite losses)")
     say(f"attribution: {len(forget_ids)} texts ranked over {total} neurons ({time.perf_counter() - started:.1f}s)")

@@ -765,6 +765,10 @@ def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, b
               help="attribution: the most neurons one text may take.")
 @click.option("--contrast", type=FiniteFloat(0), default=DEFAULTS.contrast, show_default=True,
               help="attribution: subtract this times the neighbours' attribution from the text's.")
+@click.option("--specificity", type=FiniteFloat(0), default=DEFAULTS.specificity, show_default=True,
+              help="attribution: multiply each text's (positive) attribution by (the neuron's mean |activation| "
+                   "on the text / on the other forget texts and the neighbours) to this power, so neurons that "
+                   "every text uses rank low.")
 @click.option("--prune/--no-prune", default=DEFAULTS.prune, show_default=True,
               help="When the early stop fires, keep only the smallest set of most-closed gates that still "
                    "passes the check (bisection, a pass over the forget texts per probe) and reopen the rest.")

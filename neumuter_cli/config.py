@@ -36,6 +36,7 @@ class LocalizeConfig:
     method: str = "gates"            # gates: train Hard-Concrete gates | attribution: per-text rankings (attribution.py)
     max_per_text: int = 460          # attribution: the longest prefix of a text's ranking that is tried
     contrast: float = 0.0            # attribution: weight of the neighbours' attribution subtracted
+    specificity: float = 0.0         # attribution: exponent of (activation on the text / on the other texts)
 
 
 @dataclass
