@@ -90,6 +90,9 @@ def _check_model_path(model: str) -> None:
 
 
 def load_tokenizer(model: str, trust_remote_code: bool = False):
+    """The tokenizer of ``model``; refused when it cannot be loaded, or when it turns text into
+    no tokens at all (a model folder without its tokenizer files: transformers then builds an
+    empty tokenizer, and every text would seem to have 0 tokens)."""
     from transformers import AutoTokenizer
 
     source, gguf_file = split_gguf(model)
@@ -99,9 +102,175 @@ def load_tokenizer(model: str, trust_remote_code: bool = False):
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     try:
-        return AutoTokenizer.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as exc:
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except Exception as exc:   # OSError, ValueError, and whatever a broken tokenizer file raises
         raise NeumuterError(f"cannot load the tokenizer of {model}: {_first_line(exc)}") from None
+    try:
+        probe = tokenizer(TOKENIZER_PROBE, add_special_tokens=False, verbose=False)["input_ids"]
+    except Exception as exc:
+        raise NeumuterError(f"cannot load the tokenizer of {model}: it cannot encode text ({_first_line(exc)})") from None
+    if not probe:
+        raise NeumuterError(f"cannot load the tokenizer of {model}: it turns text into no tokens at all "
+                            "(are its tokenizer files missing from the folder?)")
+    return tokenizer
+
+
+#: a text every real tokenizer turns into some tokens
+TOKENIZER_PROBE = "The quick brown fox jumps over the lazy dog. 0123456789"
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' warnings off while it loads: its load report (missing, unexpected or
+    mismatched weights) is turned into one line of our own, or a refusal."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def tokenizer_size(tokenizer) -> int:
+    """One more than the largest token id ``tokenizer`` can produce (added tokens included)."""
+    vocab = tokenizer.get_vocab()
+    return max(max(vocab.values(), default=-1) + 1, len(tokenizer))
+
+
+def check_vocabulary(name: str, embedding_rows: int, tokenizer, what: str = "embedding") -> None:
+    """Refuse a model whose embedding (or LM head) has fewer rows than its tokenizer has token
+    ids: a text holding such a token would index past the end of the weights."""
+    size = tokenizer_size(tokenizer)
+    if embedding_rows < size:
+        raise NeumuterError(f"{name}: its tokenizer has token ids up to {size - 1}, but its {what} has only "
+                            f"{embedding_rows} rows: the tokenizer does not belong to these weights")
+
+
+def checkpoint_vocab_size(model: str, trust_remote_code: bool = False) -> int | None:
+    """The vocabulary size a checkpoint's config declares (its embedding rows), without loading
+    any weight; None when the config cannot say."""
+    from transformers import AutoConfig
+
+    source, gguf_file = split_gguf(model)
+    try:
+        with _quiet_transformers():
+            config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code,
+                                                **({"gguf_file": gguf_file} if gguf_file else {}))
+    except Exception:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(text, "vocab_size", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+# safetensors dtypes that hold no floating-point value
+_NON_FLOAT = {"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64"}
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+                "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
+
+
+def _weight_files(folder: str) -> list[str]:
+    """The safetensors files of a checkpoint folder: those its index names, else every
+    ``*.safetensors`` in it."""
+    import json
+
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as handle:
+                names = sorted(set(json.load(handle)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            raise NeumuterError(f"{index}: not a readable safetensors index") from None
+        return [os.path.join(folder, name) for name in names]
+    return sorted(os.path.join(folder, name) for name in os.listdir(folder) if name.endswith(".safetensors"))
+
+
+def read_safetensors_header(path: str) -> dict[str, dict]:
+    """The tensors a safetensors file declares, ``{name: {"dtype", "shape", "data_offsets"}}``,
+    checked against the file's size: a truncated or corrupted file is refused with one line
+    naming it (safetensors itself raises errors that name no file)."""
+    import json
+
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if length < 2 or 8 + length > size:
+                raise NeumuterError(f"{path}: not a complete safetensors file (its header says {max(length, 0)} "
+                                    f"bytes of metadata, the file has {size} bytes)")
+            header = json.loads(handle.read(length).decode("utf-8"))
+    except OSError as exc:
+        raise NeumuterError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise NeumuterError(f"{path}: not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise NeumuterError(f"{path}: not a safetensors file (its header is not a JSON object)")
+    tensors, end = {}, 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, stop) = info["dtype"], info["shape"], info["data_offsets"]
+            elements = 1
+            for dim in shape:
+                elements *= int(dim)
+            ok = (dtype in _DTYPE_BYTES and 0 <= int(begin) <= int(stop)
+                  and int(stop) - int(begin) == elements * _DTYPE_BYTES[dtype])
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise NeumuterError(f"{path}: tensor {name!r} is not described correctly in the header")
+        tensors[name] = info
+        end = max(end, int(stop))
+    if 8 + length + end > size:
+        raise NeumuterError(f"{path}: truncated (its tensors need {8 + length + end} bytes, the file has {size})")
+    return tensors
+
+
+def _stored_dtypes(folder: str) -> dict[str, tuple[str, str]]:
+    """``{tensor name: (safetensors dtype, file)}`` of every tensor of a local checkpoint."""
+    stored = {}
+    for path in _weight_files(folder):
+        for name, info in read_safetensors_header(path).items():
+            stored[name] = (info["dtype"], os.path.basename(path))
+    return stored
+
+
+def _check_loaded_whole(model: str, lm: nn.Module, info: dict, stored: dict[str, tuple[str, str]]) -> None:
+    """Refuse a load that transformers reports as incomplete (a weight missing from the
+    checkpoint, a tensor the model has no place for, a shape that does not match the config),
+    or a floating-point weight stored as integers (transformers casts it without a word)."""
+    def listed(keys):
+        keys = sorted(keys)
+        return keys[0] + (f" (and {len(keys) - 1} more)" if len(keys) > 1 else "")
+
+    missing, unexpected = info.get("missing_keys") or (), info.get("unexpected_keys") or ()
+    mismatched = sorted(info.get("mismatched_keys") or (), key=lambda item: str(item[0]))
+    if missing:
+        raise NeumuterError(f"cannot load {model}: weight {listed(missing)} is missing from the checkpoint "
+                            "(transformers would fill it with random values)")
+    if mismatched:
+        key, stored_shape, model_shape = mismatched[0]
+        more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
+        raise NeumuterError(f"cannot load {model}: weight {key} has shape {list(stored_shape)} in the checkpoint, "
+                            f"but its config.json makes it {list(model_shape)}{more}: the config does not "
+                            "describe these weights")
+    if unexpected:
+        raise NeumuterError(f"cannot load {model}: the checkpoint holds {listed(unexpected)}, which this model "
+                            f"({_model_type(lm)}) has no place for: the config does not describe these weights")
+    errors = info.get("error_msgs") or ()
+    if errors:
+        raise NeumuterError(f"cannot load {model}: {_first_line(RuntimeError(errors[0]))}")
+    floating = {name for name, tensor in lm.state_dict().items() if tensor.is_floating_point()}
+    for name, (dtype, file) in sorted(stored.items()):
+        if dtype in _NON_FLOAT and any(n == name or n.endswith("." + name) or name.endswith("." + n)
+                                       for n in floating):
+            raise NeumuterError(f"cannot load {model}: {file} stores the weight {name} as {dtype}, but it is a "
+                                "floating-point weight (transformers would cast the integers without a word)")
 
 
 def load_model(
@@ -114,14 +283,23 @@ def load_model(
     """Load a causal LM (local dir, hub name, or ``.gguf`` file) in eval mode with frozen weights.
 
     Returns (model, tokenizer). ``device_map="auto"`` spreads a large model over the GPUs
-    (accelerate); then ``device`` is ignored."""
+    (accelerate); then ``device`` is ignored.
+
+    The model is loaded whole or refused: a weight missing from the checkpoint, one it holds
+    that the model has no place for, a shape the config does not give, a floating-point weight
+    stored as integers, a truncated file, a tokenizer that is missing or has more token ids
+    than the embedding has rows: each is one NeumuterError (transformers itself would fill a
+    missing weight with random values and only print a report)."""
     from transformers import AutoModelForCausalLM
 
     source, gguf_file = split_gguf(model)
     if gguf_file is None:
         _check_model_path(source)
     target = resolve_device(device) if device_map is None else None
-    kwargs = {"trust_remote_code": trust_remote_code, "dtype": resolve_dtype(dtype, target or "cuda")}
+    tokenizer = load_tokenizer(model, trust_remote_code)       # cheap: a missing tokenizer fails first
+    stored = _stored_dtypes(source) if gguf_file is None and os.path.isdir(source) else {}
+    kwargs = {"trust_remote_code": trust_remote_code, "dtype": resolve_dtype(dtype, target or "cuda"),
+              "output_loading_info": True, "ignore_mismatched_sizes": True}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
         if kwargs["dtype"] == "auto":
@@ -129,18 +307,23 @@ def load_model(
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
-        lm = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except ImportError as exc:
+        with _quiet_transformers():
+            lm, info = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except NeumuterError:
+        raise
+    except Exception as exc:   # a truncated or corrupted file, a config that does not fit, a missing package
         raise NeumuterError(f"cannot load {model}: {_first_line(exc)}") from None
-    except (OSError, ValueError, KeyError) as exc:
-        raise NeumuterError(f"cannot load {model}: {_first_line(exc)}") from None
+    _check_loaded_whole(model, lm, info, stored)
+    check_vocabulary(model, lm.get_input_embeddings().num_embeddings, tokenizer)
+    head = lm.get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is not None:
+        check_vocabulary(model, head.weight.shape[0], tokenizer, "LM head")
     if device_map is None:
         lm.to(target)
     lm.eval()
     for param in lm.parameters():
         param.requires_grad_(False)
     check_causal_lm(lm)
-    tokenizer = load_tokenizer(model, trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
     lm.neumuter_source = model
