@@ -19,7 +19,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from . import NeumuterError
-from .records import atomic_output, check_folder_writable, display_name, sha256_bytes
+from .records import atomic_output, check_folder_writable, display_name, dumps_json, is_terminal, sha256_bytes
 
 MASK_KIND = "neumuter-mask"
 SCALES_KIND = "neumuter-scales"
@@ -53,7 +53,7 @@ def read_artifact(path: str, kind: str | None = None) -> Artifact:
     name = display_name(path)
     try:
         if path == "-":
-            if sys.stdin is None or sys.stdin.isatty():
+            if sys.stdin is None or is_terminal(sys.stdin):
                 raise NeumuterError("no input: give a file or pipe one into stdin")
             data = sys.stdin.buffer.read()
         else:
@@ -141,7 +141,7 @@ def canonical_safetensors(data: bytes) -> bytes:
         canonical["__metadata__"] = dict(sorted((header.pop("__metadata__") or {}).items()))
     for name, info in sorted(header.items(), key=lambda item: (tuple(item[1]["data_offsets"]), item[0])):
         canonical[name] = info
-    text = json.dumps(canonical, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text = dumps_json(canonical, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     text += b" " * (-len(text) % 8)
     return len(text).to_bytes(8, "little") + text + data[8 + length:]
 
@@ -154,7 +154,7 @@ def _metadata_value(value) -> str:
             json.loads(value)
         except ValueError:
             return value
-    return json.dumps(value)
+    return dumps_json(value)
 
 
 # ---------------------------------------------------------------- checkpoint folders
@@ -190,6 +190,7 @@ def check_output_dir(path: str, force: bool = False, protected: Iterable[str | N
     """The rule for a checkpoint folder (`apply -o DIR`), checked before any work and again
     before the folder is replaced:
 
+    - DIR is not a symbolic link (it could only be replaced by a folder at the very end);
     - DIR is never the current folder or a folder holding it, nor one of the ``protected``
       paths (the model, the scales file) or a folder holding one: replacing it would delete them;
     - a missing DIR or an empty folder is written;
@@ -198,6 +199,10 @@ def check_output_dir(path: str, force: bool = False, protected: Iterable[str | N
       any other content is refused, with or without ``force``;
     - the folder DIR goes in must exist and be writable."""
     target = Path(path)
+    if target.is_symlink():
+        # replacing a link means renaming a folder over it, which the OS refuses only at the end
+        raise NeumuterError(f"refusing to write the checkpoint to {path}: it is a symbolic link (to "
+                            f"{os.readlink(path)}); give the folder itself, or a new folder")
     if target.exists() and not target.is_dir():
         raise NeumuterError(f"{path} exists and is not a directory")
     if _contains(path, os.getcwd()):

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import functools
 import math
+import signal
 import sys
+import threading
 
 import click
 from tabulate import tabulate
@@ -12,16 +14,20 @@ from . import NeumuterError, __version__
 # torch-free: the options and --help are built from these defaults; the stages themselves (and
 # torch, transformers) are imported inside the commands, so that --help and completion are instant
 from .config import FORGET_TERMS, OPTIMIZERS, QUANT_TYPES, LocalizeConfig, NeighborsConfig, RelearnConfig
-from .errors import NonFiniteLoss, SettingError
+from .errors import DeviceUnavailable, NonFiniteLoss, SettingError
+from .records import is_terminal
 
 DEFAULTS = LocalizeConfig()
 NEIGHBORS = NeighborsConfig()
 RELEARN_DEFAULTS = RelearnConfig()
 
 
-# exit status: 1 is the verdict of `measure --check` (some record is not forgotten), 2 click's
-# usage error (a bad option, argument or combination), and 3 any other error
+# exit status: 1 is the verdict of `measure --check` (some record is not forgotten) and nothing
+# else, 2 a usage error (click's, and a library SettingError: an option whose value cannot work),
+# 3 any other error, 130 Ctrl-C (SIGINT), 143 SIGTERM; the same for every command
 EXIT_ERROR = 3
+EXIT_SIGINT = 128 + signal.SIGINT
+EXIT_SIGTERM = 128 + signal.SIGTERM
 
 
 class CommandError(click.ClickException):
@@ -30,18 +36,20 @@ class CommandError(click.ClickException):
     exit_code = EXIT_ERROR
 
 
-
-
 class NeumuterCommand(click.Command):
     """Words the library's errors with this command's flags: a SettingError names a library
-    parameter (``top_k``), the user gave an option (``--top-k``)."""
+    parameter (``top_k``), the user gave an option (``--top-k``); it is a usage error (exit
+    status 2), except a device this machine does not have (3)."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except SettingError as exc:
             flag = self.flag(exc.setting)
-            raise NeumuterError(f"{flag} {exc.problem}" if flag else str(exc)) from None
+            message = f"{flag} {exc.problem}" if flag else str(exc)
+            if isinstance(exc, DeviceUnavailable):
+                raise NeumuterError(message) from None
+            raise click.UsageError(message, ctx) from None
         except NonFiniteLoss as exc:
             lr, dtype = self.flag("lr"), self.flag("dtype")
             raise NeumuterError(f"{exc}; try a smaller {lr} or {dtype} float32" if lr and dtype else str(exc)) from None
@@ -54,11 +62,30 @@ class NeumuterCommand(click.Command):
         return None
 
 
+def _terminate(signum, frame):
+    raise SystemExit(EXIT_SIGTERM)
+
+
 class NeumuterGroup(click.Group):
     """Turns NeumuterError, and an OSError nothing below caught, into one clear line on stderr
-    and exit status 3 (1 is the verdict of `measure --check`, 2 a usage error)."""
+    and exit status 3 (1 is the verdict of `measure --check`, 2 a usage error); Ctrl-C into
+    exit status 130 and SIGTERM into 143, after the outputs being written are removed."""
 
     command_class = NeumuterCommand
+
+    def main(self, *args, **kwargs):
+        # SIGTERM raises SystemExit(143) for the whole run, so that every `finally` (the
+        # temporary outputs) runs as it does for Ctrl-C; only from the main thread, and only
+        # when nobody else handles SIGTERM. The handler is put back afterwards.
+        install = (threading.current_thread() is threading.main_thread()
+                   and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+        if install:
+            signal.signal(signal.SIGTERM, _terminate)
+        try:
+            return super().main(*args, **kwargs)
+        finally:
+            if install:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     def invoke(self, ctx):
         try:
@@ -68,6 +95,9 @@ class NeumuterGroup(click.Group):
         except OSError as exc:
             where = f"{exc.filename}: " if exc.filename else ""
             raise CommandError(f"{where}{exc.strerror or exc}") from None
+        except KeyboardInterrupt:
+            click.echo("\nAborted!", err=True)
+            raise click.exceptions.Exit(EXIT_SIGINT) from None
 
 
 class FiniteFloat(click.FloatRange):
@@ -250,15 +280,27 @@ def apply_cmd(scales, model, device, dtype, device_map, trust_remote_code, outpu
     """
     from .apply import apply_scales_file, checkpoint_dtype
     from .artifacts import SCALES_KIND, check_output_dir, read_artifact
+    from .errors import FingerprintMismatch
 
     check_output_dir(output, force, protected=(model, scales))
     artifact = read_artifact(scales, kind=SCALES_KIND)
+    stored = checkpoint_dtype(model)
+    asked = dtype
     if dtype == "auto":
-        dtype = checkpoint_dtype(model) or "auto"
+        dtype = stored or "auto"
     lm, tokenizer = load_lm(model, device, dtype, device_map, trust_remote_code)
-    record = apply_scales_file(lm, tokenizer, artifact.tensors, artifact.metadata, output,
-                               scales_sha256=artifact.sha256, force=force, name=artifact.name,
-                               allow_any_scale=allow_any_scale, protected=(model, scales))
+    try:
+        record = apply_scales_file(lm, tokenizer, artifact.tensors, artifact.metadata, output,
+                                   scales_sha256=artifact.sha256, force=force, name=artifact.name,
+                                   allow_any_scale=allow_any_scale, protected=(model, scales))
+    except FingerprintMismatch as exc:
+        if stored is not None and asked not in ("auto", stored, "float32"):    # float32 holds any half value
+            raise NeumuterError(
+                f"--dtype {asked} rounds the {stored} weights of {model}, so they are no longer the weights "
+                f"{artifact.name} was made for (fingerprint {exc.expected}, rounded {exc.found}): apply with "
+                f"--dtype auto (the stored {stored}), or localize and select on the model loaded as {asked}"
+            ) from None
+        raise
     rows = [[b, record["modules"][b], n] for b, n in record["neurons_scaled_per_layer"].items()]
     click.echo(tabulate(rows, headers=["block", "down-projection", "neurons scaled"]), err=True)
     progress(f"{record['neurons_scaled']} of {record['total_neurons']} FFN neurons scaled; "
@@ -431,8 +473,8 @@ def measure_cmd(check, allow_over_forgotten, fmt, output, **options):
     except NeumuterError as exc:
         raise click.UsageError(str(exc)) from None
     if fmt == "auto":
-        fmt = "table" if output == "-" and sys.stdout.isatty() else "jsonl"
-    if config.input_path == "-" and sys.stdin.isatty():
+        fmt = "table" if output == "-" and is_terminal(sys.stdout) else "jsonl"
+    if config.input_path == "-" and is_terminal(sys.stdin):
         if not config.ppl_path:
             raise NeumuterError("no input: give a JSONL file or pipe one into stdin")
         config.input_path = None             # perplexity alone: nothing to read on a terminal
@@ -441,7 +483,7 @@ def measure_cmd(check, allow_over_forgotten, fmt, output, **options):
     result = run_measure(config, progress)
 
     with atomic_output(output, "w") as out:
-        write_result(result, fmt, out, click.style if fmt == "table" and output == "-" and sys.stdout.isatty()
+        write_result(result, fmt, out, click.style if fmt == "table" and output == "-" and is_terminal(sys.stdout)
                      else None)
     if fmt == "jsonl":
         click.echo(summary_table(result.summary, config.el_ns), err=True)
@@ -508,7 +550,7 @@ def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, b
     from .neighbors import NeighborWriter, load_mlm
     from .records import atomic_output, check_output, dumps_record, iter_records
 
-    if input_path == "-" and sys.stdin.isatty():
+    if input_path == "-" and is_terminal(sys.stdin):
         raise NeumuterError("no input: give a JSONL file or pipe one into stdin")
     check_output(output, inputs=(input_path,))
     config = NeighborsConfig(k=k, ratio=ratio, temperature=temperature, top_k=top_k, batch_size=batch_size,
@@ -605,9 +647,9 @@ def localize_cmd(input_path, output, layers, reference_path, reference_limit, re
     from .localize import LocalizeConfig, StopRule, run_localize
     from .records import check_output, read_records
 
-    if output == "-" and sys.stdout.isatty():
+    if output == "-" and is_terminal(sys.stdout):
         raise click.UsageError("refusing to write a binary mask to a terminal: use -o FILE or a pipe")
-    if input_path == "-" and sys.stdin.isatty():
+    if input_path == "-" and is_terminal(sys.stdin):
         raise NeumuterError("no input: give a JSONL file or pipe one into stdin")
     if stop_el is not None and reference_path is None and stop_ma is None:
         raise click.UsageError("--stop-el needs --stop-ma or --reference")

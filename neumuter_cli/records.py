@@ -26,6 +26,22 @@ def display_name(path: str) -> str:
     return "<stdin>" if path == "-" else str(path)
 
 
+def is_terminal(stream) -> bool:
+    """Whether ``stream`` (sys.stdin, sys.stdout) is an open terminal; a closed one (a command
+    started with ``>&-`` or ``<&-``, where Python sets it to None) is not."""
+    try:
+        return stream is not None and stream.isatty()
+    except (AttributeError, ValueError, OSError):   # closed, or not a real file
+        return False
+
+
+def standard_output():
+    """sys.stdout, or a NeumuterError when the command was started with stdout closed."""
+    if sys.stdout is None:
+        raise NeumuterError("cannot write to stdout: it is closed (give -o FILE)")
+    return sys.stdout
+
+
 class _BadValue(ValueError):
     """A JSON value that parses but cannot be carried through faithfully."""
 
@@ -158,8 +174,17 @@ def read_records(path: str, require: Iterable[str] = ("text",)) -> list[dict]:
     return list(iter_records(path, require))
 
 
+def dumps_json(value, **options) -> str:
+    """``json.dumps`` that never writes NaN or Infinity (JSON has no such values, and neumuter
+    refuses them as input): a non-finite number is a NeumuterError instead."""
+    try:
+        return json.dumps(value, allow_nan=False, **options)
+    except ValueError:
+        raise NeumuterError("refusing to write a non-finite number (NaN or infinity) as JSON") from None
+
+
 def dumps_record(record: dict) -> str:
-    return json.dumps(record, ensure_ascii=False)
+    return dumps_json(record, ensure_ascii=False)
 
 
 # ---------------------------------------------------------------- outputs
@@ -189,7 +214,10 @@ def check_output(path: str, inputs: Iterable[str | None] = ()) -> None:
     temporary file there, which also catches read-only file systems); or it is one of the
     command's ``inputs`` (the input would be replaced by the result). ``-`` (stdout) and a
     device or pipe (/dev/null, /dev/stdout) pass."""
-    if path == "-" or _special_file(path):
+    if path == "-":
+        standard_output()
+        return
+    if _special_file(path):
         return
     for source in inputs:
         if source and source != "-" and os.path.isfile(source) and os.path.isfile(path) and _same_file(path, source):
@@ -246,12 +274,13 @@ def atomic_output(path: str, mode: str = "w", binary_to_terminal_ok: bool = True
     (/dev/null, /dev/stdout, a named pipe) is written in place: renaming a file over it would
     replace it."""
     if path == "-":
+        stdout = standard_output()
         if "b" in mode:
-            if not binary_to_terminal_ok and sys.stdout.isatty():
+            if not binary_to_terminal_ok and is_terminal(stdout):
                 raise NeumuterError("refusing to write binary output to a terminal: use -o FILE or a pipe")
-            out = sys.stdout.buffer
+            out = stdout.buffer
         else:
-            out = sys.stdout
+            out = stdout
         yield out
         out.flush()
         return
@@ -372,7 +401,8 @@ def sha256_bytes(data: bytes) -> str:
 
 
 __all__ = [
-    "EmptyInput", "display_name", "iter_records", "read_records", "validate_record", "dumps_record",
+    "EmptyInput", "display_name", "is_terminal", "standard_output", "iter_records", "read_records", "validate_record",
+    "dumps_json", "dumps_record",
     "check_output", "check_folder_writable", "atomic_output", "atomic_directory", "sha256_texts",
     "sha256_file", "sha256_bytes",
 ]
