@@ -46,6 +46,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import zlib
 from typing import Sequence
 
@@ -245,7 +246,32 @@ def read_reference_scores(path: str, texts: Sequence[str], el_ns: Sequence[int])
             entry[key] = None if row[key] is None else float(row[key])
         entry["tokens"] = row.get("tokens")
         out.append(entry)
-    return {"records": out, "summary": summary, "path": path}
+    return {"records": out, "summary": summary, "path": path, "fingerprint": _scores_fingerprint(path, rows, summary)}
+
+
+_FINGERPRINT = re.compile(r"[0-9a-f]{32}")
+
+
+def _scores_fingerprint(path: str, rows: Sequence[dict], summary: dict | None) -> str:
+    """The fingerprint of the model the scores were measured on: the summary's
+    ``model.fingerprint`` (JSON output) or every record's ``model_fingerprint`` (JSONL output),
+    which must agree. Scores that do not say are refused: without it the model itself could
+    pass as its own reference."""
+    model = (summary or {}).get("model")
+    from_summary = model.get("fingerprint") if isinstance(model, dict) else None
+    from_rows = [row.get("model_fingerprint") for row in rows]
+    if from_summary is None and (not from_rows or any(value is None for value in from_rows)):
+        raise NeumuterError(f"{path}: the scores do not say which model they were measured on (no "
+                            "\"model_fingerprint\"): measure the reference model again with this neumuter "
+                            "(`neumuter measure RECORDS --model REF --format json`)")
+    given = [value for value in [from_summary, *from_rows] if value is not None]
+    if not all(isinstance(value, str) and _FINGERPRINT.fullmatch(value) for value in given):
+        raise NeumuterError(f"{path}: a model fingerprint in it is not 32 hexadecimal digits")
+    found = sorted(set(given))
+    if len(found) > 1:
+        raise NeumuterError(f"{path}: the scores name {len(found)} different model fingerprints ({found[0]}, "
+                            f"{found[1]}, ...): they must all come from one run of `neumuter measure`")
+    return found[0]
 
 
 __all__ = [

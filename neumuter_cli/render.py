@@ -147,15 +147,15 @@ def write_result(result: MeasureResult, fmt: str, out: IO[str], style: Callable[
     """Write ``result`` as ``table`` (records, summary, generations), ``jsonl`` (one line per
     record; with no records one ``{"summary": ...}`` line) or ``json`` (``{"records",
     "summary"}``)."""
-    from .records import dumps_record
+    from .records import dumps_json, dumps_record
 
     if fmt == "jsonl":
         for record in result.records:
             out.write(dumps_record(record) + "\n")
         if not result.records:                 # perplexity alone: the summary is the data
-            out.write(json.dumps({"summary": result.summary}) + "\n")
+            out.write(dumps_json({"summary": result.summary}) + "\n")
     elif fmt == "json":
-        out.write(json.dumps({"records": result.records, "summary": result.summary},
+        out.write(dumps_json({"records": result.records, "summary": result.summary},
                              ensure_ascii=False, indent=2) + "\n")
     elif fmt == "table":
         parts = [results_table(result.records, result.el_ns)] if result.records else []

@@ -1,5 +1,7 @@
 """localize: gates train, weights stay frozen, the mask file is complete and reproducible."""
 import json
+import os
+import shutil
 
 import pytest
 import torch
@@ -10,11 +12,15 @@ from helpers import PEOPLE, save_tiny, train_memorizer
 from neumuter_cli import NeumuterError
 from neumuter_cli.cli import cli
 from neumuter_cli.localize import LocalizeConfig, forget_loss, localize, neighbour_kl, original_distribution
-from neumuter_cli.models import find_ffn_layers, load_model
+from neumuter_cli.models import find_ffn_layers, fingerprint, load_model
 from neumuter_cli.artifacts import load_artifact
 
 NEIGHBOURS = ["Zed Quinn lives at 90 Hill Street and his phone number is 555-0101.",
               "Amy Ross lives at 3 Lake Road and her phone number is 555-0199."]
+
+
+def fingerprint_of(path):
+    return fingerprint(load_model(str(path), device="cpu")[0])
 
 
 def write_records(path, records):
@@ -180,12 +186,28 @@ def memorizer_dir(tmp_path_factory):
     return str(path)
 
 
-def test_reference_model_itself_stops_at_the_first_check(memorizer_dir, tmp_path):
-    """A model is already 'like never seen' by its own standard: nothing to forget."""
+def test_a_reference_that_remembers_as_well_stops_at_the_first_check(memorizer_dir, tmp_path):
+    """A reference that memorised the same texts (another seed) leaves nothing to forget. The
+    model itself, or a copy of it, is refused as its own reference (before any training)."""
+    from transformers import AutoTokenizer
+
     nb = write_records(tmp_path / "nb.jsonl", [{"id": i, "text": t, "neighbors": NEIGHBOURS[:1]}
                                                 for i, t in enumerate(PEOPLE[:3])])
     out = str(tmp_path / "mask.safetensors")
-    result = run(["localize", nb, "--model", memorizer_dir, "--reference-model", memorizer_dir,
+    copy = tmp_path / "copy"
+    shutil.copytree(memorizer_dir, copy)
+    for reference, detail in ((memorizer_dir, f"is the checkpoint {memorizer_dir}"),
+                              (copy, f"has the weights of {memorizer_dir} (fingerprint {fingerprint_of(memorizer_dir)})")):
+        refused = run(["localize", nb, "--model", memorizer_dir, "--reference-model", str(reference),
+                       "--epochs", "20", "-o", out, "--device", "cpu"])
+        assert refused.exit_code == 3, refused.output
+        assert refused.stderr.splitlines()[-1] == (
+            f"Error: the reference is the model itself: reference model {reference} {detail}; a verdict needs a "
+            "reference that never saw the records (against itself, every record passes as forgotten)")
+        assert "localize:" not in refused.stderr and not os.path.exists(out)
+    twin = tmp_path / "twin"
+    train_memorizer(twin, texts=PEOPLE[:3], steps=150, seed=1, tokenizer=AutoTokenizer.from_pretrained(memorizer_dir))
+    result = run(["localize", nb, "--model", memorizer_dir, "--reference-model", str(twin),
                   "--epochs", "20", "--check-every", "1", "-o", out, "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "reference model: forget MA" in result.stderr

@@ -17,6 +17,7 @@ from neumuter_cli import NeumuterError
 from neumuter_cli import mia
 from neumuter_cli.cli import cli
 from neumuter_cli.measure import MeasureConfig, encode, run_measure, teacher_forced
+from neumuter_cli.models import fingerprint, load_model
 from neumuter_cli.quantize import quantize_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")
@@ -118,18 +119,20 @@ def test_teacher_forced_stats_in_the_same_pass(models):
 
 # ---------------------------------------------------------------- verdicts against a reference model
 
-def test_a_model_against_itself_is_forgotten_like_never_seen(models):
-    data = measured(models["people"], "-m", models["fresh"], "--reference-model", models["fresh"],
-                    "--holdout", models["holdout"], "--check")
-    summary = data["summary"]
-    assert summary["forget_quality"] == 1.0
-    assert summary["forgotten"] == 6 and summary["over_forgotten"] == 0
-    assert summary["privleak"] == 0.0
-    assert all(summary[f"privleak_{s}"] == 0.0 for s in mia.MIA_SCORES)
-    for record in data["records"]:
-        assert record["ref_ma"] == record["ma"] and record["ref_el_10"] == record["el_10"]
-        assert record["ref_loss"] == record["loss"]
-        assert record["forgotten"] is True and record["over_forgotten"] is False
+def test_equal_numbers_are_forgotten_and_not_over_forgotten():
+    """The verdict functions on a record whose numbers equal the reference's: forgotten, not
+    over-forgotten, forget quality 1 (the CLI never gets there: the model itself is refused as
+    its reference, see test_hostile.py)."""
+    results = [{"ma": 0.5, "el_10": 0.2, "loss": 1.0}, {"ma": 0.9, "el_10": None, "loss": 0.3}]
+    reference = [dict(r) for r in results]
+    mia.mark_against_reference(results, reference, (10,), 0.05)
+    assert [(r["forgotten"], r["over_forgotten"]) for r in results] == [(True, False), (True, False)]
+    summary = mia.reference_summary(results, (10,))
+    assert summary["forget_quality"] == 1.0 and summary["forgotten"] == 2 and summary["over_forgotten"] == 0
+    # 0.06 above the reference is not forgotten at tolerance 0.05; 0.06 below is over-forgotten
+    results = [{"ma": 0.56, "loss": 1.0}, {"ma": 0.44, "loss": 1.0}]
+    mia.mark_against_reference(results, [{"ma": 0.5, "loss": 1.0}] * 2, (), 0.05)
+    assert [(r["forgotten"], r["over_forgotten"]) for r in results] == [(False, False), (True, True)]
 
 
 def test_memorised_records_stand_out_from_the_holdout(models):
@@ -185,9 +188,14 @@ def test_reference_scores_give_the_numbers_of_the_reference_model(models):
     reused = measured(models["people"], "-m", models["mem"], "--reference-scores", saved,
                       "--holdout", models["holdout"])
     assert reused["records"] == direct["records"]
-    assert direct["summary"].pop("reference") == {"model": models["fresh"], "tolerance": 0.05}
-    assert reused["summary"].pop("reference") == {"scores": str(saved), "tolerance": 0.05}
+    fresh, mem = (fingerprint(load_model(models[name], device="cpu")[0]) for name in ("fresh", "mem"))
+    assert fresh != mem
+    assert direct["summary"].pop("reference") == {"model": models["fresh"], "fingerprint": fresh, "tolerance": 0.05}
+    assert reused["summary"].pop("reference") == {"scores": str(saved), "fingerprint": fresh, "tolerance": 0.05}
     assert reused["summary"] == direct["summary"]
+    assert direct["summary"]["model"] == {"name": models["mem"], "fingerprint": mem}
+    assert {r["model_fingerprint"] for r in direct["records"]} == {mem}
+    assert {r["model_fingerprint"] for r in json.loads(saved.read_text())["records"]} == {fresh}
 
     # JSONL scores: every per-record number, but no holdout AUCs: no PrivLeak, and a warning
     lines = root / "fresh-scores.jsonl"
@@ -343,17 +351,22 @@ def test_quantize_errors(models, monkeypatch):
 
 def test_measure_quantize_reports_and_leaves_the_reference_alone(models):
     plain = measured(models["people"], "-m", models["mem"], "--el-n", "0")
+    fresh = measured(models["people"], "-m", models["fresh"], "--el-n", "0")
+    fresh_q4 = measured(models["people"], "-m", models["fresh"], "--el-n", "0", "--quantize", "q4_0")
     data = measured(models["people"], "-m", models["mem"], "--el-n", "0", "--quantize", "q4_0",
-                    "--reference-model", models["mem"])
+                    "--reference-model", models["fresh"])
     quantized = data["summary"]["quantized"]
     assert quantized["type"] == "q4_0" and quantized["weights"] == 12 and quantized["skipped"] == []
     assert "quantized" not in data["summary"]["reference"]
-    # the reference is the model as released: its numbers are the unquantised model's
-    assert [r["ref_loss"] for r in data["records"]] == [r["loss"] for r in plain["records"]]
+    # the reference is the model as released: its numbers are the unquantised reference's
+    assert [r["ref_loss"] for r in data["records"]] == [r["loss"] for r in fresh["records"]]
     assert [r["loss"] for r in data["records"]] != [r["loss"] for r in plain["records"]]
+    # the fingerprint is the model's as loaded, before the round trip: the same model
+    assert data["summary"]["model"] == plain["summary"]["model"]
     both = measured(models["people"], "-m", models["mem"], "--el-n", "0", "--quantize", "q4_0",
-                    "--reference-model", models["mem"], "--quantize-reference")
+                    "--reference-model", models["fresh"], "--quantize-reference")
     assert both["summary"]["reference"]["quantized"]["type"] == "q4_0"
-    assert [r["ref_loss"] for r in both["records"]] == [r["loss"] for r in both["records"]]
-    assert both["summary"]["forget_quality"] == 1.0
-    assert not math.isnan(both["summary"]["forget_quality"])
+    assert [r["ref_loss"] for r in both["records"]] == [r["loss"] for r in fresh_q4["records"]]
+    assert [r["ref_loss"] for r in both["records"]] != [r["loss"] for r in fresh["records"]]
+    assert [r["loss"] for r in both["records"]] == [r["loss"] for r in data["records"]]
+    assert math.isfinite(both["summary"]["forget_quality"])
