@@ -772,12 +772,15 @@ def quantize_cmd(model, device, dtype, device_map, trust_remote_code, qtype, out
     """
     from .apply import save_checkpoint
     from .artifacts import check_output_dir
+    from .models import fingerprint
     from .quantize import quantize_model, quantized_checkpoint_record
 
     check_output_dir(output, force, protected=(model,))
     lm, tokenizer = load_lm(model, device, dtype, device_map, trust_remote_code)
+    source_fingerprint = fingerprint(lm)
     summary = quantize_model(lm, qtype.lower(), progress)
-    save_checkpoint(lm, tokenizer, output, quantized_checkpoint_record(lm, model, summary), force, protected=(model,))
+    save_checkpoint(lm, tokenizer, output, quantized_checkpoint_record(lm, model, summary, source_fingerprint), force,
+                    protected=(model,))
     progress(f"{summary['weights']} block weights ({summary['elements']:,} values) through {summary['type']}"
              + (f", {len(summary['skipped'])} left as they are" if summary["skipped"] else "")
              + f"; checkpoint written to {output}")

@@ -482,8 +482,8 @@ def _naming(records: Sequence[dict], what: str, model: str):
 
 
 def _reference_model_limits(model, tokenizer, records, stop: StopRule, max_length: int, load_reference, say) -> dict:
-    from .measure import _refuse_self_reference, _same_place
-    from .models import check_same_tokenizer, fingerprint
+    from .measure import _refuse_self_reference, _same_place, check_not_edited_from, check_not_itself, check_not_made_from
+    from .models import check_same_tokenizer, fingerprints
 
     if load_reference is None:
         raise NeumuterError("a reference model needs a loader")
@@ -491,11 +491,14 @@ def _reference_model_limits(model, tokenizer, records, stop: StopRule, max_lengt
     what = f"reference model {stop.reference_model}"
     if isinstance(name, str) and _same_place(name, stop.reference_model):
         _refuse_self_reference(f"{what} is the checkpoint {name}")
+    own = fingerprints(model, rounded=True)
+    check_not_made_from(name, own["exact"], what, stop.reference_model)
     reference, reference_tokenizer = load_reference(stop.reference_model)
     check_same_tokenizer(tokenizer, reference_tokenizer, name, what, [r["text"] for r in records])
-    own = fingerprint(model)
-    if fingerprint(reference) == own:
-        _refuse_self_reference(f"{what} has the weights of {name} (fingerprint {own})")
+    theirs = fingerprints(reference, rounded=True)
+    check_not_itself(name, own, what, theirs)
+    if isinstance(name, str):
+        check_not_edited_from(name, name, what, theirs["exact"])
     with _naming(records, "forget text", what):
         limits = reference_model_limits(reference, tokenizer, records, max_length, stop.tolerance)
     del reference

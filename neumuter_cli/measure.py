@@ -850,6 +850,43 @@ def _refuse_self_reference(detail: str) -> None:
                         "saw the records (against itself, every record passes as forgotten)")
 
 
+def check_not_itself(model: str, prints: dict[str, str], reference: str, reference_prints: dict[str, str]) -> None:
+    """Refuse a reference whose weights are the model's: the same fingerprint, or the same once
+    both are rounded to bfloat16 or float16 (one model saved in two precisions);
+    ``prints`` as :func:`models.fingerprints` gives them."""
+    if prints["exact"] == reference_prints["exact"]:
+        _refuse_self_reference(f"{reference} has the weights of {model} (fingerprint {prints['exact']})")
+    for kind in sorted(set(prints) & set(reference_prints) - {"exact"}):
+        if prints[kind] == reference_prints[kind]:
+            _refuse_self_reference(f"{reference} has the weights of {model} rounded to {kind} "
+                                   f"(fingerprints {prints['exact']} and {reference_prints['exact']})")
+
+
+def check_not_made_from(model: str, fingerprint: str, reference: str, reference_path: str) -> None:
+    """Refuse a reference checkpoint that neumuter made from the model (its neumuter.json names
+    the model's fingerprint as a source: a quantised, relearnt or muted copy of the model)."""
+    from .models import lineage
+
+    stage = lineage(reference_path).get(fingerprint)
+    if stage is not None:
+        _refuse_self_reference(f"{reference} was made from {model} by `neumuter {stage}` (its neumuter.json "
+                               f"names the fingerprint {fingerprint})")
+
+
+def check_not_edited_from(model: str, model_path: str, reference: str, reference_fingerprint: str) -> None:
+    """Refuse a reference that the model was made from by `apply` or `quantize` (the model's
+    neumuter.json names it): the model is the reference's own weights with some neurons scaled
+    or rounded, and the reference is the model before it forgot. (A model relearnt from the
+    reference is fine: relearning is training, and the reference never saw what it learnt.)"""
+    from .models import lineage
+
+    stage = lineage(model_path).get(reference_fingerprint)
+    if stage in ("apply", "quantize"):
+        _refuse_self_reference(f"{model} was made from {reference} by `neumuter {stage}` (its neumuter.json names "
+                               f"the fingerprint {reference_fingerprint}): it is that model with some weights "
+                               "scaled or rounded")
+
+
 def run_measure(config: MeasureConfig, progress: ProgressFn = None) -> MeasureResult:
     """One ``measure`` run: read every input, load the model (and quantise it), measure the
     records (MA, EL_n, loss), the eq. 17 reference set, the holdout texts, generations and
@@ -863,7 +900,7 @@ def run_measure(config: MeasureConfig, progress: ProgressFn = None) -> MeasureRe
     ``model_fingerprint``, the fingerprint of the model as loaded (before any quantisation), so
     that the output used as reference scores later says where it came from."""
     from . import mia
-    from .models import (check_same_tokenizer, check_vocabulary, checkpoint_vocab_size, fingerprint, load_model,
+    from .models import (check_same_tokenizer, check_vocabulary, checkpoint_vocab_size, fingerprints, load_model,
                          load_tokenizer)
     from .quantize import _gguf_type, quantize_model
     from .records import read_records, sha256_texts
@@ -908,10 +945,17 @@ def run_measure(config: MeasureConfig, progress: ProgressFn = None) -> MeasureRe
     # 2. the model
     say(f"loading {config.model}")
     lm, tokenizer = load_model(config.model, **load)
-    model_fingerprint = fingerprint(lm)      # of the model as loaded, before any quantisation
-    if ref_scores is not None and ref_scores["fingerprint"] == model_fingerprint:
-        _refuse_self_reference(f"reference scores {ref_scores['path']} were measured on a model with the "
-                               f"fingerprint of {config.model} ({model_fingerprint})")
+    # of the model as loaded, before any quantisation; rounded too, to compare with the reference
+    model_prints = fingerprints(lm, rounded=bool(config.reference_model))
+    model_fingerprint = model_prints["exact"]
+    if config.reference_model:
+        check_not_made_from(config.model, model_fingerprint, reference_label, config.reference_model)
+    if ref_scores is not None:
+        if ref_scores["fingerprint"] == model_fingerprint:
+            _refuse_self_reference(f"reference scores {ref_scores['path']} were measured on a model with the "
+                                   f"fingerprint of {config.model} ({model_fingerprint})")
+        check_not_edited_from(config.model, config.model, f"the model of reference scores {ref_scores['path']}",
+                              ref_scores["fingerprint"])
     quantized = quantize_model(lm, config.quantize, say) if config.quantize else None
     ids, compressed = _tokenize(tokenizer, records, config.max_length, name) if records else ([], [])
     if ref_scores is not None:
@@ -962,10 +1006,10 @@ def run_measure(config: MeasureConfig, progress: ProgressFn = None) -> MeasureRe
         _free_memory()
         say(f"loading reference model {config.reference_model}")
         ref_lm, _ = load_model(config.reference_model, **load)
-        reference_fingerprint = fingerprint(ref_lm)
-        if reference_fingerprint == model_fingerprint:
-            _refuse_self_reference(f"{reference_label} has the weights of {config.model} (fingerprint "
-                                   f"{model_fingerprint})")
+        reference_prints = fingerprints(ref_lm, rounded=True)
+        check_not_itself(config.model, model_prints, reference_label, reference_prints)
+        reference_fingerprint = reference_prints["exact"]
+        check_not_edited_from(config.model, config.model, reference_label, reference_fingerprint)
         ref_quantized = quantize_model(ref_lm, config.quantize, say) if config.quantize_reference else None
         say(f"measuring the {len(records)} records under the reference model")
         with _naming(records, name, reference_label):

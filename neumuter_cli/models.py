@@ -560,7 +560,22 @@ def fingerprint(model: nn.Module) -> str:
     0.25-0.5 s, i.e. 1-2 GB/s; bfloat16 weights, widened on the way, cost about the same per
     parameter. A 7B model (28 GB as float32 values) therefore takes 15-30 s. Weights on a GPU
     are copied to the CPU one chunk at a time."""
-    digest = hashlib.sha256()
+    return fingerprints(model)["exact"]
+
+
+#: the dtypes a copy of a model is commonly saved in: a copy rounded to one of them is the same model
+ROUNDINGS = (torch.bfloat16, torch.float16)
+
+
+def fingerprints(model: nn.Module, rounded: bool = False) -> dict[str, str]:
+    """``{"exact": fingerprint(model)}``, and with ``rounded`` also ``{"bfloat16": ...,
+    "float16": ...}``: the fingerprint of the model with every floating-point weight rounded to
+    that dtype first, in the same pass. Two models whose rounded fingerprints agree are one
+    model saved in two precisions (a float32 checkpoint and its bfloat16 copy): the reference
+    of a verdict must not be such a copy."""
+    digests = {"exact": hashlib.sha256()}
+    if rounded:
+        digests.update({str(dtype).replace("torch.", ""): hashlib.sha256() for dtype in ROUNDINGS})
     seen: dict[tuple, str] = {}
     widened = None   # reused buffer for bfloat16 → float32 bits
     for name, tensor in model.state_dict().items():
@@ -570,15 +585,21 @@ def fingerprint(model: nn.Module) -> str:
                                 "load it on one device")
         as_float32 = tensor.is_floating_point() and tensor.element_size() <= 4
         dtype = "float32" if as_float32 else str(tensor.dtype).replace("torch.", "")
-        digest.update(f"{name}\0{tuple(tensor.shape)}\0{dtype}\0".encode())
+        for digest in digests.values():
+            digest.update(f"{name}\0{tuple(tensor.shape)}\0{dtype}\0".encode())
         key = (tensor.device, tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
         if tensor.numel() and key in seen:
-            digest.update(f"={seen[key]}\0".encode())
+            for digest in digests.values():
+                digest.update(f"={seen[key]}\0".encode())
             continue
         seen[key] = name
         flat = tensor.reshape(-1)
         for start in range(0, flat.numel(), FINGERPRINT_CHUNK):
             piece = flat[start:start + FINGERPRINT_CHUNK].to("cpu").contiguous()
+            if rounded:
+                for dtype in ROUNDINGS:
+                    values = piece.to(dtype).to(torch.float32) if tensor.is_floating_point() else piece
+                    digests[str(dtype).replace("torch.", "")].update(values.view(torch.uint8).numpy())
             if piece.dtype == torch.bfloat16 and sys.byteorder == "little":
                 # a bfloat16 is the high half of a float32: interleave with zero low halves
                 # (exact, and several times faster than a float conversion)
@@ -586,12 +607,39 @@ def fingerprint(model: nn.Module) -> str:
                     widened = np.zeros(2 * FINGERPRINT_CHUNK, dtype=np.uint16)
                 wide = widened[: 2 * piece.numel()]
                 wide[1::2] = piece.view(torch.int16).numpy().view(np.uint16)
-                digest.update(wide)
+                digests["exact"].update(wide)
                 continue
             if as_float32 and piece.dtype != torch.float32:
                 piece = piece.to(torch.float32)
-            digest.update(piece.view(torch.uint8).numpy())
-    return digest.hexdigest()[:32]
+            digests["exact"].update(piece.view(torch.uint8).numpy())
+    return {kind: digest.hexdigest()[:32] for kind, digest in digests.items()}
+
+
+def lineage(model: str) -> dict[str, str]:
+    """The fingerprints a neumuter checkpoint folder says it was made from: ``{fingerprint:
+    stage}`` from its neumuter.json (``source_fingerprint``) and every record of its history
+    (what `apply`, `quantize` and `relearn` wrote); empty for any other model."""
+    import json
+
+    path = os.path.join(model, "neumuter.json")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            record = json.load(handle)
+    except (OSError, ValueError, RecursionError):
+        return {}
+    if not isinstance(record, dict):
+        return {}
+    found: dict[str, str] = {}
+    history = record.get("history") if isinstance(record.get("history"), list) else []
+    for entry in [record, *history]:
+        if not isinstance(entry, dict):
+            continue
+        stage = entry.get("stage") if isinstance(entry.get("stage"), str) else "apply"
+        for key in ("source_fingerprint", "fingerprint"):
+            value = entry.get(key)
+            if isinstance(value, str) and not (entry is record and key == "fingerprint"):
+                found.setdefault(value, stage)
+    return found
 
 
 def describe(model: nn.Module, layers: Sequence[FFNLayer]) -> dict:

@@ -164,6 +164,54 @@ def test_scores_of_the_model_itself_are_refused(world, fmt):
     assert result.exit_code == 0, result.output
 
 
+def test_a_copy_in_another_precision_or_made_by_neumuter_is_the_model_itself(world, tmp_path):
+    """Found trying more: a bfloat16 copy of M, M quantised or relearnt by neumuter, and M as
+    the reference of its own muted checkpoint all passed --check (the fingerprints differ)."""
+    from test_select_apply import write_mask
+
+    bf16 = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(world["M"], dtype=torch.bfloat16).save_pretrained(bf16)
+    load_model(str(world["M"]), device="cpu")[1].save_pretrained(bf16)
+    rounded = fingerprint(load_model(str(bf16), device="cpu")[0])
+    assert rounded != world["fp"]["M"]
+    made = {}
+    for stage, args in (("quantize", ["quantize", "--type", "q8_0"]),
+                        ("relearn", ["relearn", world["forget"], "--steps", 1])):
+        made[stage] = tmp_path / stage
+        assert run(*args, "-m", world["M"], "-o", made[stage], "--device", "cpu").exit_code == 0
+    write_mask(tmp_path / "mask.st", load_model(str(world["M"]), device="cpu")[0])
+    assert run("select", tmp_path / "mask.st", "-o", tmp_path / "scales.st").exit_code == 0
+    muted = tmp_path / "muted"
+    assert run("apply", tmp_path / "scales.st", "-m", world["M"], "-o", muted, "--device", "cpu").exit_code == 0
+    m, fp = world["M"], world["fp"]["M"]
+    cases = [
+        (m, bf16, f"reference model {bf16} has the weights of {m} rounded to bfloat16 (fingerprints {fp} and "
+                  f"{rounded})"),
+        (bf16, m, f"reference model {m} has the weights of {bf16} rounded to bfloat16 (fingerprints {rounded} and "
+                  f"{fp})"),
+        (m, made["quantize"], f"reference model {made['quantize']} was made from {m} by `neumuter quantize` (its "
+                              f"neumuter.json names the fingerprint {fp})"),
+        (m, made["relearn"], f"reference model {made['relearn']} was made from {m} by `neumuter relearn` (its "
+                             f"neumuter.json names the fingerprint {fp})"),
+        (muted, m, f"{muted} was made from reference model {m} by `neumuter apply` (its neumuter.json names the "
+                   f"fingerprint {fp}): it is that model with some weights scaled or rounded"),
+    ]
+    for model, reference, detail in cases:
+        result = run("measure", world["forget"], "-m", model, "--reference-model", reference, "--check",
+                     "--allow-over-forgotten", "--device", "cpu")
+        assert error_line(result) == f"Error: the reference is the model itself: {detail}{SELF}"
+    own = scores(world, "M", "json")
+    result = run("measure", world["forget"], "-m", muted, "--reference-scores", own, "--check", "--device", "cpu")
+    assert error_line(result) == (f"Error: the reference is the model itself: {muted} was made from the model of "
+                                  f"reference scores {own} by `neumuter apply` (its neumuter.json names the "
+                                  f"fingerprint {fp}): it is that model with some weights scaled or rounded{SELF}")
+    assert "measuring" not in result.stderr
+    # a model that never saw the texts is still a reference for all of them
+    for model in (muted, made["quantize"], bf16):
+        assert run("measure", world["forget"], "-m", model, "--reference-model", world["R"], "--device",
+                   "cpu").exit_code == 0
+
+
 def test_scores_that_do_not_say_where_they_come_from_are_refused(world, tmp_path):
     data = json.loads(scores(world, "R", "json").read_text())
     anonymous = tmp_path / "anonymous.json"
