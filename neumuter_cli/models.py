@@ -101,6 +101,7 @@ def load_tokenizer(model: str, trust_remote_code: bool = False):
     kwargs = {"trust_remote_code": trust_remote_code}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
+    _check_config(model, source, kwargs)     # a broken config.json is the model's fault, not the tokenizer's
     try:
         with _quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
@@ -114,6 +115,16 @@ def load_tokenizer(model: str, trust_remote_code: bool = False):
         raise NeumuterError(f"cannot load the tokenizer of {model}: it turns text into no tokens at all "
                             "(are its tokenizer files missing from the folder?)")
     return tokenizer
+
+
+def _check_config(model: str, source: str, kwargs: dict) -> None:
+    from transformers import AutoConfig
+
+    try:
+        with _quiet_transformers():
+            AutoConfig.from_pretrained(source, **kwargs)
+    except Exception as exc:
+        raise NeumuterError(f"cannot load {model}: {_first_line(exc)}") from None
 
 
 #: a text every real tokenizer turns into some tokens
@@ -366,8 +377,13 @@ def check_causal_lm(model: nn.Module) -> None:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
+    """The message of ``exc`` as one line: its first line, and the next one when the first only
+    announces it (ends with a colon), at most 300 characters."""
+    lines = [line.strip() for line in (str(exc).strip() or type(exc).__name__).splitlines() if line.strip()]
+    text = lines[0]
+    if text.endswith(":") and len(lines) > 1:
+        text = f"{text} {lines[1]}"
+    return text[:300]
 
 
 def input_device(model: nn.Module) -> torch.device:

@@ -435,3 +435,19 @@ def test_a_model_without_its_tokenizer_is_named(world, tmp_path):
     result = run("measure", world["forget"], "-m", bare, "--device", "cpu")
     assert error_line(result) == (f"Error: cannot load the tokenizer of {bare}: it turns text into no tokens at all "
                                   "(are its tokenizer files missing from the folder?)")
+
+
+def test_a_broken_config_is_the_model_s_fault_not_the_tokenizer_s(world, tmp_path):
+    """Found trying more: a config.json that is not JSON, or that transformers' own validation
+    refuses, was reported as "cannot load the tokenizer"; a validation error lost its reason."""
+    broken = tmp_path / "broken"
+    shutil.copytree(world["M"], broken)
+    (broken / "config.json").write_text("{not json")
+    result = run("measure", world["forget"], "-m", broken, "--device", "cpu")
+    assert error_line(result) == (f"Error: cannot load {broken}: It looks like the config file at "
+                                  f"'{broken / 'config.json'}' is not a valid JSON file.")
+    config = json.loads((world["M"] / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "num_layers": 3}))
+    line = error_line(run("measure", world["forget"], "-m", broken, "--device", "cpu"))
+    assert line.startswith(f"Error: cannot load {broken}: Class validation error for validator "
+                           "'validate_architecture': ValueError: Configuration for convolutional module is incorrect.")
