@@ -13,7 +13,7 @@ from . import NeumuterError, __version__
 from .artifacts import CHECKPOINT_KIND, CHECKPOINT_RECORD, SCALES_KIND, check_kind, check_output_dir
 from .errors import FingerprintMismatch
 from .models import FFNLayer, describe, find_ffn_layers, fold_scales
-from .records import atomic_directory, dumps_json
+from .records import atomic_directory, dumps_json, loads_json
 
 
 def check_fingerprint(meta: dict, model, layers: Sequence[FFNLayer], name: str = "scales") -> dict:
@@ -111,13 +111,15 @@ def previous_records(source: str) -> list[dict]:
         return []
     try:
         with open(path, encoding="utf-8") as handle:
-            previous = json.load(handle)
-    except (OSError, json.JSONDecodeError):
+            previous = loads_json(handle.read())
+    except (OSError, ValueError):     # unreadable, not JSON, or a number JSON output cannot carry
         return []
-    history = previous.pop("history", []) if isinstance(previous, dict) else []
-    if isinstance(previous, dict):
-        previous.pop("files", None)   # that folder's layout, not provenance
-    return [*history, previous] if isinstance(previous, dict) else []
+    if not isinstance(previous, dict):
+        return []
+    history = previous.pop("history", [])
+    history = [entry for entry in history if isinstance(entry, dict)] if isinstance(history, list) else []
+    previous.pop("files", None)   # that folder's layout, not provenance
+    return [*history, previous]
 
 
 def apply_scales_file(model, tokenizer, tensors: dict[str, torch.Tensor], meta: dict, out_dir: str,
@@ -166,7 +168,9 @@ def checkpoint_dtype(model: str) -> str | None:
     try:
         with open(config, encoding="utf-8") as handle:
             data = json.load(handle)
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
         return None
     dtype = data.get("dtype", data.get("torch_dtype"))
     return dtype if dtype in ("float32", "bfloat16", "float16") else None

@@ -19,7 +19,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from . import NeumuterError
-from .records import atomic_output, check_folder_writable, display_name, dumps_json, is_terminal, sha256_bytes
+from .records import atomic_output, check_folder_writable, display_name, dumps_json, is_terminal, loads_json, sha256_bytes
 
 MASK_KIND = "neumuter-mask"
 SCALES_KIND = "neumuter-scales"
@@ -66,13 +66,15 @@ def read_artifact(path: str, kind: str | None = None) -> Artifact:
     try:
         tensors = st_load(data)
         raw_meta = _header(data).get("__metadata__") or {}
+        if not isinstance(raw_meta, dict):
+            raise ValueError("its __metadata__ is not a map")
     except Exception as exc:  # safetensors raises its own error types
         raise NeumuterError(f"{name}: not a safetensors file ({str(exc).splitlines()[0][:120]})") from None
     meta = {}
     for key, value in raw_meta.items():
-        try:
-            meta[key] = json.loads(value)
-        except (json.JSONDecodeError, TypeError):
+        try:      # read as records are: "NaN" or a 5000-digit number stay strings (and are refused below)
+            meta[key] = loads_json(value) if isinstance(value, str) else value
+        except ValueError:
             meta[key] = value
     if kind is not None:
         check_kind(meta, kind, name)
@@ -95,7 +97,7 @@ def check_kind(meta: dict, kind: str, name: str) -> None:
     if found != kind:
         if found is None:
             raise NeumuterError(f"{name}: not a {kind} file (its metadata names no neumuter kind)")
-        raise NeumuterError(f"{name}: this is a {found} file, not a {kind} file")
+        raise NeumuterError(f"{name}: this is a {_short(str(found))} file, not a {kind} file")
     version = meta.get("format_version")
     if version == FORMAT_VERSION:
         return
@@ -103,7 +105,13 @@ def check_kind(meta: dict, kind: str, name: str) -> None:
         raise NeumuterError(
             f"{name}: made by an older neumuter (format version {version}, this one reads {FORMAT_VERSION}): "
             "its model fingerprint cannot be checked any more; run localize and select again")
-    raise NeumuterError(f"{name}: format_version {version!r} is not supported (this neumuter reads {FORMAT_VERSION})")
+    raise NeumuterError(f"{name}: format_version {_short(repr(version))} is not supported (this neumuter reads "
+                        f"{FORMAT_VERSION})")
+
+
+def _short(text: str, limit: int = 40) -> str:
+    """A metadata value as shown in a message, cut to ``limit`` characters."""
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _header(data: bytes) -> dict:

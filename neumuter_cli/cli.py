@@ -90,6 +90,8 @@ class NeumuterGroup(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
         except NeumuterError as exc:
             raise CommandError(str(exc)) from None
         except OSError as exc:
@@ -98,6 +100,11 @@ class NeumuterGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("\nAborted!", err=True)
             raise click.exceptions.Exit(EXIT_SIGINT) from None
+        except Exception as exc:
+            # a bug: still one line and status 3, never the 1 of a `measure --check` verdict
+            text = " ".join(str(exc).split())[:200] or "no message"
+            raise CommandError(f"internal error: {type(exc).__name__}: {text} (a bug in neumuter: please report "
+                               "it with the command that caused it)") from None
 
 
 class FiniteFloat(click.FloatRange):

@@ -23,6 +23,7 @@ from .config import FORGET_TERMS, OPTIMIZERS, LocalizeConfig
 from .errors import NonFiniteLoss, NonFiniteOutput, SettingError
 from .gates import GAMMA, ZETA, deterministic_gate, initial_log_alpha, l0_term, training_gate
 from .measure import check_context, encode
+from .records import finite_number
 from .models import FFNLayer, gated, input_device
 
 
@@ -39,7 +40,7 @@ def check_config(config: LocalizeConfig) -> None:
         raise NeumuterError(f"unknown forget term {config.forget_term!r} (choose {', '.join(FORGET_TERMS)})")
     for name, low, high, low_ok in CONFIG_RANGES:
         value = getattr(config, name)
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not finite_number(value):
             raise NeumuterError(f"{name} must be a finite number, not {value!r}")
         if value < low or (value == low and not low_ok) or (high is not None and value > high):
             bound = f"{'>=' if low_ok else '>'} {low}" + (f" and <= {high}" if high is not None else "")

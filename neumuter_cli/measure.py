@@ -487,13 +487,17 @@ def read_thresholds(path: str, el_ns: Sequence[int] = (10,)) -> dict:
     """Thresholds saved by an earlier run, so the reference set is measured once: the output of
     ``measure UNSEEN.jsonl --format json`` (its summary means are the thresholds), the output of
     a run with ``--reference`` (its thresholds), or a plain object ``{"ma", "el_N", "loss"}``."""
+    from .records import finite_number, json_problem, loads_json
+
     try:
         with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
+            data = loads_json(handle.read())
     except OSError as exc:
         raise NeumuterError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise NeumuterError(f"{path}: not a JSON file ({str(exc).splitlines()[0][:100]})") from None
+    except UnicodeDecodeError:
+        raise NeumuterError(f"{path}: not a JSON file (not UTF-8 text)") from None
+    except ValueError as exc:
+        raise NeumuterError(f"{path}: not a JSON file ({json_problem(exc)[:100]})") from None
     if isinstance(data, dict) and isinstance(data.get("summary"), dict):
         data = data["summary"]
         if isinstance(data.get("thresholds"), dict):
@@ -503,7 +507,7 @@ def read_thresholds(path: str, el_ns: Sequence[int] = (10,)) -> dict:
     out = {}
     for key in ["ma"] + [el_key(n) for n in el_ns] + ["loss"]:
         value = data.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not finite_number(value):
             raise NeumuterError(f"{path}: no number for threshold {key!r} (measure the reference set "
                                 f"with the same --el-n)")
         out[key] = float(value)

@@ -175,10 +175,16 @@ def text_sha256(text: str) -> str:
 
 
 def _number(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    from .records import finite_number
+
+    return finite_number(value)
 
 
 def _load_json_or_jsonl(path: str):
+    """One JSON document, else JSONL; numbers are read as records are (no NaN, no Infinity,
+    no number a double cannot hold)."""
+    from .records import json_problem, loads_json
+
     try:
         with open(path, encoding="utf-8") as handle:
             content = handle.read()
@@ -187,17 +193,18 @@ def _load_json_or_jsonl(path: str):
     except UnicodeDecodeError:
         raise NeumuterError(f"{path}: not UTF-8 text") from None
     try:
-        return json.loads(content)
-    except json.JSONDecodeError:
-        pass
+        return loads_json(content)
+    except ValueError as exc:
+        if not isinstance(exc, json.JSONDecodeError):      # JSON, but a value neumuter refuses
+            raise NeumuterError(f"{path}: invalid JSON ({json_problem(exc)})") from None
     rows = []
     for lineno, line in enumerate(content.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise NeumuterError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+            rows.append(loads_json(line))
+        except ValueError as exc:
+            raise NeumuterError(f"{path}:{lineno}: invalid JSON ({json_problem(exc).split(' at line ')[0]})") from None
     return rows
 
 

@@ -231,7 +231,7 @@ def read_safetensors_header(path: str) -> dict[str, dict]:
                 elements *= int(dim)
             ok = (dtype in _DTYPE_BYTES and 0 <= int(begin) <= int(stop)
                   and int(stop) - int(begin) == elements * _DTYPE_BYTES[dtype])
-        except (TypeError, KeyError, ValueError):
+        except (TypeError, KeyError, ValueError, OverflowError):
             ok = False
         if not ok:
             raise NeumuterError(f"{path}: tensor {name!r} is not described correctly in the header")

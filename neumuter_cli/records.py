@@ -68,6 +68,34 @@ def _json_constant(text: str):
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
+def loads_json(text: str):
+    """``json.loads`` that refuses what a record line refuses too: NaN and Infinity, numbers a
+    double cannot hold, integers too long to read, nesting too deep to follow. Raises
+    ValueError (its message says why, see :func:`json_problem`)."""
+    try:
+        return json.loads(text, parse_int=_json_int, parse_float=_json_float, parse_constant=_json_constant)
+    except RecursionError:
+        raise _BadValue("nested too deeply") from None
+
+
+def json_problem(exc: ValueError) -> str:
+    """Why :func:`loads_json` refused a text, in a few words."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg.removesuffix(' at')} at line {exc.lineno} column {exc.colno}"
+    return str(exc)
+
+
+def finite_number(value) -> bool:
+    """A JSON number that is a finite double: not a bool, not NaN or infinite, not an integer
+    too large for a double (math.isfinite raises OverflowError on those)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _parse_line(line: str, name: str, lineno: int):
     """One JSONL line → a Python value, or a NeumuterError naming the line. Refused besides
     malformed JSON: NaN/Infinity, numbers a double cannot hold, integers too long to read,
@@ -402,7 +430,7 @@ def sha256_bytes(data: bytes) -> str:
 
 __all__ = [
     "EmptyInput", "display_name", "is_terminal", "standard_output", "iter_records", "read_records", "validate_record",
-    "dumps_json", "dumps_record",
+    "dumps_json", "dumps_record", "loads_json", "json_problem", "finite_number",
     "check_output", "check_folder_writable", "atomic_output", "atomic_directory", "sha256_texts",
     "sha256_file", "sha256_bytes",
 ]

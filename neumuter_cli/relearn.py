@@ -29,6 +29,7 @@ from .config import RelearnConfig
 from .errors import NonFiniteLoss, SettingError
 from .localize import pad
 from .measure import check_context, encode
+from .records import finite_number
 from .models import _decoder_blocks, input_device, parse_layers
 
 ProgressFn = Callable[[str], None] | None
@@ -55,8 +56,7 @@ def check_config(config: RelearnConfig) -> None:
     (SettingError, naming the parameter)."""
     if isinstance(config.steps, bool) or not isinstance(config.steps, int) or config.steps < 1:
         raise SettingError("steps", f"must be a whole number >= 1, not {config.steps!r}")
-    if isinstance(config.lr, bool) or not isinstance(config.lr, (int, float)) \
-            or not math.isfinite(config.lr) or config.lr <= 0:
+    if not finite_number(config.lr) or config.lr <= 0:
         raise SettingError("lr", f"must be a finite number > 0, not {config.lr!r}")
     if config.lr > MAX_LR:
         raise SettingError("lr", f"must be at most {MAX_LR:.6g} (the largest float32), not {config.lr:g}")
