@@ -172,8 +172,10 @@ def test_check_exit_codes_with_a_reference_model(models):
 
 def test_a_reference_with_another_tokenizer_is_refused(models, tiny_neo_dir):
     result = run(models["people"], "-m", models["mem"], "--reference-model", tiny_neo_dir)
-    assert result.exit_code != 0
-    assert "does not share the tokenizer" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 3 and "Traceback" not in result.output
+    assert result.stderr.splitlines() == [f"Error: reference model {tiny_neo_dir} does not share the tokenizer of "
+                                          f"{models['mem']}: a reference model must tokenize texts exactly as the "
+                                          "model does"]
     assert "measuring" not in result.stderr, "refused before the model is measured"
 
 
@@ -207,12 +209,17 @@ def test_reference_scores_give_the_numbers_of_the_reference_model(models):
     assert "privleak" not in json.loads(result.stdout)["summary"] and "no PrivLeak" in result.stderr
 
 
+HINT = "it must be the output of `neumuter measure` on the same records, in the same order"
+
+
 @pytest.mark.parametrize("how, message", [
-    ("reordered", "text differs"),
-    ("fewer", "5 records where the input has 6"),
-    ("max-length", "measured on"),
-    ("el-n", "'el_5'"),
-    ("holdout", "another holdout set"),
+    ("reordered", "{saved}: record 1 is not input record 1 (its text differs): " + HINT),
+    ("fewer", "{saved}: 5 records where the input has 6: " + HINT),
+    ("max-length", "{saved}: record 1 was measured on 10 tokens, here it has {tokens}: measure the reference with "
+                   "the same --max-length and tokenizer"),
+    ("el-n", "{saved}: record 1 has no 'el_5' (measure the reference with the same --el-n)"),
+    ("holdout", "{saved} was measured with another holdout set (or --max-length): PrivLeak needs both models' AUCs "
+                "on the same holdout texts"),
 ])
 def test_reference_scores_that_do_not_match_are_refused(models, how, message):
     root = models["root"]
@@ -230,21 +237,27 @@ def test_reference_scores_that_do_not_match_are_refused(models, how, message):
     el = ["--el-n", "5,10"] if how == "el-n" else []
     result = run(models["people"], "-m", models["mem"], "--reference-scores", saved, "--holdout", models["holdout"],
                  *el)
-    assert result.exit_code != 0
-    assert message in result.output and "Traceback" not in result.output
+    assert result.exit_code == 3 and "Traceback" not in result.output
+    tokens = len(encode(models["tokenizer"], PEOPLE[:1], 200)[0])
+    assert result.stderr.splitlines()[-1] == "Error: " + message.format(saved=saved, tokens=tokens)
 
 
 def test_option_conflicts(models):
     people, mem = models["people"], models["mem"]
     for args, message in [
-        (["--reference-model", mem, "--reference-scores", people], "not both"),
-        (["--reference-model", mem, "--reference", people], "not both"),
-        (["--quantize-reference"], "--quantize-reference needs"),
-        (["--allow-over-forgotten"], "--allow-over-forgotten needs"),
-        (["--check"], "--check needs --reference"),
+        (["--reference-model", mem, "--reference-scores", people], "give --reference-model or --reference-scores, "
+                                                                   "not both"),
+        (["--reference-model", mem, "--reference", people], "give --reference-model/--reference-scores (each record "
+                                                            "against a model that never saw it) or --reference/"
+                                                            "--thresholds (eq. 17), not both"),
+        (["--quantize-reference"], "--quantize-reference needs --quantize and --reference-model"),
+        (["--allow-over-forgotten"], "--allow-over-forgotten needs --reference-model or --reference-scores"),
+        (["--check"], "--check needs --reference, --thresholds, --reference-model or --reference-scores (the "
+                      "verdicts come from it)"),
     ]:
         result = run(people, "-m", mem, *args)
-        assert result.exit_code != 0 and message in result.output, (args, result.output)
+        assert result.exit_code == 2, (args, result.output)
+        assert result.stderr.splitlines()[-1] == f"Error: {message}" and "loading" not in result.stderr
 
 
 def test_one_model_in_memory_at_a_time(models, monkeypatch):
@@ -340,12 +353,15 @@ def test_quantize_errors(models, monkeypatch):
     with pytest.raises(NeumuterError, match="unknown quantisation type 'q3_x'"):
         quantize_model(model, "q3_x")
     result = run(models["people"], "-m", models["mem"], "--quantize", "q3_x")
-    assert result.exit_code != 0 and "q3_x" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.stderr.splitlines()[-1] == ("Error: Invalid value for '--quantize': 'q3_x' is not one of 'q8_0', "
+                                              "'q5_0', 'q5_1', 'q4_0', 'q4_1', 'mxfp4'.")
     monkeypatch.setitem(sys.modules, "gguf", None)               # import gguf now raises ImportError
     with pytest.raises(NeumuterError, match="needs the gguf package"):
         quantize_model(model, "q8_0")
     result = run(models["people"], "-m", models["mem"], "--quantize", "q8_0")
-    assert result.exit_code != 0 and "needs the gguf package" in result.output
+    assert result.exit_code == 3
+    assert result.stderr.splitlines() == ["Error: quantising needs the gguf package: pip install gguf"]
     assert "loading" not in result.stderr, "refused before the model loads"
 
 

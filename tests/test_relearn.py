@@ -14,7 +14,7 @@ from helpers import PEOPLE, byte_bpe_tokenizer, tiny_model, train_memorizer
 from neumuter_cli import NeumuterError, __version__
 from neumuter_cli.cli import cli
 from neumuter_cli.measure import encode, teacher_forced
-from neumuter_cli.models import _decoder_blocks, load_model
+from neumuter_cli.models import _decoder_blocks, fingerprint, load_model
 from neumuter_cli.records import sha256_texts
 from neumuter_cli.relearn import RelearnConfig, data_order, first_halves, relearn
 
@@ -172,7 +172,13 @@ def test_checkpoint_loads_and_says_what_was_done(model_dir, input_file, tmp_path
     assert record["layers"] == [1] and record["first_halves"] is True and record["max_length"] == 200
     assert len(record["losses"]) == 3 and record["final_loss"] == record["losses"][-1]
     assert record["input_sha256"] == sha256_texts(PEOPLE)
-    assert record["source_model"] == model_dir and record["source_fingerprint"] != record["fingerprint"]
+    tokenizer = load_model(model_dir, device="cpu")[1]
+    assert record["trained_sha256"] == sha256_texts(r["text"] for r in first_halves(RECORDS, tokenizer, 200))
+    assert record["trained_sha256"] != record["input_sha256"]
+    assert record["source_model"] == model_dir
+    assert record["source_fingerprint"] == fingerprint(load_model(model_dir, device="cpu")[0])
+    assert record["fingerprint"] == fingerprint(load_model(str(out), device="cpu")[0]) != record["source_fingerprint"]
+    assert record["loss_after_last_step"] is not None and record["loss_after_last_step"] < record["losses"][0]
     assert [h["neurons_scaled"] for h in record["history"]] == [1, 3]
     # the other stages read it, and a later relearn keeps the whole history
     measured = CliRunner().invoke(cli, ["measure", input_file, "-m", str(out), "--device", "cpu",
