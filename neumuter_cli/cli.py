@@ -149,12 +149,14 @@ def cli():
     atomically: an error or an interrupt leaves no partial file behind.
 
     \b
-    Exit status:
-      0  success
-      1  `measure --check`: some record is not forgotten
-      2  usage error: a bad option, argument or combination of them
-      3  any other error (bad input, wrong model, unwritable output, I/O),
-         reported as one "Error: ..." line on stderr
+    Exit status, the same for every command:
+      0    success
+      1    `measure --check`: some record is not forgotten (and nothing else)
+      2    usage error: a bad option, argument or combination of them
+      3    any other error (bad input, wrong model, unwritable output, I/O),
+           reported as one "Error: ..." line on stderr
+      130  interrupted (Ctrl-C); 143: terminated (SIGTERM); either way
+           the outputs being written are removed
     """
 
 
@@ -454,10 +456,14 @@ def measure_cmd(check, allow_over_forgotten, fmt, output, **options):
     Output (the data goes to stdout or -o):
       jsonl  one line per record: every input key kept, plus tokens, ma, el_N,
              loss [, mia_distance] [, ref_ma, ref_el_N, ref_loss] [, forgotten]
-             [, over_forgotten] [, generation]; the summary goes to stderr as a
-             table (with no records: one summary line)
-      json   one object {"records": [...], "summary": {...}}
+             [, over_forgotten], model_fingerprint [, generation]; the summary
+             goes to stderr as a table (with no records: one summary line)
+      json   one object {"records": [...], "summary": {...}}; the summary's
+             "model" names the model and its fingerprint
       table  the per-record table, the summary and any generations
+      model_fingerprint is the measured model's, before any --quantize: an
+      output used as --reference-scores later says which model made it, and
+      the scores of the model itself (or of one it was made from) are refused.
     Progress goes to stderr. With --check, exit status 1 unless every record is
     forgotten, and with a reference model none over-forgotten unless
     --allow-over-forgotten (the data is written first).

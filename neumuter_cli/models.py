@@ -118,13 +118,21 @@ def load_tokenizer(model: str, trust_remote_code: bool = False):
 
 
 def _check_config(model: str, source: str, kwargs: dict) -> None:
+    """Load the config alone: a broken one, or an encoder-decoder model, is refused before
+    any tokenizer or weight loads."""
     from transformers import AutoConfig
 
     try:
         with _quiet_transformers():
-            AutoConfig.from_pretrained(source, **kwargs)
+            config = AutoConfig.from_pretrained(source, **kwargs)
     except Exception as exc:
         raise NeumuterError(f"cannot load {model}: {_first_line(exc)}") from None
+    if getattr(config, "is_encoder_decoder", False):
+        kind = getattr(config, "model_type", "?")
+        architectures = getattr(config, "architectures", None) or []
+        named = f" ({architectures[0]})" if architectures and isinstance(architectures[0], str) else ""
+        raise NeumuterError(f"model type {kind!r}{named} is an encoder-decoder model, not a causal decoder LM: "
+                            "neumuter needs a decoder-only causal LM")
 
 
 #: a text every real tokenizer turns into some tokens
@@ -363,7 +371,11 @@ def check_causal_lm(model: nn.Module) -> None:
     other = ids.clone()
     other[4:] = (ids[4:] + 1) % vocab
     batch = torch.stack([ids, other]).to(input_device(model))
-    logits = model(input_ids=batch, attention_mask=torch.ones_like(batch)).logits.float()[:, :4]
+    try:
+        logits = model(input_ids=batch, attention_mask=torch.ones_like(batch)).logits.float()[:, :4]
+    except Exception as exc:       # a model transformers loads but cannot run (with its KV cache, as EL does)
+        raise NeumuterError(f"model type {kind!r} ({type(model).__name__}) cannot run as a causal LM: its forward "
+                            f"pass fails ({_first_line(exc)})") from None
     if not torch.isfinite(logits).all():
         return      # broken weights say nothing about attention; the stage that uses them reports it
     change = (logits[0] - logits[1]).abs().max().item()
