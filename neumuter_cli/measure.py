@@ -920,7 +920,8 @@ def run_measure(config: MeasureConfig, progress: ProgressFn = None) -> MeasureRe
     ref_records = read_records(config.reference_path) if config.reference_path else None
     limits = read_thresholds(config.thresholds_path, el_ns) if config.thresholds_path else None
     holdout_records = read_records(config.holdout_path) if config.holdout_path else None
-    ppl_texts = [r["text"] for r in read_records(config.ppl_path)] if config.ppl_path else None
+    ppl_records = read_records(config.ppl_path) if config.ppl_path else None
+    ppl_texts = [r["text"] for r in ppl_records] if ppl_records is not None else None
     texts = [r["text"] for r in records]
     if config.require_records and not records:
         raise NeumuterError("--check: no records to check")
@@ -998,7 +999,7 @@ def run_measure(config: MeasureConfig, progress: ProgressFn = None) -> MeasureRe
                            config.batch_size)
     ppl = None
     if ppl_texts is not None:
-        with _naming([{"text": t} for t in ppl_texts], config.ppl_path, model_label):
+        with _naming(ppl_records, config.ppl_path, model_label):
             ppl = perplexity(lm, tokenizer, ppl_texts, config.ppl_window, config.ppl_stride, config.batch_size,
                              inner)
 

@@ -451,3 +451,37 @@ def test_a_broken_config_is_the_model_s_fault_not_the_tokenizer_s(world, tmp_pat
     line = error_line(run("measure", world["forget"], "-m", broken, "--device", "cpu"))
     assert line.startswith(f"Error: cannot load {broken}: Class validation error for validator "
                            "'validate_architecture': ValueError: Configuration for convolutional module is incorrect.")
+
+
+def test_every_measurement_of_a_broken_model_names_its_input(world, tmp_path):
+    """The reference set (--reference), the holdout texts and the perplexity corpus are named
+    as the records are."""
+    unseen = write_jsonl(tmp_path / "unseen.jsonl", [{"id": "u0", "text": PEOPLE[4]}])
+    tail = ("computes a non-finite logit or loss{at} (NaN or infinity): its weights are broken, so no number it "
+            "gives means anything; no verdict is given")
+    result = run("measure", world["forget"], "-m", world["NaN"], "--reference", unseen, "--el-n", "0", "--device",
+                 "cpu")
+    assert error_line(result) == f"Error: {world['forget']}: record p0: model {world['NaN']} " + tail.format(
+        at=" at token 2")
+    result = run("measure", "-m", world["NaN"], "--ppl", unseen, "--device", "cpu")
+    assert error_line(result) == f"Error: {unseen}: record u0: model {world['NaN']} " + tail.format(at="")
+    # the holdout under the reference model: the model's own numbers are fine, the reference's are not
+    result = run("measure", world["forget"], "-m", world["M"], "--reference-model", world["NaN"], "--holdout", unseen,
+                 "--el-n", "0", "--device", "cpu")
+    assert error_line(result) == f"Error: {world['forget']}: record p0: reference model {world['NaN']} " + tail.format(
+        at=" at token 2")
+
+
+@pytest.mark.parametrize("content,problem", [
+    ('{"ma": NaN, "el_10": 0.1, "loss": 1}', "not a JSON file (NaN is not a JSON value)"),
+    ('{"ma": 1e999, "el_10": 0.1, "loss": 1}', "not a JSON file (the number 1e999 is out of range)"),
+    ('{"ma": 0.5, "el_10": 0.1, "loss": 1' + "0" * 400 + "}", "no number for threshold 'loss' (measure the "
+                                                              "reference set with the same --el-n)"),
+    ('{"ma": ' + "[" * 5000 + "]" * 5000 + "}", "not a JSON file (nested too deeply)"),
+])
+def test_a_thresholds_file_holds_finite_numbers(world, tmp_path, content, problem):
+    path = tmp_path / "thresholds.json"
+    path.write_text(content)
+    result = run("measure", world["forget"], "-m", world["M"], "--thresholds", path, "--check", "--device", "cpu")
+    assert error_line(result) == f"Error: {path}: {problem}"
+    assert "loading" not in result.stderr
