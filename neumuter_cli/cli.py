@@ -735,6 +735,10 @@ def relearn_cmd(input_path, model, device, dtype, device_map, trust_remote_code,
     that `measure`, `localize` and `apply` read, with neumuter.json: the steps, learning rate,
     batch size, blocks, seed, every step's loss, the sha256 of the texts trained on and the
     source checkpoint's own records. Progress (step, loss) goes to stderr.
+
+    A step whose loss is not finite stops the run, and so does a model that computes a NaN
+    or infinite loss (or holds a non-finite weight) after the last step: nothing is written.
+    A text longer than the model's context at --max-length is refused before training.
     """
     from dataclasses import replace
 

@@ -38,7 +38,7 @@ def is_terminal(stream) -> bool:
 def standard_output():
     """sys.stdout, or a NeumuterError when the command was started with stdout closed."""
     if sys.stdout is None:
-        raise NeumuterError("cannot write to stdout: it is closed (give -o FILE)")
+        raise NeumuterError("cannot write to stdout: it is closed (write to a file instead)")
     return sys.stdout
 
 

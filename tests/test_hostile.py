@@ -350,7 +350,7 @@ def test_closed_stdout_is_one_line_before_the_work(world, tmp_path):
     for args in (["select", tmp_path / "mask.st"], ["measure", world["forget"], "-m", world["M"], "--device", "cpu"]):
         done = python(*args, closed=(1,))
         assert done.returncode == 3, done.stderr
-        assert done.stderr.splitlines() == ["Error: cannot write to stdout: it is closed (give -o FILE)"], done.stderr
+        assert done.stderr.splitlines() == ["Error: cannot write to stdout: it is closed (write to a file instead)"], done.stderr
 
 
 def test_closed_stdin_is_one_line(world):
