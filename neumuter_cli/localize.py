@@ -10,7 +10,6 @@ lower bound of the full KL and equal to it when ``kl_top_k`` covers the vocabula
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence

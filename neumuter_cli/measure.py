@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import inspect
-import json
 import math
 import sys
 import time
