@@ -145,12 +145,21 @@ def _quiet_transformers():
     mismatched weights) is turned into one line of our own, or a refusal."""
     from transformers.utils import logging as hf_logging
 
+    try:        # huggingface_hub logs its retries of a hub name that cannot be reached
+        from huggingface_hub.utils import logging as hub_logging
+    except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
+        hub_logging = None
     level = hf_logging.get_verbosity()
+    hub_level = hub_logging.get_verbosity() if hub_logging else None
     hf_logging.set_verbosity_error()
+    if hub_logging:
+        hub_logging.set_verbosity_error()
     try:
         yield
     finally:
         hf_logging.set_verbosity(level)
+        if hub_logging:
+            hub_logging.set_verbosity(hub_level)
 
 
 def tokenizer_size(tokenizer) -> int:
