@@ -411,19 +411,28 @@ def test_apply_in_another_dtype_says_so(world, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("command", ["relearn", "quantize"])
+@pytest.mark.parametrize("command", ["relearn", "quantize", "apply"])
 def test_an_output_that_is_a_symbolic_link_is_refused_before_the_work(world, tmp_path, command):
+    from test_select_apply import write_mask
+
     previous = tmp_path / "previous"
     (previous).mkdir()
     (previous / "neumuter.json").write_text(json.dumps({"kind": "neumuter-checkpoint", "files": ["neumuter.json"]}))
     link = tmp_path / "link"
     link.symlink_to(previous)
-    args = [world["forget"]] if command == "relearn" else ["--type", "q8_0"]
+    if command == "apply":
+        inputs = tmp_path / "inputs"
+        inputs.mkdir()
+        write_mask(inputs / "mask.st", load_model(str(world["M"]), device="cpu")[0])
+        assert run("select", inputs / "mask.st", "-o", inputs / "scales.st").exit_code == 0
+    args = {"relearn": [world["forget"]], "quantize": ["--type", "q8_0"],
+            "apply": [tmp_path / "inputs" / "scales.st"]}[command]
     result = run(command, *args, "-m", world["M"], "-o", link, "--force", "--device", "cpu")
     assert error_line(result) == (f"Error: refusing to write the checkpoint to {link}: it is a symbolic link (to "
                                   f"{previous}); give the folder itself, or a new folder")
     assert "loading" not in result.stderr
-    assert sorted(os.listdir(tmp_path)) == ["link", "previous"] and os.listdir(previous) == ["neumuter.json"]
+    assert sorted(os.listdir(tmp_path)) == sorted(["link", "previous"] + (["inputs"] if command == "apply" else []))
+    assert os.listdir(previous) == ["neumuter.json"]
 
 
 def test_a_model_without_its_tokenizer_is_named(world, tmp_path):
