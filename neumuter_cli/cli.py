@@ -320,11 +320,12 @@ def load_lm(model, device, dtype, device_map, max_memory, trust_remote_code):
 
 
 def reporter() -> Reporter:
-    """This command's progress: bars on a terminal, lines otherwise, nothing with --quiet."""
+    """This command's progress: bars on a terminal, lines otherwise, nothing with --quiet; under
+    a launcher, rank 0's alone (the other processes take the same steps and reach the same checks)."""
     ctx = click.get_current_context()
     found = ctx.meta.get(REPORTER)
     if found is None:
-        found = ctx.meta[REPORTER] = Reporter(quiet=bool(ctx.meta.get(QUIET)))
+        found = ctx.meta[REPORTER] = Reporter(quiet=bool(ctx.meta.get(QUIET)), silent=not distributed.is_main())
     return found
 
 
