@@ -48,8 +48,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from neumuter_cli import NeumuterError  # noqa: E402
-from neumuter_cli.measure import LOGIT_BUDGET, _throttled, model_context, teacher_forced  # noqa: E402
+from neumuter_cli.measure import LOGIT_BUDGET, model_context, teacher_forced  # noqa: E402
 from neumuter_cli.models import input_device  # noqa: E402
+from neumuter_cli.progress import throttled  # noqa: E402
 
 ProgressFn = Callable[[str], None] | None
 
@@ -504,7 +505,7 @@ def downstream_accuracy(model, tokenizer, tasks: Sequence[str] = TASKS, limit: i
     for task in tasks:
         task_started = time.perf_counter()
         items = task_items(data, task, limit)
-        say = _throttled(lambda m, t=task: progress(f"{t}: {m}")) if progress else None
+        say = throttled(lambda m, t=task: progress(f"{t}: {m}")) if progress else None
         result = score_task(model, tokenizer, task, items, batch_size, say)
         result["seconds"] = round(time.perf_counter() - task_started, 2)
         out["tasks"][task] = result

@@ -11,8 +11,9 @@ import torch
 
 from . import NeumuterError, __version__
 from .artifacts import CHECKPOINT_KIND, CHECKPOINT_RECORD, SCALES_KIND, check_kind, check_output_dir
+from .errors import FingerprintMismatch
 from .models import FFNLayer, describe, find_ffn_layers, fold_scales
-from .records import atomic_directory
+from .records import atomic_directory, dumps_json, loads_json
 
 
 def check_fingerprint(meta: dict, model, layers: Sequence[FFNLayer], name: str = "scales") -> dict:
@@ -20,7 +21,7 @@ def check_fingerprint(meta: dict, model, layers: Sequence[FFNLayer], name: str =
     info = describe(model, layers)
     made_for = meta.get("fingerprint")
     if made_for != info["fingerprint"]:
-        raise NeumuterError(
+        raise FingerprintMismatch(made_for if isinstance(made_for, str) else None, info["fingerprint"],
             f"{name} was made for model {meta.get('model', '?')!s} (fingerprint {made_for}), "
             f"but --model {info['model']} has fingerprint {info['fingerprint']}: "
             f"localize and select on the model you apply to")
@@ -98,9 +99,9 @@ def save_checkpoint(model, tokenizer, out_dir: str, record: dict, force: bool = 
             tokenizer.save_pretrained(tmp)
         files = sorted({entry.name for entry in Path(tmp).iterdir()} | {CHECKPOINT_RECORD})
         record = {**record, "kind": CHECKPOINT_KIND, "files": files}
+        text = dumps_json(record, indent=2, ensure_ascii=False, sort_keys=True)
         with open(Path(tmp) / CHECKPOINT_RECORD, "w", encoding="utf-8") as handle:
-            json.dump(record, handle, indent=2, ensure_ascii=False, sort_keys=True)
-            handle.write("\n")
+            handle.write(text + "\n")
 
 
 def previous_records(source: str) -> list[dict]:
@@ -110,13 +111,15 @@ def previous_records(source: str) -> list[dict]:
         return []
     try:
         with open(path, encoding="utf-8") as handle:
-            previous = json.load(handle)
-    except (OSError, json.JSONDecodeError):
+            previous = loads_json(handle.read())
+    except (OSError, ValueError):     # unreadable, not JSON, or a number JSON output cannot carry
         return []
-    history = previous.pop("history", []) if isinstance(previous, dict) else []
-    if isinstance(previous, dict):
-        previous.pop("files", None)   # that folder's layout, not provenance
-    return [*history, previous] if isinstance(previous, dict) else []
+    if not isinstance(previous, dict):
+        return []
+    history = previous.pop("history", [])
+    history = [entry for entry in history if isinstance(entry, dict)] if isinstance(history, list) else []
+    previous.pop("files", None)   # that folder's layout, not provenance
+    return [*history, previous]
 
 
 def apply_scales_file(model, tokenizer, tensors: dict[str, torch.Tensor], meta: dict, out_dir: str,
@@ -165,7 +168,9 @@ def checkpoint_dtype(model: str) -> str | None:
     try:
         with open(config, encoding="utf-8") as handle:
             data = json.load(handle)
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
         return None
     dtype = data.get("dtype", data.get("torch_dtype"))
     return dtype if dtype in ("float32", "bfloat16", "float16") else None

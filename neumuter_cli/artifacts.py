@@ -19,7 +19,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from . import NeumuterError
-from .records import atomic_output, check_folder_writable, display_name, sha256_bytes
+from .records import atomic_output, check_folder_writable, display_name, dumps_json, is_terminal, loads_json, sha256_bytes
 
 MASK_KIND = "neumuter-mask"
 SCALES_KIND = "neumuter-scales"
@@ -53,7 +53,7 @@ def read_artifact(path: str, kind: str | None = None) -> Artifact:
     name = display_name(path)
     try:
         if path == "-":
-            if sys.stdin is None or sys.stdin.isatty():
+            if sys.stdin is None or is_terminal(sys.stdin):
                 raise NeumuterError("no input: give a file or pipe one into stdin")
             data = sys.stdin.buffer.read()
         else:
@@ -66,13 +66,15 @@ def read_artifact(path: str, kind: str | None = None) -> Artifact:
     try:
         tensors = st_load(data)
         raw_meta = _header(data).get("__metadata__") or {}
+        if not isinstance(raw_meta, dict):
+            raise ValueError("its __metadata__ is not a map")
     except Exception as exc:  # safetensors raises its own error types
         raise NeumuterError(f"{name}: not a safetensors file ({str(exc).splitlines()[0][:120]})") from None
     meta = {}
     for key, value in raw_meta.items():
-        try:
-            meta[key] = json.loads(value)
-        except (json.JSONDecodeError, TypeError):
+        try:      # read as records are: "NaN" or a 5000-digit number stay strings (and are refused below)
+            meta[key] = loads_json(value) if isinstance(value, str) else value
+        except ValueError:
             meta[key] = value
     if kind is not None:
         check_kind(meta, kind, name)
@@ -95,7 +97,7 @@ def check_kind(meta: dict, kind: str, name: str) -> None:
     if found != kind:
         if found is None:
             raise NeumuterError(f"{name}: not a {kind} file (its metadata names no neumuter kind)")
-        raise NeumuterError(f"{name}: this is a {found} file, not a {kind} file")
+        raise NeumuterError(f"{name}: this is a {_short(str(found))} file, not a {kind} file")
     version = meta.get("format_version")
     if version == FORMAT_VERSION:
         return
@@ -103,7 +105,13 @@ def check_kind(meta: dict, kind: str, name: str) -> None:
         raise NeumuterError(
             f"{name}: made by an older neumuter (format version {version}, this one reads {FORMAT_VERSION}): "
             "its model fingerprint cannot be checked any more; run localize and select again")
-    raise NeumuterError(f"{name}: format_version {version!r} is not supported (this neumuter reads {FORMAT_VERSION})")
+    raise NeumuterError(f"{name}: format_version {_short(repr(version))} is not supported (this neumuter reads "
+                        f"{FORMAT_VERSION})")
+
+
+def _short(text: str, limit: int = 40) -> str:
+    """A metadata value as shown in a message, cut to ``limit`` characters."""
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _header(data: bytes) -> dict:
@@ -141,7 +149,7 @@ def canonical_safetensors(data: bytes) -> bytes:
         canonical["__metadata__"] = dict(sorted((header.pop("__metadata__") or {}).items()))
     for name, info in sorted(header.items(), key=lambda item: (tuple(item[1]["data_offsets"]), item[0])):
         canonical[name] = info
-    text = json.dumps(canonical, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text = dumps_json(canonical, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     text += b" " * (-len(text) % 8)
     return len(text).to_bytes(8, "little") + text + data[8 + length:]
 
@@ -154,7 +162,7 @@ def _metadata_value(value) -> str:
             json.loads(value)
         except ValueError:
             return value
-    return json.dumps(value)
+    return dumps_json(value)
 
 
 # ---------------------------------------------------------------- checkpoint folders
@@ -190,6 +198,7 @@ def check_output_dir(path: str, force: bool = False, protected: Iterable[str | N
     """The rule for a checkpoint folder (`apply -o DIR`), checked before any work and again
     before the folder is replaced:
 
+    - DIR is not a symbolic link (it could only be replaced by a folder at the very end);
     - DIR is never the current folder or a folder holding it, nor one of the ``protected``
       paths (the model, the scales file) or a folder holding one: replacing it would delete them;
     - a missing DIR or an empty folder is written;
@@ -198,6 +207,10 @@ def check_output_dir(path: str, force: bool = False, protected: Iterable[str | N
       any other content is refused, with or without ``force``;
     - the folder DIR goes in must exist and be writable."""
     target = Path(path)
+    if target.is_symlink():
+        # replacing a link means renaming a folder over it, which the OS refuses only at the end
+        raise NeumuterError(f"refusing to write the checkpoint to {path}: it is a symbolic link (to "
+                            f"{os.readlink(path)}); give the folder itself, or a new folder")
     if target.exists() and not target.is_dir():
         raise NeumuterError(f"{path} exists and is not a directory")
     if _contains(path, os.getcwd()):

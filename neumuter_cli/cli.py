@@ -5,7 +5,9 @@ import contextlib
 import functools
 import math
 import os
+import signal
 import sys
+import threading
 
 import click
 from tabulate import tabulate
@@ -14,25 +16,27 @@ from . import NeumuterError, __version__, distributed
 # torch-free: the options and --help are built from these defaults; the stages themselves (and
 # torch, transformers) are imported inside the commands, so that --help and completion are instant
 from .config import FORGET_TERMS, LOCALIZE_METHODS, OPTIMIZERS, QUANT_TYPES, LocalizeConfig, NeighborsConfig, RelearnConfig
-from .errors import NonFiniteLoss, SettingError
+from .errors import DeviceUnavailable, NonFiniteLoss, SettingError
 from .progress import Reporter
+from .records import is_terminal
 
 DEFAULTS = LocalizeConfig()
 NEIGHBORS = NeighborsConfig()
 RELEARN_DEFAULTS = RelearnConfig()
 
 
-# exit status: 1 is the verdict of `measure --check` (some record is not forgotten), 2 click's
-# usage error (a bad option, argument or combination), and 3 any other error
+# exit status: 1 is the verdict of `measure --check` (some record is not forgotten) and nothing
+# else, 2 a usage error (click's, and a library SettingError: an option whose value cannot work),
+# 3 any other error, 130 Ctrl-C (SIGINT), 143 SIGTERM; the same for every command
 EXIT_ERROR = 3
+EXIT_SIGINT = 128 + signal.SIGINT
+EXIT_SIGTERM = 128 + signal.SIGTERM
 
 
 class CommandError(click.ClickException):
     """An error reported as one "Error: ..." line on stderr, with exit status 3."""
 
     exit_code = EXIT_ERROR
-
-
 
 
 #: the commands that split their work over the processes of a launcher (torchrun, accelerate
@@ -49,7 +53,8 @@ def _shown_by_rank_0(exc: click.ClickException) -> None:
 
 class NeumuterCommand(click.Command):
     """Words the library's errors with this command's flags: a SettingError names a library
-    parameter (``top_k``), the user gave an option (``--top-k``)."""
+    parameter (``top_k``), the user gave an option (``--top-k``); it is a usage error (exit
+    status 2), except a device this machine does not have (3)."""
 
     def make_context(self, info_name, args, parent=None, **extra):
         try:
@@ -67,7 +72,10 @@ class NeumuterCommand(click.Command):
             return super().invoke(ctx)
         except SettingError as exc:
             flag = self.flag(exc.setting)
-            raise NeumuterError(f"{flag} {exc.problem}" if flag else str(exc)) from None
+            message = f"{flag} {exc.problem}" if flag else str(exc)
+            if isinstance(exc, DeviceUnavailable):
+                raise NeumuterError(message) from None
+            raise click.UsageError(message, ctx) from None
         except NonFiniteLoss as exc:
             lr, dtype = self.flag("lr"), self.flag("dtype")
             raise NeumuterError(f"{exc}; try a smaller {lr} or {dtype} float32" if lr and dtype else str(exc)) from None
@@ -80,11 +88,34 @@ class NeumuterCommand(click.Command):
         return None
 
 
+class Terminated(SystemExit):
+    """SIGTERM, as the SystemExit(143) that :func:`_terminate` raises (not a verdict)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated(EXIT_SIGTERM)
+
+
 class NeumuterGroup(click.Group):
     """Turns NeumuterError, and an OSError nothing below caught, into one clear line on stderr
-    and exit status 3 (1 is the verdict of `measure --check`, 2 a usage error)."""
+    and exit status 3 (1 is the verdict of `measure --check`, 2 a usage error); Ctrl-C into
+    exit status 130 and SIGTERM into 143, after the outputs being written are removed."""
 
     command_class = NeumuterCommand
+
+    def main(self, *args, **kwargs):
+        # SIGTERM raises SystemExit(143) for the whole run, so that every `finally` (the
+        # temporary outputs) runs as it does for Ctrl-C; only from the main thread, and only
+        # when nobody else handles SIGTERM. The handler is put back afterwards.
+        install = (threading.current_thread() is threading.main_thread()
+                   and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+        if install:
+            signal.signal(signal.SIGTERM, _terminate)
+        try:
+            return super().main(*args, **kwargs)
+        finally:
+            if install:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     def make_context(self, info_name, args, parent=None, **extra):
         try:
@@ -105,6 +136,13 @@ class NeumuterGroup(click.Group):
         except click.ClickException as exc:
             exc.message = _report_failure(exc.message, exc.exit_code)
             raise
+        except KeyboardInterrupt:
+            _report_failure("interrupted (Ctrl-C)", EXIT_SIGINT)
+            click.echo("\nAborted!", err=True)
+            raise click.exceptions.Exit(EXIT_SIGINT) from None
+        except Terminated:
+            _report_failure("terminated (SIGTERM)", EXIT_SIGTERM)
+            raise
         except SystemExit:
             raise
         except BaseException as exc:
@@ -114,15 +152,25 @@ class NeumuterGroup(click.Group):
     def _invoke(self, ctx):
         try:
             result = super().invoke(ctx)
+        except Terminated:
+            raise
         except SystemExit:           # `measure --check`'s verdict, the same on every process
             with contextlib.suppress(NeumuterError):
                 distributed.finish()
+            raise
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort,
+                distributed.PeerFailed):
             raise
         except NeumuterError as exc:
             raise CommandError(str(exc)) from None
         except OSError as exc:
             where = f"{exc.filename}: " if exc.filename else ""
             raise CommandError(f"{where}{exc.strerror or exc}") from None
+        except Exception as exc:
+            # a bug: still one line and status 3, never the 1 of a `measure --check` verdict
+            text = " ".join(str(exc).split())[:200] or "no message"
+            raise CommandError(f"internal error: {type(exc).__name__}: {text} (a bug in neumuter: please report "
+                               "it with the command that caused it)") from None
         finally:
             left = ctx.meta.get(REPORTER)
             if left is not None:
@@ -210,12 +258,14 @@ def cli():
         --batch-size 32 -o mask.safetensors
 
     \b
-    Exit status:
-      0  success
-      1  `measure --check`: some record is not forgotten
-      2  usage error: a bad option, argument or combination of them
-      3  any other error (bad input, wrong model, unwritable output, I/O),
-         reported as one "Error: ..." line on stderr
+    Exit status, the same for every command:
+      0    success
+      1    `measure --check`: some record is not forgotten (and nothing else)
+      2    usage error: a bad option, argument or combination of them
+      3    any other error (bad input, wrong model, unwritable output, I/O),
+           reported as one "Error: ..." line on stderr
+      130  interrupted (Ctrl-C); 143: terminated (SIGTERM); either way
+           the outputs being written are removed
     """
 
 
@@ -270,11 +320,12 @@ def load_lm(model, device, dtype, device_map, max_memory, trust_remote_code):
 
 
 def reporter() -> Reporter:
-    """This command's progress: bars on a terminal, lines otherwise, nothing with --quiet."""
+    """This command's progress: bars on a terminal, lines otherwise, nothing with --quiet; under
+    a launcher, rank 0's alone (the other processes take the same steps and reach the same checks)."""
     ctx = click.get_current_context()
     found = ctx.meta.get(REPORTER)
     if found is None:
-        found = ctx.meta[REPORTER] = Reporter(quiet=bool(ctx.meta.get(QUIET)))
+        found = ctx.meta[REPORTER] = Reporter(quiet=bool(ctx.meta.get(QUIET)), silent=not distributed.is_main())
     return found
 
 
@@ -381,15 +432,27 @@ def apply_cmd(scales, model, device, dtype, device_map, max_memory, trust_remote
     """
     from .apply import apply_scales_file, checkpoint_dtype
     from .artifacts import SCALES_KIND, check_output_dir, read_artifact
+    from .errors import FingerprintMismatch
 
     check_output_dir(output, force, protected=(model, scales))
     artifact = read_artifact(scales, kind=SCALES_KIND)
+    stored = checkpoint_dtype(model)
+    asked = dtype
     if dtype == "auto":
-        dtype = checkpoint_dtype(model) or "auto"
+        dtype = stored or "auto"
     lm, tokenizer = load_lm(model, device, dtype, device_map, max_memory, trust_remote_code)
-    record = apply_scales_file(lm, tokenizer, artifact.tensors, artifact.metadata, output,
-                               scales_sha256=artifact.sha256, force=force, name=artifact.name,
-                               allow_any_scale=allow_any_scale, protected=(model, scales))
+    try:
+        record = apply_scales_file(lm, tokenizer, artifact.tensors, artifact.metadata, output,
+                                   scales_sha256=artifact.sha256, force=force, name=artifact.name,
+                                   allow_any_scale=allow_any_scale, protected=(model, scales))
+    except FingerprintMismatch as exc:
+        if stored is not None and asked not in ("auto", stored, "float32"):    # float32 holds any half value
+            raise NeumuterError(
+                f"--dtype {asked} rounds the {stored} weights of {model}, so they are no longer the weights "
+                f"{artifact.name} was made for (fingerprint {exc.expected}, rounded {exc.found}): apply with "
+                f"--dtype auto (the stored {stored}), or localize and select on the model loaded as {asked}"
+            ) from None
+        raise
     rows = [[b, record["modules"][b], n] for b, n in record["neurons_scaled_per_layer"].items()]
     progress(tabulate(rows, headers=["block", "down-projection", "neurons scaled"]))
     progress(f"{record['neurons_scaled']} of {record['total_neurons']} FFN neurons scaled; "
@@ -548,10 +611,14 @@ def measure_cmd(check, allow_over_forgotten, fmt, output, plot_path, **options):
     Output (the data goes to stdout or -o):
       jsonl  one line per record: every input key kept, plus tokens, ma, el_N,
              loss [, mia_distance] [, ref_ma, ref_el_N, ref_loss] [, forgotten]
-             [, over_forgotten] [, generation]; the summary goes to stderr as a
-             table (with no records: one summary line)
-      json   one object {"records": [...], "summary": {...}}
+             [, over_forgotten], model_fingerprint [, generation]; the summary
+             goes to stderr as a table (with no records: one summary line)
+      json   one object {"records": [...], "summary": {...}}; the summary's
+             "model" names the model and its fingerprint
       table  the per-record table, the summary and any generations
+      model_fingerprint is the measured model's, before any --quantize: an
+      output used as --reference-scores later says which model made it, and
+      the scores of the model itself (or of one it was made from) are refused.
     Progress goes to stderr. With --check, exit status 1 unless every record is
     forgotten, and with a reference model none over-forgotten unless
     --allow-over-forgotten (the data is written first).
@@ -582,8 +649,8 @@ def measure_cmd(check, allow_over_forgotten, fmt, output, plot_path, **options):
     except NeumuterError as exc:
         raise click.UsageError(str(exc)) from None
     if fmt == "auto":
-        fmt = "table" if output == "-" and sys.stdout.isatty() else "jsonl"
-    if config.input_path == "-" and sys.stdin.isatty():
+        fmt = "table" if output == "-" and is_terminal(sys.stdout) else "jsonl"
+    if config.input_path == "-" and is_terminal(sys.stdin):
         if not config.ppl_path:
             raise NeumuterError("no input: give a JSONL file or pipe one into stdin")
         config.input_path = None             # perplexity alone: nothing to read on a terminal
@@ -596,7 +663,7 @@ def measure_cmd(check, allow_over_forgotten, fmt, output, plot_path, **options):
 
     if distributed.is_main():
         with atomic_output(output, "w") as out:
-            write_result(result, fmt, out, click.style if fmt == "table" and output == "-" and sys.stdout.isatty()
+            write_result(result, fmt, out, click.style if fmt == "table" and output == "-" and is_terminal(sys.stdout)
                          else None)
         if plot_path:
             source = "<stdin>" if config.input_path == "-" else config.input_path
@@ -669,7 +736,7 @@ def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, b
     from .progress import follow_in_transformers
     from .records import atomic_output, check_output, iter_records, record_writer
 
-    if input_path == "-" and sys.stdin.isatty():
+    if input_path == "-" and is_terminal(sys.stdin):
         raise NeumuterError("no input: give a JSONL file or pipe one into stdin")
     check_output(output, inputs=(input_path,))
     config = NeighborsConfig(k=k, ratio=ratio, temperature=temperature, top_k=top_k, batch_size=batch_size,
@@ -786,9 +853,9 @@ def localize_cmd(input_path, output, layers, reference_path, reference_limit, re
     from .localize import LocalizeConfig, StopRule, run_localize
     from .records import check_output, read_records
 
-    if output == "-" and sys.stdout.isatty():
+    if output == "-" and is_terminal(sys.stdout):
         raise click.UsageError("refusing to write a binary mask to a terminal: use -o FILE or a pipe")
-    if input_path == "-" and sys.stdin.isatty():
+    if input_path == "-" and is_terminal(sys.stdin):
         raise NeumuterError("no input: give a JSONL file or pipe one into stdin")
     if stop_el is not None and reference_path is None and stop_ma is None:
         raise click.UsageError("--stop-el needs --stop-ma or --reference")
@@ -864,6 +931,10 @@ def relearn_cmd(input_path, model, device, dtype, device_map, max_memory, trust_
     that `measure`, `localize` and `apply` read, with neumuter.json: the steps, learning rate,
     batch size, blocks, seed, every step's loss, the sha256 of the texts trained on and the
     source checkpoint's own records. Progress (step, loss) goes to stderr.
+
+    A step whose loss is not finite stops the run, and so does a model that computes a NaN
+    or infinite loss (or holds a non-finite weight) after the last step: nothing is written.
+    A text longer than the model's context at --max-length is refused before training.
     """
     from dataclasses import replace
 
@@ -915,12 +986,15 @@ def quantize_cmd(model, device, dtype, device_map, max_memory, trust_remote_code
     """
     from .apply import save_checkpoint
     from .artifacts import check_output_dir
+    from .models import fingerprint
     from .quantize import quantize_model, quantized_checkpoint_record
 
     check_output_dir(output, force, protected=(model,))
     lm, tokenizer = load_lm(model, device, dtype, device_map, max_memory, trust_remote_code)
+    source_fingerprint = fingerprint(lm)
     summary = quantize_model(lm, qtype.lower(), reporter())
-    save_checkpoint(lm, tokenizer, output, quantized_checkpoint_record(lm, model, summary), force, protected=(model,))
+    save_checkpoint(lm, tokenizer, output, quantized_checkpoint_record(lm, model, summary, source_fingerprint), force,
+                    protected=(model,))
     progress(f"{summary['weights']} block weights ({summary['elements']:,} values) through {summary['type']}"
              + (f", {len(summary['skipped'])} left as they are" if summary["skipped"] else "")
              + f"; checkpoint written to {output}")

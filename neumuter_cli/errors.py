@@ -28,4 +28,27 @@ class NonFiniteLoss(NeumuterError):
     """Training produced a NaN or infinite loss (a step too large, or a dtype too coarse)."""
 
 
-__all__ = ["NeumuterError", "SettingError", "DeviceUnavailable", "NonFiniteLoss"]
+class NonFiniteOutput(NeumuterError):
+    """The model computed a NaN or infinite logit or loss on sequence ``index`` (0-based, in the
+    order the sequences were given; at ``token``, 1-based, when known): its weights are broken,
+    and no number it gives means anything. The caller names the record."""
+
+    def __init__(self, index: int, token: int | None = None):
+        self.index, self.token = index, token
+        where = f" at token {token}" if token is not None else ""
+        self.problem = (f"computes a non-finite logit or loss{where} (NaN or infinity): its weights are broken, "
+                        "so no number it gives means anything")
+        super().__init__(f"sequence {index + 1}: the model {self.problem}")
+
+
+class FingerprintMismatch(NeumuterError):
+    """A file made for one model (its ``expected`` fingerprint) was given with another model
+    (``found``)."""
+
+    def __init__(self, expected: str | None, found: str, message: str):
+        self.expected, self.found = expected, found
+        super().__init__(message)
+
+
+__all__ = ["NeumuterError", "SettingError", "DeviceUnavailable", "NonFiniteLoss", "NonFiniteOutput",
+           "FingerprintMismatch"]

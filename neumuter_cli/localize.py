@@ -9,6 +9,7 @@ lower bound of the full KL and equal to it when ``kl_top_k`` covers the vocabula
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -19,9 +20,10 @@ import torch.nn.functional as F
 
 from . import NeumuterError, distributed
 from .config import FORGET_TERMS, LOCALIZE_METHODS, OPTIMIZERS, LocalizeConfig
-from .errors import NonFiniteLoss, SettingError
+from .errors import NonFiniteLoss, NonFiniteOutput, SettingError
 from .gates import GAMMA, ZETA, deterministic_gate, initial_log_alpha, l0_term, training_gate
 from .measure import check_context, encode
+from .records import finite_number
 from .models import FFNLayer, gated, input_device
 from .progress import steps
 
@@ -39,7 +41,7 @@ def check_config(config: LocalizeConfig) -> None:
         raise NeumuterError(f"unknown forget term {config.forget_term!r} (choose {', '.join(FORGET_TERMS)})")
     for name, low, high, low_ok in CONFIG_RANGES:
         value = getattr(config, name)
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not finite_number(value):
             raise NeumuterError(f"{name} must be a finite number, not {value!r}")
         if value < low or (value == low and not low_ok) or (high is not None and value > high):
             bound = f"{'>=' if low_ok else '>'} {low}" + (f" and <= {high}" if high is not None else "")
@@ -426,7 +428,7 @@ def forgetting_check(model, tokenizer, records: Sequence[dict], layers_all: Sequ
         scales = select_neurons({b: g.cpu() for b, g in gates_by_block.items()}, *rule)
         chosen = [by_block[b] for b in scales]
         chosen_scales = [scales[b] for b in scales]
-        with gated(chosen, lambda i: chosen_scales[i]):
+        with gated(chosen, lambda i: chosen_scales[i]), _naming(records, "forget text", "the gated model"):
             ma = memorization_accuracy(model, ids)
             above = sum(value > limit for value, limit in zip(ma, ma_limits))
             el_above = None
@@ -546,15 +548,40 @@ def _by_attribution(model, tokenizer, records, layers, config: LocalizeConfig, l
                                   "probes": found.probes})
 
 
+def _naming(records: Sequence[dict], what: str, model: str):
+    """A NonFiniteOutput on text k becomes one line naming record k and the model."""
+    from .measure import record_label
+
+    @contextlib.contextmanager
+    def naming():
+        try:
+            yield
+        except NonFiniteOutput as exc:
+            label = record_label(records[exc.index], exc.index) if exc.index < len(records) else f"#{exc.index + 1}"
+            raise NeumuterError(f"{what} {label}: {model} {exc.problem}") from None
+    return naming()
+
+
 def _reference_model_limits(model, tokenizer, records, stop: StopRule, max_length: int, load_reference, say) -> dict:
-    from .models import check_same_tokenizer
+    from .measure import _refuse_self_reference, _same_place, check_not_edited_from, check_not_itself, check_not_made_from
+    from .models import check_same_tokenizer, fingerprints
 
     if load_reference is None:
         raise NeumuterError("a reference model needs a loader")
+    name = getattr(model, "neumuter_source", "the model")
+    what = f"reference model {stop.reference_model}"
+    if isinstance(name, str) and _same_place(name, stop.reference_model):
+        _refuse_self_reference(f"{what} is the checkpoint {name}")
+    own = fingerprints(model, rounded=True)
+    check_not_made_from(name, own["exact"], what, stop.reference_model)
     reference, reference_tokenizer = load_reference(stop.reference_model)
-    check_same_tokenizer(tokenizer, reference_tokenizer, getattr(model, "neumuter_source", "the model"),
-                         f"reference model {stop.reference_model}", [r["text"] for r in records])
-    limits = reference_model_limits(reference, tokenizer, records, max_length, stop.tolerance)
+    check_same_tokenizer(tokenizer, reference_tokenizer, name, what, [r["text"] for r in records])
+    theirs = fingerprints(reference, rounded=True)
+    check_not_itself(name, own, what, theirs)
+    if isinstance(name, str):
+        check_not_edited_from(name, name, what, theirs["exact"])
+    with _naming(records, "forget text", what):
+        limits = reference_model_limits(reference, tokenizer, records, max_length, stop.tolerance)
     del reference
     ref = limits["reference_ma"]
     say(f"reference model: forget MA {sum(ref) / len(ref):.4f} (min {min(ref):.4f}, max {max(ref):.4f}); "
@@ -571,7 +598,8 @@ def _generic_limits(model, tokenizer, stop: StopRule, max_length: int, say) -> d
     if stop.stop_ma is None:
         from .measure import memorization_accuracy
 
-        values = memorization_accuracy(model, encode(tokenizer, stop.reference_texts, max_length))
+        with _naming([{"text": t} for t in stop.reference_texts], "reference text", "the model"):
+            values = memorization_accuracy(model, encode(tokenizer, stop.reference_texts, max_length))
         limits["ma"] = sum(values) / len(values)
         say(f"MA threshold {limits['ma']:.4f} (mean over {len(values)} reference texts)")
     else:

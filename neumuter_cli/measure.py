@@ -37,10 +37,11 @@ naive reference (``baselines/naive_metrics.py``) is itself such a computation.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import inspect
-import json
 import math
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -49,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from . import NeumuterError, distributed
+from .errors import NonFiniteOutput
 from .fastpaths import roomy_cache
 from .models import input_device
 from .progress import ProgressFn, steps, throttled
@@ -179,7 +181,7 @@ def teacher_forced(model, ids_list: Sequence[Sequence[int]], batch_size: int = 3
     device = input_device(model)
     vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else 1
     order = sorted(range(len(ids_list)), key=lambda k: -len(ids_list[k]))
-    results: dict[int, TeacherForced] = {}
+    results: dict[int, TeacherForced | int] = {}   # a text whose logits are not finite: its first such token
     start = 0
     tracker = steps(progress, len(order), "teacher-forced", "text")
     number = -1
@@ -204,14 +206,22 @@ def teacher_forced(model, ids_list: Sequence[Sequence[int]], batch_size: int = 3
         targets = x[:, 1:].to(logits.device)
         preds = logits.argmax(-1).cpu()
         nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").cpu()
+        finite = torch.isfinite(logits).all(-1).cpu() & torch.isfinite(nll)     # (rows, positions)
         for row, k in enumerate(batch):
             n = lengths[row] - 1
+            if not bool(finite[row, :n].all()):      # logits at position t predict token t + 2 (1-based)
+                results[k] = int((~finite[row, :n]).nonzero()[0]) + 2
+                continue
             results[k] = TeacherForced(preds[row, :n].tolist(), nll[row, :n].tolist())
             if stats:
                 results[k].mu, results[k].sigma = _vocab_stats(logits[row, :n])
         tracker.advance(len(batch), f"teacher-forced: {min(start, len(order))}/{len(order)} texts")
     tracker.close()
-    return distributed.gather_items(results, len(ids_list))
+    gathered = distributed.gather_items(results, len(ids_list))     # every process judges every text
+    broken = [k for k, result in enumerate(gathered) if isinstance(result, int)]
+    if broken:                                  # the first such text in the order given
+        raise NonFiniteOutput(broken[0], token=gathered[broken[0]])
+    return gathered  # type: ignore[return-value]
 
 
 def memorization_accuracy(model, ids_list: Sequence[Sequence[int]], batch_size: int = 32) -> list[float]:
@@ -265,6 +275,14 @@ def greedy_continuations(model, rows: Sequence[tuple[Sequence[int], int]], batch
     return results  # type: ignore[return-value]
 
 
+def _greedy(logits: torch.Tensor) -> torch.Tensor:
+    """The argmax of each row, refusing non-finite logits (the argmax of NaN is arbitrary)."""
+    if not bool(torch.isfinite(logits).all()):
+        raise NeumuterError("a greedy continuation met a non-finite logit (NaN or infinity): the model's "
+                            "weights are broken, no number it gives means anything")
+    return logits.argmax(-1)
+
+
 def _lockstep_batch(model, rows) -> list[list[int]]:
     """Every row prefilled to the shortest context, then fed its own context tokens until its
     context ends and its own greedy tokens after that."""
@@ -280,14 +298,14 @@ def _lockstep_batch(model, rows) -> list[list[int]]:
     out = torch.zeros(len(rows), last, dtype=torch.long, device=device)
     logits, cache = _call(model, true_tok[:, :p0], last_only=True)
     cache = roomy_cache(cache, last)
-    nxt = logits.argmax(-1)                         # prediction for position p0
+    nxt = _greedy(logits)                           # prediction for position p0
     for p in range(p0, last):
         out[:, p] = nxt
         if p == last - 1:
             break
         feed = torch.where(start_t > p, true_tok[:, p], nxt)
         logits, cache = _call(model, feed[:, None], cache=cache, last_only=True)
-        nxt = logits.argmax(-1)                     # prediction for position p + 1
+        nxt = _greedy(logits)                       # prediction for position p + 1
     out = out.cpu()
     return [out[r, starts[r]:stops[r]].tolist() for r in range(len(rows))]
 
@@ -482,13 +500,17 @@ def read_thresholds(path: str, el_ns: Sequence[int] = (10,)) -> dict:
     """Thresholds saved by an earlier run, so the reference set is measured once: the output of
     ``measure UNSEEN.jsonl --format json`` (its summary means are the thresholds), the output of
     a run with ``--reference`` (its thresholds), or a plain object ``{"ma", "el_N", "loss"}``."""
+    from .records import finite_number, json_problem, loads_json
+
     try:
         with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
+            data = loads_json(handle.read())
     except OSError as exc:
         raise NeumuterError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise NeumuterError(f"{path}: not a JSON file ({str(exc).splitlines()[0][:100]})") from None
+    except UnicodeDecodeError:
+        raise NeumuterError(f"{path}: not a JSON file (not UTF-8 text)") from None
+    except ValueError as exc:
+        raise NeumuterError(f"{path}: not a JSON file ({json_problem(exc)[:100]})") from None
     if isinstance(data, dict) and isinstance(data.get("summary"), dict):
         data = data["summary"]
         if isinstance(data.get("thresholds"), dict):
@@ -498,7 +520,7 @@ def read_thresholds(path: str, el_ns: Sequence[int] = (10,)) -> dict:
     out = {}
     for key in ["ma"] + [el_key(n) for n in el_ns] + ["loss"]:
         value = data.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not finite_number(value):
             raise NeumuterError(f"{path}: no number for threshold {key!r} (measure the reference set "
                                 f"with the same --el-n)")
         out[key] = float(value)
@@ -595,19 +617,27 @@ def perplexity(model, tokenizer, texts: Sequence[str], window: int | None = None
     if not 1 <= stride <= window:
         raise NeumuterError(f"the perplexity stride must be between 1 and the window ({window})")
     pieces = []  # (token ids of the window, index of the first scored position inside it)
-    for ids in encode(tokenizer, texts, None):
+    owners = []  # the text each window comes from
+    for k, ids in enumerate(encode(tokenizer, texts, None)):
         for begin, end, first in _windows(len(ids), window, stride):
             pieces.append((ids[begin:end], first - begin))
+            owners.append(k)
     if not pieces:
         raise NeumuterError("no text is long enough to score (each needs at least 2 tokens)")
     chunks = [piece[0] for piece in pieces]
-    tfs = teacher_forced(model, chunks, batch_size, progress=None)
+    try:
+        tfs = teacher_forced(model, chunks, batch_size, progress=None)
+    except NonFiniteOutput as exc:
+        raise NonFiniteOutput(owners[exc.index]) from None
     total, count = 0.0, 0
     for (chunk, skip), tf in zip(pieces, tfs):
         scored = tf.nll[skip - 1:]
         total += math.fsum(scored)
         count += len(scored)
     nll = total / count
+    if nll > math.log(sys.float_info.max):
+        raise NeumuterError(f"the perplexity overflows: the mean loss is {nll:.6g} nats per token "
+                            "(the model's weights are broken)")
     if progress:
         progress(f"perplexity: {count} tokens in {len(pieces)} windows of ≤ {window} (stride {stride})")
     return {"perplexity": math.exp(nll), "nll": nll, "tokens": count, "window": window, "stride": stride}
@@ -804,13 +834,83 @@ def _reference_aucs_from_file(scores: dict, holdout: dict, progress: ProgressFn)
     return {k: float(summary[k]) for k in keys}
 
 
+@contextlib.contextmanager
+def _naming(records: Sequence[dict], name: str, model: str):
+    """A NonFiniteOutput on sequence k becomes one line naming record k of ``name`` and the model."""
+    try:
+        yield
+    except NonFiniteOutput as exc:
+        label = record_label(records[exc.index], exc.index) if exc.index < len(records) else f"#{exc.index + 1}"
+        raise NeumuterError(f"{name}: record {label}: {model} {exc.problem}; no verdict is given") from None
+
+
+def _same_place(a: str, b: str) -> bool:
+    """Whether two model names are the same checkpoint by name: the same path (links resolved)
+    or the same hub name."""
+    import os
+
+    if os.path.exists(a) or os.path.exists(b):
+        return os.path.exists(a) and os.path.exists(b) and os.path.realpath(a) == os.path.realpath(b)
+    return a == b
+
+
+def _refuse_self_reference(detail: str) -> None:
+    raise NeumuterError(f"the reference is the model itself: {detail}; a verdict needs a reference that never "
+                        "saw the records (against itself, every record passes as forgotten)")
+
+
+def check_not_itself(model: str, prints: dict[str, str], reference: str, reference_prints: dict[str, str]) -> None:
+    """Refuse a reference whose weights are the model's: the same fingerprint, or the same once
+    both are rounded to bfloat16 or float16 (one model saved in two precisions);
+    ``prints`` as :func:`models.fingerprints` gives them."""
+    if prints["exact"] == reference_prints["exact"]:
+        _refuse_self_reference(f"{reference} has the weights of {model} (fingerprint {prints['exact']})")
+    for kind in sorted(set(prints) & set(reference_prints) - {"exact"}):
+        if prints[kind] == reference_prints[kind]:
+            _refuse_self_reference(f"{reference} has the weights of {model} rounded to {kind} "
+                                   f"(fingerprints {prints['exact']} and {reference_prints['exact']})")
+
+
+def check_not_made_from(model: str, fingerprint: str, reference: str, reference_path: str) -> None:
+    """Refuse a reference checkpoint that neumuter made from the model (its neumuter.json names
+    the model's fingerprint as a source: a quantised, relearnt or muted copy of the model)."""
+    from .models import lineage
+
+    stage = lineage(reference_path).get(fingerprint)
+    if stage is not None:
+        _refuse_self_reference(f"{reference} was made from {model} by `neumuter {stage}` (its neumuter.json "
+                               f"names the fingerprint {fingerprint})")
+
+
+def check_not_edited_from(model: str, model_path: str, reference: str, reference_fingerprint: str) -> None:
+    """Refuse a reference that the model was made from by `apply` or `quantize` (the model's
+    neumuter.json names it): the model is the reference's own weights with some neurons scaled
+    or rounded, and the reference is the model before it forgot. (A model relearnt from the
+    reference is fine: relearning is training, and the reference never saw what it learnt.)"""
+    from .models import lineage
+
+    stage = lineage(model_path).get(reference_fingerprint)
+    if stage in ("apply", "quantize"):
+        _refuse_self_reference(f"{model} was made from {reference} by `neumuter {stage}` (its neumuter.json names "
+                               f"the fingerprint {reference_fingerprint}): it is that model with some weights "
+                               "scaled or rounded")
+
+
 def run_measure(config: MeasureConfig, progress: ProgressFn = None) -> MeasureResult:
     """One ``measure`` run: read every input, load the model (and quantise it), measure the
     records (MA, EL_n, loss), the eq. 17 reference set, the holdout texts, generations and
     perplexity; then, the model freed, the reference model on the same token ids; finally the
-    verdicts, forget quality, AUCs and PrivLeak. At most one model is in memory at a time."""
+    verdicts, forget quality, AUCs and PrivLeak. At most one model is in memory at a time.
+
+    Every number comes from finite logits (a NaN or infinite one is refused, naming the record)
+    of a model loaded whole (``models.load_model``). The reference is never the model itself:
+    a reference model with the model's fingerprint, or reference scores that the model itself
+    wrote (their ``model_fingerprint``), are refused. Each output record carries
+    ``model_fingerprint``, the fingerprint of the model as loaded (before any quantisation), so
+    that the output used as reference scores later says where it came from."""
     from . import mia
-    from .models import check_same_tokenizer, load_model, load_tokenizer
+    from .models import (check_same_tokenizer, check_vocabulary, checkpoint_vocab_size, fingerprints, load_model,
+                         load_tokenizer)
     from .quantize import _gguf_type, quantize_model
     from .records import read_records, sha256_texts
 
@@ -825,7 +925,8 @@ def run_measure(config: MeasureConfig, progress: ProgressFn = None) -> MeasureRe
     ref_records = read_records(config.reference_path) if config.reference_path else None
     limits = read_thresholds(config.thresholds_path, el_ns) if config.thresholds_path else None
     holdout_records = read_records(config.holdout_path) if config.holdout_path else None
-    ppl_texts = [r["text"] for r in read_records(config.ppl_path)] if config.ppl_path else None
+    ppl_records = read_records(config.ppl_path) if config.ppl_path else None
+    ppl_texts = [r["text"] for r in ppl_records] if ppl_records is not None else None
     texts = [r["text"] for r in records]
     if config.require_records and not records:
         raise NeumuterError("--check: no records to check")
@@ -838,17 +939,33 @@ def run_measure(config: MeasureConfig, progress: ProgressFn = None) -> MeasureRe
                   if config.reference_scores_path else None)
     if config.quantize:
         _gguf_type(config.quantize)          # an unknown type or a missing gguf fails now
+    reference_label = f"reference model {config.reference_model}"
     if config.reference_model:               # compare the tokenizers before any weight loads
-        check_same_tokenizer(load_tokenizer(config.model, config.trust_remote_code),
-                             load_tokenizer(config.reference_model, config.trust_remote_code),
-                             config.model, f"reference model {config.reference_model}",
-                             texts + [r["text"] for r in holdout_records or []])
+        if _same_place(config.model, config.reference_model):
+            _refuse_self_reference(f"{reference_label} is the checkpoint {config.model}")
+        reference_tokenizer = load_tokenizer(config.reference_model, config.trust_remote_code)
+        check_same_tokenizer(load_tokenizer(config.model, config.trust_remote_code), reference_tokenizer,
+                             config.model, reference_label, texts + [r["text"] for r in holdout_records or []])
+        rows = checkpoint_vocab_size(config.reference_model, config.trust_remote_code)
+        if rows is not None:                 # an embedding too small fails now, not after the first model
+            check_vocabulary(reference_label, rows, reference_tokenizer)
     load = dict(device=config.device, dtype=config.dtype, device_map=config.device_map,
                 max_memory=config.max_memory, trust_remote_code=config.trust_remote_code)
 
     # 2. the model
     say(f"loading {config.model}")
     lm, tokenizer = load_model(config.model, **load)
+    # of the model as loaded, before any quantisation; rounded too, to compare with the reference
+    model_prints = fingerprints(lm, rounded=bool(config.reference_model))
+    model_fingerprint = model_prints["exact"]
+    if config.reference_model:
+        check_not_made_from(config.model, model_fingerprint, reference_label, config.reference_model)
+    if ref_scores is not None:
+        if ref_scores["fingerprint"] == model_fingerprint:
+            _refuse_self_reference(f"reference scores {ref_scores['path']} were measured on a model with the "
+                                   f"fingerprint of {config.model} ({model_fingerprint})")
+        check_not_edited_from(config.model, config.model, f"the model of reference scores {ref_scores['path']}",
+                              ref_scores["fingerprint"])
     quantized = quantize_model(lm, config.quantize, say) if config.quantize else None
     ids, compressed = _tokenize(tokenizer, records, config.max_length, name) if records else ([], [])
     if ref_scores is not None:
@@ -858,14 +975,17 @@ def run_measure(config: MeasureConfig, progress: ProgressFn = None) -> MeasureRe
                                     f"tokens, here it has {len(x)}: measure the reference with the same "
                                     "--max-length and tokenizer")
     with_mia = holdout_records is not None
+    model_label = f"model {config.model}"
     results, tfs = [], []
     if records:
         say(f"measuring {len(records)} records of {name} ({sum(map(len, ids))} tokens)")
-        results, tfs = _measure_with_passes(lm, ids, el_ns, config.batch_size, inner, with_mia)
+        with _naming(records, name, model_label):
+            results, tfs = _measure_with_passes(lm, ids, el_ns, config.batch_size, inner, with_mia)
     if ref_records is not None:
         ref_ids, _ = _tokenize(tokenizer, ref_records, config.max_length, config.reference_path)
         say(f"measuring {len(ref_records)} records of {config.reference_path} ({sum(map(len, ref_ids))} tokens)")
-        limits = thresholds(measure_ids(lm, ref_ids, el_ns, config.batch_size, inner), el_ns)
+        with _naming(ref_records, config.reference_path, model_label):
+            limits = thresholds(measure_ids(lm, ref_ids, el_ns, config.batch_size, inner), el_ns)
     if limits is not None:
         mark(results, limits, el_ns)
     member_scores = holdout_scores = holdout_ids = holdout_compressed = None
@@ -874,30 +994,41 @@ def run_measure(config: MeasureConfig, progress: ProgressFn = None) -> MeasureRe
                                                     config.holdout_path)
         say(f"scoring {len(holdout_ids)} holdout texts ({sum(map(len, holdout_ids))} tokens)")
         member_scores = _mia_scores(tfs, compressed)
-        holdout_scores = _mia_scores(teacher_forced(lm, holdout_ids, config.batch_size, inner, stats=True),
-                                     holdout_compressed)
+        with _naming(holdout_records, config.holdout_path, model_label):
+            holdout_tfs = teacher_forced(lm, holdout_ids, config.batch_size, inner, stats=True)
+        holdout_scores = _mia_scores(holdout_tfs, holdout_compressed)
     gens = None
     if config.generations and records:
         say(f"generating {min(config.generations, len(records))} continuations")
         gens = generations(lm, tokenizer, texts[:config.generations], config.prefix_tokens, config.new_tokens,
                            config.batch_size)
-    ppl = (perplexity(lm, tokenizer, ppl_texts, config.ppl_window, config.ppl_stride, config.batch_size, inner)
-           if ppl_texts is not None else None)
+    ppl = None
+    if ppl_texts is not None:
+        with _naming(ppl_records, config.ppl_path, model_label):
+            ppl = perplexity(lm, tokenizer, ppl_texts, config.ppl_window, config.ppl_stride, config.batch_size,
+                             inner)
 
     # 3. the reference model, alone in memory, on the same token ids
     ref_results = ref_aucs = ref_quantized = None
     scores = {"records": member_scores, "holdout": holdout_scores} if with_mia else None
+    reference_fingerprint = None
     if config.reference_model:
         del lm, tfs
         _free_memory()
         say(f"loading reference model {config.reference_model}")
         ref_lm, _ = load_model(config.reference_model, **load)
+        reference_prints = fingerprints(ref_lm, rounded=True)
+        check_not_itself(config.model, model_prints, reference_label, reference_prints)
+        reference_fingerprint = reference_prints["exact"]
+        check_not_edited_from(config.model, config.model, reference_label, reference_fingerprint)
         ref_quantized = quantize_model(ref_lm, config.quantize, say) if config.quantize_reference else None
         say(f"measuring the {len(records)} records under the reference model")
-        ref_results, ref_tfs = _measure_with_passes(ref_lm, ids, el_ns, config.batch_size, inner, with_mia)
+        with _naming(records, name, reference_label):
+            ref_results, ref_tfs = _measure_with_passes(ref_lm, ids, el_ns, config.batch_size, inner, with_mia)
         if with_mia:
             say(f"scoring the {len(holdout_ids)} holdout texts under the reference model")
-            ref_holdout = teacher_forced(ref_lm, holdout_ids, config.batch_size, inner, stats=True)
+            with _naming(holdout_records, config.holdout_path, reference_label):
+                ref_holdout = teacher_forced(ref_lm, holdout_ids, config.batch_size, inner, stats=True)
             scores.update(ref_records=_mia_scores(ref_tfs, compressed),
                           ref_holdout=_mia_scores(ref_holdout, holdout_compressed))
             ref_aucs = mia.aucs(scores["ref_records"], scores["ref_holdout"])
@@ -905,18 +1036,22 @@ def run_measure(config: MeasureConfig, progress: ProgressFn = None) -> MeasureRe
         _free_memory()
     elif ref_scores is not None:
         ref_results = ref_scores["records"]
+        reference_fingerprint = ref_scores["fingerprint"]
 
     # 4. verdicts and summary
     if ref_results is not None:
         mia.mark_against_reference(results, ref_results, el_ns, config.tolerance)
-    out_records = [{**record, **result} for record, result in zip(records, results)]
+    out_records = [{**record, **result, "model_fingerprint": model_fingerprint}
+                   for record, result in zip(records, results)]
     for record, gen in zip(out_records, gens or []):
         record["generation"] = gen
-    summary = summarize(results, el_ns, limits) if results else {}
+    summary = {"model": {"name": config.model, "fingerprint": model_fingerprint}}
+    if results:
+        summary.update(summarize(results, el_ns, limits))
     if ref_results is not None:
         source = ({"model": config.reference_model} if config.reference_model
                   else {"scores": config.reference_scores_path})
-        summary["reference"] = {**source, "tolerance": config.tolerance}
+        summary["reference"] = {**source, "fingerprint": reference_fingerprint, "tolerance": config.tolerance}
         if ref_quantized:
             summary["reference"]["quantized"] = ref_quantized
         summary.update(mia.reference_summary(results, el_ns))

@@ -47,6 +47,7 @@ import hashlib
 import io
 import json
 import math
+import re
 import zlib
 from typing import Sequence
 
@@ -193,10 +194,16 @@ def text_sha256(text: str) -> str:
 
 
 def _number(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    from .records import finite_number
+
+    return finite_number(value)
 
 
 def _load_json_or_jsonl(path: str):
+    """One JSON document, else JSONL; numbers are read as records are (no NaN, no Infinity,
+    no number a double cannot hold)."""
+    from .records import json_problem, loads_json
+
     try:
         with open(path, encoding="utf-8") as handle:
             content = handle.read()
@@ -205,19 +212,19 @@ def _load_json_or_jsonl(path: str):
     except UnicodeDecodeError:
         raise NeumuterError(f"{path}: not UTF-8 text") from None
     try:
-        return json.loads(content)
-    except json.JSONDecodeError:
-        pass
+        return loads_json(content)
+    except ValueError as exc:
+        if not isinstance(exc, json.JSONDecodeError):      # JSON, but a value neumuter refuses
+            raise NeumuterError(f"{path}: invalid JSON ({json_problem(exc)})") from None
     import jsonlines
 
     # lines end at \n, \r\n or \r only: measure writes U+2028 and the like raw inside strings
-    reader = jsonlines.Reader(io.StringIO(content, newline=None), loads=json.loads)
+    reader = jsonlines.Reader(io.StringIO(content, newline=None), loads=loads_json)
     try:
         return list(reader.iter(skip_empty=True, allow_none=True))
     except jsonlines.InvalidLineError as exc:
-        cause = exc.__cause__
         raise NeumuterError(f"{path}:{exc.lineno}: invalid JSON "
-                            f"({cause.msg if isinstance(cause, json.JSONDecodeError) else cause})") from None
+                            f"({json_problem(exc.__cause__).split(' at line ')[0]})") from None
 
 
 def read_reference_scores(path: str, texts: Sequence[str], el_ns: Sequence[int]) -> dict:
@@ -265,7 +272,32 @@ def read_reference_scores(path: str, texts: Sequence[str], el_ns: Sequence[int])
             entry[key] = None if row[key] is None else float(row[key])
         entry["tokens"] = row.get("tokens")
         out.append(entry)
-    return {"records": out, "summary": summary, "path": path}
+    return {"records": out, "summary": summary, "path": path, "fingerprint": _scores_fingerprint(path, rows, summary)}
+
+
+_FINGERPRINT = re.compile(r"[0-9a-f]{32}")
+
+
+def _scores_fingerprint(path: str, rows: Sequence[dict], summary: dict | None) -> str:
+    """The fingerprint of the model the scores were measured on: the summary's
+    ``model.fingerprint`` (JSON output) or every record's ``model_fingerprint`` (JSONL output),
+    which must agree. Scores that do not say are refused: without it the model itself could
+    pass as its own reference."""
+    model = (summary or {}).get("model")
+    from_summary = model.get("fingerprint") if isinstance(model, dict) else None
+    from_rows = [row.get("model_fingerprint") for row in rows]
+    if from_summary is None and (not from_rows or any(value is None for value in from_rows)):
+        raise NeumuterError(f"{path}: the scores do not say which model they were measured on (no "
+                            "\"model_fingerprint\"): measure the reference model again with this neumuter "
+                            "(`neumuter measure RECORDS --model REF --format json`)")
+    given = [value for value in [from_summary, *from_rows] if value is not None]
+    if not all(isinstance(value, str) and _FINGERPRINT.fullmatch(value) for value in given):
+        raise NeumuterError(f"{path}: a model fingerprint in it is not 32 hexadecimal digits")
+    found = sorted(set(given))
+    if len(found) > 1:
+        raise NeumuterError(f"{path}: the scores name {len(found)} different model fingerprints ({found[0]}, "
+                            f"{found[1]}, ...): they must all come from one run of `neumuter measure`")
+    return found[0]
 
 
 __all__ = [

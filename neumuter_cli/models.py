@@ -90,6 +90,9 @@ def _check_model_path(model: str) -> None:
 
 
 def load_tokenizer(model: str, trust_remote_code: bool = False):
+    """The tokenizer of ``model``; refused when it cannot be loaded, or when it turns text into
+    no tokens at all (a model folder without its tokenizer files: transformers then builds an
+    empty tokenizer, and every text would seem to have 0 tokens)."""
     from transformers import AutoTokenizer
 
     source, gguf_file = split_gguf(model)
@@ -98,10 +101,204 @@ def load_tokenizer(model: str, trust_remote_code: bool = False):
     kwargs = {"trust_remote_code": trust_remote_code}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
+    _check_config(model, source, kwargs)     # a broken config.json is the model's fault, not the tokenizer's
     try:
-        return AutoTokenizer.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as exc:
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except Exception as exc:   # OSError, ValueError, and whatever a broken tokenizer file raises
         raise NeumuterError(f"cannot load the tokenizer of {model}: {_first_line(exc)}") from None
+    try:
+        probe = tokenizer(TOKENIZER_PROBE, add_special_tokens=False, verbose=False)["input_ids"]
+    except Exception as exc:
+        raise NeumuterError(f"cannot load the tokenizer of {model}: it cannot encode text ({_first_line(exc)})") from None
+    if not probe:
+        raise NeumuterError(f"cannot load the tokenizer of {model}: it turns text into no tokens at all "
+                            "(are its tokenizer files missing from the folder?)")
+    return tokenizer
+
+
+def _check_config(model: str, source: str, kwargs: dict) -> None:
+    """Load the config alone: a broken one, or an encoder-decoder model, is refused before
+    any tokenizer or weight loads."""
+    from transformers import AutoConfig
+
+    try:
+        with _quiet_transformers():
+            config = AutoConfig.from_pretrained(source, **kwargs)
+    except Exception as exc:
+        raise NeumuterError(f"cannot load {model}: {_first_line(exc)}") from None
+    if getattr(config, "is_encoder_decoder", False):
+        kind = getattr(config, "model_type", "?")
+        architectures = getattr(config, "architectures", None) or []
+        named = f" ({architectures[0]})" if architectures and isinstance(architectures[0], str) else ""
+        raise NeumuterError(f"model type {kind!r}{named} is an encoder-decoder model, not a causal decoder LM: "
+                            "neumuter needs a decoder-only causal LM")
+
+
+#: a text every real tokenizer turns into some tokens
+TOKENIZER_PROBE = "The quick brown fox jumps over the lazy dog. 0123456789"
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' warnings off while it loads: its load report (missing, unexpected or
+    mismatched weights) is turned into one line of our own, or a refusal."""
+    from transformers.utils import logging as hf_logging
+
+    try:        # huggingface_hub logs its retries of a hub name that cannot be reached
+        from huggingface_hub.utils import logging as hub_logging
+    except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
+        hub_logging = None
+    level = hf_logging.get_verbosity()
+    hub_level = hub_logging.get_verbosity() if hub_logging else None
+    hf_logging.set_verbosity_error()
+    if hub_logging:
+        hub_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if hub_logging:
+            hub_logging.set_verbosity(hub_level)
+
+
+def tokenizer_size(tokenizer) -> int:
+    """One more than the largest token id ``tokenizer`` can produce (added tokens included)."""
+    vocab = tokenizer.get_vocab()
+    return max(max(vocab.values(), default=-1) + 1, len(tokenizer))
+
+
+def check_vocabulary(name: str, embedding_rows: int, tokenizer, what: str = "embedding") -> None:
+    """Refuse a model whose embedding (or LM head) has fewer rows than its tokenizer has token
+    ids: a text holding such a token would index past the end of the weights."""
+    size = tokenizer_size(tokenizer)
+    if embedding_rows < size:
+        raise NeumuterError(f"{name}: its tokenizer has token ids up to {size - 1}, but its {what} has only "
+                            f"{embedding_rows} rows: the tokenizer does not belong to these weights")
+
+
+def checkpoint_vocab_size(model: str, trust_remote_code: bool = False) -> int | None:
+    """The vocabulary size a checkpoint's config declares (its embedding rows), without loading
+    any weight; None when the config cannot say."""
+    from transformers import AutoConfig
+
+    source, gguf_file = split_gguf(model)
+    try:
+        with _quiet_transformers():
+            config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code,
+                                                **({"gguf_file": gguf_file} if gguf_file else {}))
+    except Exception:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(text, "vocab_size", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+# safetensors dtypes that hold no floating-point value
+_NON_FLOAT = {"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64"}
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+                "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
+
+
+def _weight_files(folder: str) -> list[str]:
+    """The safetensors files of a checkpoint folder: those its index names, else every
+    ``*.safetensors`` in it."""
+    import json
+
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as handle:
+                names = sorted(set(json.load(handle)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            raise NeumuterError(f"{index}: not a readable safetensors index") from None
+        return [os.path.join(folder, name) for name in names]
+    return sorted(os.path.join(folder, name) for name in os.listdir(folder) if name.endswith(".safetensors"))
+
+
+def read_safetensors_header(path: str) -> dict[str, dict]:
+    """The tensors a safetensors file declares, ``{name: {"dtype", "shape", "data_offsets"}}``,
+    checked against the file's size: a truncated or corrupted file is refused with one line
+    naming it (safetensors itself raises errors that name no file)."""
+    import json
+
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if length < 2 or 8 + length > size:
+                raise NeumuterError(f"{path}: not a complete safetensors file (its header says {max(length, 0)} "
+                                    f"bytes of metadata, the file has {size} bytes)")
+            header = json.loads(handle.read(length).decode("utf-8"))
+    except OSError as exc:
+        raise NeumuterError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise NeumuterError(f"{path}: not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise NeumuterError(f"{path}: not a safetensors file (its header is not a JSON object)")
+    tensors, end = {}, 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, stop) = info["dtype"], info["shape"], info["data_offsets"]
+            elements = 1
+            for dim in shape:
+                elements *= int(dim)
+            ok = (dtype in _DTYPE_BYTES and 0 <= int(begin) <= int(stop)
+                  and int(stop) - int(begin) == elements * _DTYPE_BYTES[dtype])
+        except (TypeError, KeyError, ValueError, OverflowError):
+            ok = False
+        if not ok:
+            raise NeumuterError(f"{path}: tensor {name!r} is not described correctly in the header")
+        tensors[name] = info
+        end = max(end, int(stop))
+    if 8 + length + end > size:
+        raise NeumuterError(f"{path}: truncated (its tensors need {8 + length + end} bytes, the file has {size})")
+    return tensors
+
+
+def _stored_dtypes(folder: str) -> dict[str, tuple[str, str]]:
+    """``{tensor name: (safetensors dtype, file)}`` of every tensor of a local checkpoint."""
+    stored = {}
+    for path in _weight_files(folder):
+        for name, info in read_safetensors_header(path).items():
+            stored[name] = (info["dtype"], os.path.basename(path))
+    return stored
+
+
+def _check_loaded_whole(model: str, lm: nn.Module, info: dict, stored: dict[str, tuple[str, str]]) -> None:
+    """Refuse a load that transformers reports as incomplete (a weight missing from the
+    checkpoint, a tensor the model has no place for, a shape that does not match the config),
+    or a floating-point weight stored as integers (transformers casts it without a word)."""
+    def listed(keys):
+        keys = sorted(keys)
+        return keys[0] + (f" (and {len(keys) - 1} more)" if len(keys) > 1 else "")
+
+    missing, unexpected = info.get("missing_keys") or (), info.get("unexpected_keys") or ()
+    mismatched = sorted(info.get("mismatched_keys") or (), key=lambda item: str(item[0]))
+    if missing:
+        raise NeumuterError(f"cannot load {model}: weight {listed(missing)} is missing from the checkpoint "
+                            "(transformers would fill it with random values)")
+    if mismatched:
+        key, stored_shape, model_shape = mismatched[0]
+        more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
+        raise NeumuterError(f"cannot load {model}: weight {key} has shape {list(stored_shape)} in the checkpoint, "
+                            f"but its config.json makes it {list(model_shape)}{more}: the config does not "
+                            "describe these weights")
+    if unexpected:
+        raise NeumuterError(f"cannot load {model}: the checkpoint holds {listed(unexpected)}, which this model "
+                            f"({_model_type(lm)}) has no place for: the config does not describe these weights")
+    errors = info.get("error_msgs") or ()
+    if errors:
+        raise NeumuterError(f"cannot load {model}: {_first_line(RuntimeError(errors[0]))}")
+    floating = {name for name, tensor in lm.state_dict().items() if tensor.is_floating_point()}
+    for name, (dtype, file) in sorted(stored.items()):
+        if dtype in _NON_FLOAT and any(n == name or n.endswith("." + name) or name.endswith("." + n)
+                                       for n in floating):
+            raise NeumuterError(f"cannot load {model}: {file} stores the weight {name} as {dtype}, but it is a "
+                                "floating-point weight (transformers would cast the integers without a word)")
 
 
 def load_model(
@@ -117,7 +314,13 @@ def load_model(
     Returns (model, tokenizer). ``device_map="auto"`` spreads a large model over the GPUs
     (accelerate); then ``device`` is ignored. ``max_memory`` (with ``device_map``): the most
     each device may hold, e.g. ``{0: 20 * 2**30, "cpu": 64 * 2**30}``; the rest is offloaded
-    to the CPU or to disk (see offload.py)."""
+    to the CPU or to disk (see offload.py).
+
+    The model is loaded whole or refused: a weight missing from the checkpoint, one it holds
+    that the model has no place for, a shape the config does not give, a floating-point weight
+    stored as integers, a truncated file, a tokenizer that is missing or has more token ids
+    than the embedding has rows: each is one NeumuterError (transformers itself would fill a
+    missing weight with random values and only print a report)."""
     from transformers import AutoModelForCausalLM
 
     if max_memory is not None and device_map is None:
@@ -130,7 +333,10 @@ def load_model(
     if gguf_file is None:
         _check_model_path(source)
     target = distributed.place(resolve_device(device)) if device_map is None else None
-    kwargs = {"trust_remote_code": trust_remote_code, "dtype": resolve_dtype(dtype, target or "cuda")}
+    tokenizer = load_tokenizer(model, trust_remote_code)       # cheap: a missing tokenizer fails first
+    stored = _stored_dtypes(source) if gguf_file is None and os.path.isdir(source) else {}
+    kwargs = {"trust_remote_code": trust_remote_code, "dtype": resolve_dtype(dtype, target or "cuda"),
+              "output_loading_info": True, "ignore_mismatched_sizes": True}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
         if kwargs["dtype"] == "auto":
@@ -140,18 +346,23 @@ def load_model(
         if max_memory is not None:
             kwargs["max_memory"] = dict(max_memory)
     try:
-        lm = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except ImportError as exc:
+        with _quiet_transformers():
+            lm, info = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except NeumuterError:
+        raise
+    except Exception as exc:   # a truncated or corrupted file, a config that does not fit, a missing package
         raise NeumuterError(f"cannot load {model}: {_first_line(exc)}") from None
-    except (OSError, ValueError, KeyError) as exc:
-        raise NeumuterError(f"cannot load {model}: {_first_line(exc)}") from None
+    _check_loaded_whole(model, lm, info, stored)
+    check_vocabulary(model, lm.get_input_embeddings().num_embeddings, tokenizer)
+    head = lm.get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is not None:
+        check_vocabulary(model, head.weight.shape[0], tokenizer, "LM head")
     if device_map is None:
         lm.to(target)
     lm.eval()
     for param in lm.parameters():
         param.requires_grad_(False)
     check_causal_lm(lm)
-    tokenizer = load_tokenizer(model, trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
     lm.neumuter_source = model
@@ -180,7 +391,11 @@ def check_causal_lm(model: nn.Module) -> None:
     other = ids.clone()
     other[4:] = (ids[4:] + 1) % vocab
     batch = torch.stack([ids, other]).to(input_device(model))
-    logits = model(input_ids=batch, attention_mask=torch.ones_like(batch)).logits.float()[:, :4]
+    try:
+        logits = model(input_ids=batch, attention_mask=torch.ones_like(batch)).logits.float()[:, :4]
+    except Exception as exc:       # a model transformers loads but cannot run (with its KV cache, as EL does)
+        raise NeumuterError(f"model type {kind!r} ({type(model).__name__}) cannot run as a causal LM: its forward "
+                            f"pass fails ({_first_line(exc)})") from None
     if not torch.isfinite(logits).all():
         return      # broken weights say nothing about attention; the stage that uses them reports it
     change = (logits[0] - logits[1]).abs().max().item()
@@ -194,8 +409,13 @@ def check_causal_lm(model: nn.Module) -> None:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
+    """The message of ``exc`` as one line: its first line, and the next one when the first only
+    announces it (ends with a colon), at most 300 characters."""
+    lines = [line.strip() for line in (str(exc).strip() or type(exc).__name__).splitlines() if line.strip()]
+    text = lines[0]
+    if text.endswith(":") and len(lines) > 1:
+        text = f"{text} {lines[1]}"
+    return text[:300]
 
 
 def input_device(model: nn.Module) -> torch.device:
@@ -394,7 +614,22 @@ def fingerprint(model: nn.Module) -> str:
     0.25-0.5 s, i.e. 1-2 GB/s; bfloat16 weights, widened on the way, cost about the same per
     parameter. A 7B model (28 GB as float32 values) therefore takes 15-30 s. Weights on a GPU
     are copied to the CPU one chunk at a time."""
-    digest = hashlib.sha256()
+    return fingerprints(model)["exact"]
+
+
+#: the dtypes a copy of a model is commonly saved in: a copy rounded to one of them is the same model
+ROUNDINGS = (torch.bfloat16, torch.float16)
+
+
+def fingerprints(model: nn.Module, rounded: bool = False) -> dict[str, str]:
+    """``{"exact": fingerprint(model)}``, and with ``rounded`` also ``{"bfloat16": ...,
+    "float16": ...}``: the fingerprint of the model with every floating-point weight rounded to
+    that dtype first, in the same pass. Two models whose rounded fingerprints agree are one
+    model saved in two precisions (a float32 checkpoint and its bfloat16 copy): the reference
+    of a verdict must not be such a copy."""
+    digests = {"exact": hashlib.sha256()}
+    if rounded:
+        digests.update({str(dtype).replace("torch.", ""): hashlib.sha256() for dtype in ROUNDINGS})
     seen: dict[tuple, str] = {}
     widened = None   # reused buffer for bfloat16 → float32 bits
     for name, tensor in model.state_dict().items():
@@ -404,15 +639,21 @@ def fingerprint(model: nn.Module) -> str:
             tensor, source = offload.stored(model, name)
         as_float32 = tensor.is_floating_point() and tensor.element_size() <= 4
         dtype = "float32" if as_float32 else str(tensor.dtype).replace("torch.", "")
-        digest.update(f"{name}\0{tuple(tensor.shape)}\0{dtype}\0".encode())
+        for digest in digests.values():
+            digest.update(f"{name}\0{tuple(tensor.shape)}\0{dtype}\0".encode())
         key = source or (tensor.device, tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
         if tensor.numel() and key in seen:
-            digest.update(f"={seen[key]}\0".encode())
+            for digest in digests.values():
+                digest.update(f"={seen[key]}\0".encode())
             continue
         seen[key] = name
         flat = tensor.reshape(-1)
         for start in range(0, flat.numel(), FINGERPRINT_CHUNK):
             piece = flat[start:start + FINGERPRINT_CHUNK].to("cpu").contiguous()
+            if rounded:
+                for dtype in ROUNDINGS:
+                    values = piece.to(dtype).to(torch.float32) if tensor.is_floating_point() else piece
+                    digests[str(dtype).replace("torch.", "")].update(values.view(torch.uint8).numpy())
             if piece.dtype == torch.bfloat16 and sys.byteorder == "little":
                 # a bfloat16 is the high half of a float32: interleave with zero low halves
                 # (exact, and several times faster than a float conversion)
@@ -420,12 +661,39 @@ def fingerprint(model: nn.Module) -> str:
                     widened = np.zeros(2 * FINGERPRINT_CHUNK, dtype=np.uint16)
                 wide = widened[: 2 * piece.numel()]
                 wide[1::2] = piece.view(torch.int16).numpy().view(np.uint16)
-                digest.update(wide)
+                digests["exact"].update(wide)
                 continue
             if as_float32 and piece.dtype != torch.float32:
                 piece = piece.to(torch.float32)
-            digest.update(piece.view(torch.uint8).numpy())
-    return digest.hexdigest()[:32]
+            digests["exact"].update(piece.view(torch.uint8).numpy())
+    return {kind: digest.hexdigest()[:32] for kind, digest in digests.items()}
+
+
+def lineage(model: str) -> dict[str, str]:
+    """The fingerprints a neumuter checkpoint folder says it was made from: ``{fingerprint:
+    stage}`` from its neumuter.json (``source_fingerprint``) and every record of its history
+    (what `apply`, `quantize` and `relearn` wrote); empty for any other model."""
+    import json
+
+    path = os.path.join(model, "neumuter.json")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            record = json.load(handle)
+    except (OSError, ValueError, RecursionError):
+        return {}
+    if not isinstance(record, dict):
+        return {}
+    found: dict[str, str] = {}
+    history = record.get("history") if isinstance(record.get("history"), list) else []
+    for entry in [record, *history]:
+        if not isinstance(entry, dict):
+            continue
+        stage = entry.get("stage") if isinstance(entry.get("stage"), str) else "apply"
+        for key in ("source_fingerprint", "fingerprint"):
+            value = entry.get(key)
+            if isinstance(value, str) and not (entry is record and key == "fingerprint"):
+                found.setdefault(value, stage)
+    return found
 
 
 def describe(model: nn.Module, layers: Sequence[FFNLayer]) -> dict:

@@ -20,11 +20,13 @@ ALWAYS_SHOWN = ("warning:",)
 class Reporter:
     """Where a command's progress goes. ``stream``: stderr (looked up at each write, so that a
     swapped sys.stderr is followed) unless given, e.g. a fake terminal in a test. ``every``:
-    print at most one line per that many seconds (bars are not throttled)."""
+    print at most one line per that many seconds (bars are not throttled). ``silent``: nothing
+    at all, warnings included (a process of a launcher other than rank 0, which shows them)."""
 
     def __init__(self, quiet: bool = False, stream: IO[str] | None = None, every: float = 0.0,
-                 _bars: list | None = None):
+                 _bars: list | None = None, silent: bool = False):
         self.quiet = quiet
+        self.silent = silent
         self._stream = stream
         self._every = every
         self._last = -math.inf
@@ -37,7 +39,7 @@ class Reporter:
     @property
     def bars(self) -> bool:
         """Whether loops draw a bar: not quiet, and the stream is a terminal."""
-        if self.quiet:
+        if self.quiet or self.silent:
             return False
         isatty = getattr(self.stream, "isatty", None)
         try:
@@ -47,10 +49,10 @@ class Reporter:
 
     def throttled(self, every: float) -> "Reporter":
         """The same reporter, printing at most one line per ``every`` seconds (inner loops)."""
-        return Reporter(self.quiet, self._stream, every, self._bars)
+        return Reporter(self.quiet, self._stream, every, self._bars, self.silent)
 
     def __call__(self, message: str) -> None:
-        if self.quiet and not message.startswith(ALWAYS_SHOWN):
+        if self.silent or (self.quiet and not message.startswith(ALWAYS_SHOWN)):
             return
         if self._every:
             now = time.monotonic()

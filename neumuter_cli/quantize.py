@@ -121,13 +121,16 @@ def quantize_model(model, qtype: str, progress: Callable[[str], None] | None = N
 __all__ = ["QUANT_TYPES", "quantize_model", "name_patterns"]
 
 
-def quantized_checkpoint_record(model, source: str, summary: dict) -> dict:
+def quantized_checkpoint_record(model, source: str, summary: dict, source_fingerprint: str | None = None) -> dict:
     """The ``neumuter.json`` of a checkpoint written after :func:`quantize_model`: what was
-    routed through which format, from which model, and the source checkpoint's own records."""
+    routed through which format, from which model (``source_fingerprint``: its fingerprint
+    before the round trip, so that a quantised copy is known as the model's copy), and the
+    source checkpoint's own records."""
     from . import __version__
     from .apply import previous_records
     from .models import fingerprint
 
     return {"stage": "quantize", "tool_version": __version__, "source_model": source,
+            "source_fingerprint": source_fingerprint,
             "quantization": {k: summary[k] for k in ("type", "weights", "elements", "patterns", "skipped")},
             "fingerprint": fingerprint(model), "history": previous_records(source)}

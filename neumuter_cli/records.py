@@ -28,6 +28,22 @@ def display_name(path: str) -> str:
     return "<stdin>" if path == "-" else str(path)
 
 
+def is_terminal(stream) -> bool:
+    """Whether ``stream`` (sys.stdin, sys.stdout) is an open terminal; a closed one (a command
+    started with ``>&-`` or ``<&-``, where Python sets it to None) is not."""
+    try:
+        return stream is not None and stream.isatty()
+    except (AttributeError, ValueError, OSError):   # closed, or not a real file
+        return False
+
+
+def standard_output():
+    """sys.stdout, or a NeumuterError when the command was started with stdout closed."""
+    if sys.stdout is None:
+        raise NeumuterError("cannot write to stdout: it is closed (write to a file instead)")
+    return sys.stdout
+
+
 class _BadValue(ValueError):
     """A JSON value that parses but cannot be carried through faithfully."""
 
@@ -52,6 +68,34 @@ def _json_constant(text: str):
 
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def loads_json(text: str):
+    """``json.loads`` that refuses what a record line refuses too: NaN and Infinity, numbers a
+    double cannot hold, integers too long to read, nesting too deep to follow. Raises
+    ValueError (its message says why, see :func:`json_problem`)."""
+    try:
+        return json.loads(text, parse_int=_json_int, parse_float=_json_float, parse_constant=_json_constant)
+    except RecursionError:
+        raise _BadValue("nested too deeply") from None
+
+
+def json_problem(exc: ValueError) -> str:
+    """Why :func:`loads_json` refused a text, in a few words."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg.removesuffix(' at')} at line {exc.lineno} column {exc.colno}"
+    return str(exc)
+
+
+def finite_number(value) -> bool:
+    """A JSON number that is a finite double: not a bool, not NaN or infinite, not an integer
+    too large for a double (math.isfinite raises OverflowError on those)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 class _LineError(ValueError):
@@ -186,8 +230,17 @@ def read_records(path: str, require: Iterable[str] = ("text",)) -> list[dict]:
     return list(iter_records(path, require))
 
 
+def dumps_json(value, **options) -> str:
+    """``json.dumps`` that never writes NaN or Infinity (JSON has no such values, and neumuter
+    refuses them as input): a non-finite number is a NeumuterError instead."""
+    try:
+        return json.dumps(value, allow_nan=False, **options)
+    except ValueError:
+        raise NeumuterError("refusing to write a non-finite number (NaN or infinity) as JSON") from None
+
+
 def dumps_record(record: dict) -> str:
-    return json.dumps(record, ensure_ascii=False)
+    return dumps_json(record, ensure_ascii=False)
 
 
 def record_writer(out: IO[str], flush: bool = False):
@@ -225,7 +278,10 @@ def check_output(path: str, inputs: Iterable[str | None] = ()) -> None:
     temporary file there, which also catches read-only file systems); or it is one of the
     command's ``inputs`` (the input would be replaced by the result). ``-`` (stdout) and a
     device or pipe (/dev/null, /dev/stdout) pass."""
-    if path == "-" or _special_file(path):
+    if path == "-":
+        standard_output()
+        return
+    if _special_file(path):
         return
     for source in inputs:
         if source and source != "-" and os.path.isfile(source) and os.path.isfile(path) and _same_file(path, source):
@@ -282,12 +338,13 @@ def atomic_output(path: str, mode: str = "w", binary_to_terminal_ok: bool = True
     (/dev/null, /dev/stdout, a named pipe) is written in place: renaming a file over it would
     replace it."""
     if path == "-":
+        stdout = standard_output()
         if "b" in mode:
-            if not binary_to_terminal_ok and sys.stdout.isatty():
+            if not binary_to_terminal_ok and is_terminal(stdout):
                 raise NeumuterError("refusing to write binary output to a terminal: use -o FILE or a pipe")
-            out = sys.stdout.buffer
+            out = stdout.buffer
         else:
-            out = sys.stdout
+            out = stdout
         yield out
         out.flush()
         return
@@ -408,8 +465,9 @@ def sha256_bytes(data: bytes) -> str:
 
 
 __all__ = [
-    "EmptyInput", "display_name", "iter_records", "read_records", "validate_record", "record_problem",
-    "strict_loads", "dumps_record", "record_writer",
+    "EmptyInput", "display_name", "is_terminal", "standard_output", "iter_records", "read_records",
+    "validate_record", "record_problem", "strict_loads", "dumps_json", "dumps_record", "record_writer",
+    "loads_json", "json_problem", "finite_number",
     "check_output", "check_folder_writable", "atomic_output", "atomic_directory", "sha256_texts",
     "sha256_file", "sha256_bytes",
 ]

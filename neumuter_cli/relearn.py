@@ -26,8 +26,10 @@ import torch.nn.functional as F
 
 from . import NeumuterError, distributed
 from .config import RelearnConfig
+from .errors import NonFiniteLoss, SettingError
 from .localize import pad
-from .measure import encode
+from .measure import check_context, encode
+from .records import finite_number
 from .models import _decoder_blocks, input_device, parse_layers
 from .progress import steps
 
@@ -42,19 +44,28 @@ class RelearnResult:
     trained_parameters: int
     seconds: float
     order: list[list[int]] = field(default_factory=list)   # record indices of each step's batch
+    loss_after: float | None = None  # the last step's batch loss after its update
+
+
+#: the largest learning rate Adam can apply to float32 weights (the master copies of half weights
+#: are float32 too): torch refuses a larger step size as "cannot be converted to type float"
+MAX_LR = torch.finfo(torch.float32).max
 
 
 def check_config(config: RelearnConfig) -> None:
-    """Refuse settings that cannot train: the errors a user can fix, as one line each."""
+    """Refuse settings that cannot train: the errors a user can fix, as one line each
+    (SettingError, naming the parameter)."""
     if isinstance(config.steps, bool) or not isinstance(config.steps, int) or config.steps < 1:
-        raise NeumuterError(f"steps must be a whole number >= 1 (got {config.steps!r})")
-    if isinstance(config.lr, bool) or not isinstance(config.lr, (int, float)) \
-            or not math.isfinite(config.lr) or config.lr <= 0:
-        raise NeumuterError(f"the learning rate must be a finite number > 0 (got {config.lr!r})")
+        raise SettingError("steps", f"must be a whole number >= 1, not {config.steps!r}")
+    if not finite_number(config.lr) or config.lr <= 0:
+        raise SettingError("lr", f"must be a finite number > 0, not {config.lr!r}")
+    if config.lr > MAX_LR:
+        raise SettingError("lr", f"must be at most {MAX_LR:.6g} (the largest float32), not {config.lr:g}")
     if isinstance(config.batch_size, bool) or not isinstance(config.batch_size, int) or config.batch_size < 1:
-        raise NeumuterError(f"the batch size must be a whole number >= 1 (got {config.batch_size!r})")
-    if config.max_length is not None and config.max_length < 2:
-        raise NeumuterError(f"max_length must be at least 2 tokens (got {config.max_length!r})")
+        raise SettingError("batch_size", f"must be a whole number >= 1, not {config.batch_size!r}")
+    if config.max_length is not None and (isinstance(config.max_length, bool) or not isinstance(config.max_length, int)
+                                          or config.max_length < 2):
+        raise SettingError("max_length", f"must be a whole number of at least 2 tokens, not {config.max_length!r}")
 
 
 def data_order(records: int, steps: int, batch_size: int, seed: int) -> list[list[int]]:
@@ -96,6 +107,9 @@ def relearn(model, tokenizer, records: Sequence[dict], config: RelearnConfig, pr
         if len(ids) < 2:
             label = record.get("id", record["text"][:30])
             raise NeumuterError(f"text {label!r} has fewer than 2 tokens: nothing to learn from")
+    # as in localize: a text longer than the model's context at max_length is refused (the
+    # position embeddings would be indexed past their end)
+    check_context(model, max(map(len, ids_list)), "a text (use a smaller --max-length)")
     params, blocks = trainable_parameters(model, config.layers)
     if not params:
         raise NeumuterError("no parameters to train")
@@ -123,27 +137,33 @@ def relearn(model, tokenizer, records: Sequence[dict], config: RelearnConfig, pr
     losses: list[float] = []
     started = time.perf_counter()
     tracker = steps(progress, config.steps, "relearn", "step")
+
+    def share_loss(batch):
+        """This process's part of the mean token loss of ``batch`` (all of it in one process):
+        under a launcher each process takes its share of the batch, and its loss is divided by
+        the whole batch's tokens, so the parts (and their gradients) sum to one process's."""
+        mine = distributed.split(batch)
+        if not mine:
+            return torch.zeros((), device=device)
+        tokens = sum(len(ids_list[k]) - 1 for k in batch)
+        input_ids, mask = pad([ids_list[k] for k in mine], pad_id)
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
+        target = input_ids[:, 1:].to(logits.device)
+        weight = mask[:, 1:].to(logits.device).float()
+        token_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                     reduction="none").view_as(target)
+        # divided by a 0-dim tensor as before (one process gives the same bits)
+        return (token_loss * weight).sum() / torch.tensor(float(tokens), device=weight.device)
+
     try:
         for step, batch in enumerate(order, 1):
-            # under a launcher each process takes its share of the batch; the loss is the mean
-            # over the whole batch's tokens, so the summed gradients are one process's
-            mine = distributed.split(batch)
-            tokens = sum(len(ids_list[k]) - 1 for k in batch)
             optimiser.zero_grad(set_to_none=True)
             for m in masters:
                 if m is not None:
                     m.grad = None
-            loss = torch.zeros((), device=device)
-            if mine:
-                input_ids, mask = pad([ids_list[k] for k in mine], pad_id)
-                input_ids, mask = input_ids.to(device), mask.to(device)
-                logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
-                target = input_ids[:, 1:].to(logits.device)
-                weight = mask[:, 1:].to(logits.device).float()
-                token_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                             reduction="none").view_as(target)
-                # divided by a 0-dim tensor as before (one process gives the same bits)
-                loss = (token_loss * weight).sum() / torch.tensor(float(tokens), device=weight.device)
+            loss = share_loss(batch)
+            if loss.requires_grad:
                 loss.backward()
             for p, m in zip(params, masters):
                 if m is not None and p.grad is not None:
@@ -155,9 +175,10 @@ def relearn(model, tokenizer, records: Sequence[dict], config: RelearnConfig, pr
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
                 distributed.all_reduce_sum([*(p.grad for p in optimised), loss])
-            if not torch.isfinite(loss).all():
-                raise NeumuterError(f"step {step}: the loss is not finite ({loss.item()}); "
-                                    "try a smaller --lr or --dtype float32")
+            if not torch.isfinite(loss).all():      # before the update: the weights stay as they were
+                raise NonFiniteLoss(f"step {step}: the loss is not finite ({loss.item()}): the update of "
+                                    f"step {step - 1} broke the model" if step > 1 else
+                                    f"step 1: the loss is not finite ({loss.item()}) before any update")
             optimiser.step()
             with torch.no_grad():
                 for p, m in zip(params, masters):
@@ -168,6 +189,16 @@ def relearn(model, tokenizer, records: Sequence[dict], config: RelearnConfig, pr
                                f"({time.perf_counter() - started:.1f}s)", f"loss {losses[-1]:.4f}")
             if on_step is not None:
                 on_step(step, losses[-1])
+        # every update but the last is checked by the loss of the next step: check the last one
+        # too, so that a model that computes NaN is never returned (nor written)
+        with torch.no_grad():
+            last = share_loss(order[-1]).detach().reshape(1)
+            distributed.all_reduce_sum([last])       # the whole batch's loss (nothing in one process)
+            after = last.item()
+        broken = next((name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+        if broken is not None or not math.isfinite(after):
+            what = f"weight {broken} is not finite" if broken else f"the loss is not finite ({after})"
+            raise NonFiniteLoss(f"after step {config.steps}: {what}: the update broke the model")
     finally:
         tracker.close()
         for p in params:
@@ -175,7 +206,7 @@ def relearn(model, tokenizer, records: Sequence[dict], config: RelearnConfig, pr
             p.requires_grad_(False)
         model.eval()
     return RelearnResult(steps=len(losses), losses=losses, blocks=blocks, trained_parameters=count,
-                         seconds=time.perf_counter() - started, order=order)
+                         seconds=time.perf_counter() - started, order=order, loss_after=after)
 
 
 def _span(blocks: Sequence[int]) -> str:
@@ -240,6 +271,7 @@ def provenance(model, config: RelearnConfig, result: RelearnResult, records: Seq
         "trained_parameters": result.trained_parameters,
         "losses": [round(v, 6) for v in result.losses],
         "final_loss": round(result.losses[-1], 6) if result.losses else None,
+        "loss_after_last_step": None if result.loss_after is None else round(result.loss_after, 6),
         "seconds": round(result.seconds, 2),
     }
     record["history"] = previous_records(source)

@@ -2,7 +2,6 @@
 examples (Table 14), and the three output formats (table, JSONL, JSON)."""
 from __future__ import annotations
 
-import json
 from typing import IO, Callable, Sequence
 
 from .measure import MIA_RADIUS, MeasureResult, el_key, record_label
@@ -149,16 +148,16 @@ def write_result(result: MeasureResult, fmt: str, out: IO[str], style: Callable[
     "summary"}``)."""
     import jsonlines
 
-    from .records import record_writer
+    from .records import dumps_json, record_writer
 
     if fmt == "jsonl":
         with record_writer(out) as lines:
             lines.write_all(result.records)
         if not result.records:                 # perplexity alone: the summary is the data
-            with jsonlines.Writer(out, dumps=json.dumps) as lines:
+            with jsonlines.Writer(out, dumps=dumps_json) as lines:
                 lines.write({"summary": result.summary})
     elif fmt == "json":
-        out.write(json.dumps({"records": result.records, "summary": result.summary},
+        out.write(dumps_json({"records": result.records, "summary": result.summary},
                              ensure_ascii=False, indent=2) + "\n")
     elif fmt == "table":
         parts = [results_table(result.records, result.el_ns)] if result.records else []

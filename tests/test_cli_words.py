@@ -38,7 +38,8 @@ def test_the_cli_names_the_flag_of_a_bad_setting(tiny_neo_dir, tmp_path, monkeyp
     records.write_text(json.dumps({"text": PEOPLE[0], "neighbors": [PEOPLE[1]]}) + "\n")
     layers = CliRunner().invoke(cli, ["localize", str(records), "-m", tiny_neo_dir, "--layers", "1-9",
                                       "--device", "cpu", "-o", str(tmp_path / "mask.safetensors")])
-    assert error_line(layers).startswith("Error: --layers '1-9': block 2 does not exist")
+    assert layers.exit_code == 2, layers.output       # a value that cannot work: a usage error
+    assert layers.stderr.splitlines()[-1] == "Error: --layers '1-9': block 2 does not exist (the model has blocks 0-1)"
 
     scales = CliRunner().invoke(cli, ["select", "no-such-mask", "--top-fraction", "1.5"])
     assert scales.exit_code == 2 and "Invalid value for '--top-fraction'" in scales.stderr   # checked by click

@@ -88,10 +88,25 @@ def test_every_control_meets_the_mean_target_or_says_it_did_not(setup, tmp_path,
     for name in ("neumuter", "random neurons", "activation", "gradient ascent", "NPO"):
         assert name in table
 
+    # the reference's numbers are the reference model's own; the others are judged against them
     reference = rows["reference"]
-    assert reference["at_reference"] == len(FORGET) and reference["ks_p"] == pytest.approx(1.0)
+    ref_model, ref_tokenizer = load_model(str(root / "ref"), device="cpu")
+    assert reference["forget_ma"] == memorization_accuracy(ref_model, encode(ref_tokenizer, FORGET))
     before = rows["before"]
     assert before["forget_ma_mean"] > 0.9 and before["reached"] is False   # it really memorised them
+    # "at the reference": texts at or below the reference's MA + tolerance (recomputed here), and
+    # forget quality: the KS p-value of the two loss samples (recomputed with scipy)
+    from scipy.stats import ks_2samp
+
+    tolerance = 0.05                      # the --tolerance default
+    measured = [row for row in result["rows"][1:] if "forget_ma" in row] + rows["random"]["seeds"]
+    assert len(measured) == len(result["rows"]) - 2 + 3            # every row but the reference's and random's mean
+    for row in measured:
+        assert row["at_reference"] == sum(ma <= ref + tolerance + 1e-9 for ma, ref in
+                                          zip(row["forget_ma"], reference["forget_ma"])), row["control"]
+        assert row["ks_p"] == pytest.approx(ks_2samp(row["forget_losses"], reference["forget_losses"]).pvalue)
+    assert rows["random"]["at_reference"] == pytest.approx(sum(r["at_reference"] for r in rows["random"]["seeds"]) / 3)
+    assert before["at_reference"] == 0 and before["ks_p"] < 0.5
 
     # every row's "target met" is what its own measured forget MA says
     for row in result["rows"]:

@@ -84,4 +84,7 @@ def test_forget_a_canary_keep_the_people(memorizer, tmp_path, seed):
     assert mean_ma(memorizer, CANARIES[:1])[0] > 0.95 and min(before_people) > 0.95
     assert after_forget <= unseen_level, (after_forget, unseen_level)
     kept = sum(after_people) / sum(before_people)
+    # the README's numbers: `python -m pytest -s tests/test_end_to_end.py` prints them
+    print(f"\nseed {seed}: canary MA {after_forget:.3f} (unseen {unseen_level:.3f}); the people keep "
+          f"{100 * kept:.1f} % of their MA")
     assert kept >= 0.90, kept

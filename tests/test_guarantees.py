@@ -453,7 +453,163 @@ def test_scales_outside_0_1_need_allow_any_scale(src, tmp_path, value):
 
 def test_exit_statuses_are_documented():
     text = run("--help").stdout
-    for line in ("0  success", "1  `measure --check`: some record is not forgotten",
-                 "2  usage error: a bad option, argument or combination of them",
-                 "3  any other error (bad input, wrong model, unwritable output, I/O),"):
+    for line in ("Exit status, the same for every command:", "0    success",
+                 "1    `measure --check`: some record is not forgotten (and nothing else)",
+                 "2    usage error: a bad option, argument or combination of them",
+                 "3    any other error (bad input, wrong model, unwritable output, I/O),",
+                 "130  interrupted (Ctrl-C); 143: terminated (SIGTERM); either way"):
         assert line in text, line
+
+
+# ---------------------------------------------------------------- the Guarantees that had no test
+
+def test_an_encoder_decoder_model_is_refused_before_its_weights_load(tmp_path, nb_file):
+    from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
+
+    models = {
+        "bart": ("BartForConditionalGeneration", BartForConditionalGeneration(BartConfig(
+            vocab_size=300, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64))),
+        "t5": ("T5ForConditionalGeneration", T5ForConditionalGeneration(T5Config(
+            vocab_size=300, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4))),
+    }
+    for kind, (architecture, model) in models.items():
+        path = tmp_path / kind
+        model.save_pretrained(path)
+        byte_bpe_tokenizer().save_pretrained(path)
+        expected = (f"Error: model type {kind!r} ({architecture}) is an encoder-decoder model, not a causal decoder "
+                    "LM: neumuter needs a decoder-only causal LM")
+        for args in (["inspect"], ["measure", nb_file, "-o", tmp_path / "m.jsonl"],
+                     ["localize", nb_file, "-o", tmp_path / "m.st"], ["relearn", nb_file, "-o", tmp_path / "rl"]):
+            result = run(*args, "-m", path, "--device", "cpu")
+            assert error_line(result) == expected, (kind, args)
+            assert "Loading weights" not in result.stderr          # refused from its config
+    assert sorted(os.listdir(tmp_path)) == ["bart", "nb.jsonl", "t5"]
+
+
+@pytest.mark.parametrize("version,shown", [(3, "3"), ("two", "'two'"), (None, "None"), (2.5, "2.5")])
+def test_an_unknown_format_version_is_refused(src, tmp_path, version, shown):
+    path, model, scales = src
+    tensors, meta = load_artifact(scales)
+    mask_tensors, mask_meta = load_artifact(str(Path(scales).parent / "mask.safetensors"))
+    for name, (data, metadata), command in (("s.st", (tensors, meta), ["apply", "-m", path, "-o", tmp_path / "out"]),
+                                            ("m.st", (mask_tensors, mask_meta), ["select", "-o", tmp_path / "out"])):
+        metadata = dict(metadata)
+        if version is None:
+            del metadata["format_version"]
+        else:
+            metadata["format_version"] = version
+        save_artifact(data, metadata, str(tmp_path / name))
+        result = run(command[0], tmp_path / name, *command[1:], "--device", "cpu") if command[0] == "apply" else \
+            run(command[0], tmp_path / name, *command[1:])
+        assert error_line(result) == (f"Error: {tmp_path / name}: format_version {shown} is not supported (this "
+                                      f"neumuter reads {FORMAT_VERSION})")
+        assert "loading" not in result.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value,message", [("nan", "'nan' is not a finite number."), ("inf", "'inf' is not a finite number."),
+                                           ("-0.1", "-0.1 is not in the range 0<=x<=1."),
+                                           ("1.5", "1.5 is not in the range 0<=x<=1.")])
+@pytest.mark.parametrize("command", ["measure", "localize"])
+def test_tolerance_is_finite_and_in_range(src, nb_file, tmp_path, value, message, command):
+    result = run(command, nb_file, "-m", src[0], "--reference-model", src[0], "--tolerance", value,
+                 "-o", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines()[-1] == f"Error: Invalid value for '--tolerance': {message}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_library_refuses_a_tolerance_that_is_not_finite(src):
+    from neumuter_cli.measure import MeasureConfig, run_measure
+
+    for value in (float("nan"), float("inf"), -0.5):
+        with pytest.raises(NeumuterError) as info:
+            run_measure(MeasureConfig(model=src[0], input_path=None, tolerance=value))
+        assert str(info.value) == "--tolerance must be between 0 and 1"
+
+
+def _outputs_that_are_inputs(src, nb_file, tmp_path):
+    """(command line, the input it names as its output) for every command that writes a file
+    or a folder."""
+    path, _, scales = src
+    mask = str(Path(scales).parent / "mask.safetensors")
+    thresholds = tmp_path / "thresholds.json"
+    thresholds.write_text(json.dumps({"ma": 0.5, "el_10": 0.5, "loss": 3.0}))
+    models = tmp_path / "models"
+    shutil.copytree(path, models / "m")
+    shutil.copy(nb_file, models / "records.jsonl")
+    cases = [(["neighbors", nb_file, "--mlm", tmp_path / "no-mlm", "-o", nb_file], nb_file),
+             (["select", mask, "-o", mask], mask)]
+    for option in ("--reference", "--thresholds", "--ppl", "--holdout", "--reference-scores"):
+        given = thresholds if option == "--thresholds" else nb_file
+        cases.append((["measure", nb_file, "-m", path, option, given, "-o", given], given))
+    cases.append((["measure", nb_file, "-m", path, "-o", nb_file], nb_file))
+    cases.append((["quantize", "-m", models / "m", "--type", "q8_0", "-o", models / "m", "--force"], models / "m"))
+    cases.append((["relearn", nb_file, "-m", models / "m", "-o", models / "m", "--force"], models / "m"))
+    cases.append((["relearn", models / "records.jsonl", "-m", path, "-o", models, "--force"], models))
+    return cases
+
+
+def test_an_output_is_not_an_input(src, nb_file, tmp_path):
+    for args, given in _outputs_that_are_inputs(src, nb_file, tmp_path):
+        before = {p: p.read_bytes() for p in Path(given).rglob("*") if p.is_file()} if Path(given).is_dir() \
+            else {Path(given): Path(given).read_bytes()}
+        result = run(*args, "--device", "cpu") if args[0] not in ("select",) else run(*args)
+        line = error_line(result)
+        if args[0] in ("quantize", "relearn"):
+            folder = args[args.index("-o") + 1]
+            held = Path(given) / "records.jsonl" if Path(given) == tmp_path / "models" else given
+            assert line == (f"Error: refusing to write the checkpoint to {folder}: it would replace {held}, an "
+                            "input of this command (give a new folder)"), args
+        else:
+            assert line == (f"Error: refusing to write {given}: it is an input of this command (write the result "
+                            "to another file)"), args
+        assert "loading" not in result.stderr, args        # checked before any model loads
+        for file, data in before.items():
+            assert file.read_bytes() == data, (args, file)
+
+
+def test_localize_is_byte_reproducible_with_an_early_stop_and_pruning(tmp_path):
+    """The same inputs, options and seed give the same mask, byte for byte, when the early stop
+    fires and the pruning bisection runs (both call the forgetting check, which measures)."""
+    from helpers import train_memorizer
+
+    train_memorizer(tmp_path / "mem", steps=60)
+    nb = tmp_path / "nb.jsonl"
+    nb.write_text("".join(json.dumps({"id": k, "text": t, "neighbors": [PEOPLE[-1]]}) + "\n"
+                          for k, t in enumerate(PEOPLE[:2])))
+    masks = []
+    for name in ("a.st", "b.st"):
+        result = run("localize", nb, "-m", tmp_path / "mem", "--stop-ma", "0.95", "--epochs", "15", "--lr", "1",
+                     "--eta", "0", "-o", tmp_path / name, "--device", "cpu")
+        assert result.exit_code == 0, result.output
+        assert "prune: trying" in result.stderr and "stopped: every forget text below the thresholds" in result.stderr
+        masks.append((tmp_path / name).read_bytes())
+    assert masks[0] == masks[1]
+    _, meta = load_artifact(str(tmp_path / "a.st"))
+    assert meta["stopped_early"] is True and meta["epochs_run"] < 15
+    assert 0 < meta["pruned"]["kept"] < meta["pruned"]["moved"]
+
+
+def test_records_are_read_and_written_as_utf8_under_another_locale(src, tmp_path):
+    """In the C locale without UTF-8 coercion, Python's default encoding is ASCII; records
+    with other characters are still read (from a file and from stdin) and written as UTF-8."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "LC_ALL": "C", "LANG": "C",
+           "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    env.pop("PYTHONIOENCODING", None)
+    probe = subprocess.run([sys.executable, "-c", "import locale; print(locale.getpreferredencoding(False))"],
+                           env=env, capture_output=True, text=True)
+    assert probe.stdout.strip() in ("ANSI_X3.4-1968", "ascii", "US-ASCII"), probe.stdout   # the test means it
+    texts = ["Café au lait, naïve façade — 東京 ☕", "Ελληνικά and emoji 🙂 in one record"]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"id": k, "text": t}, ensure_ascii=False) + "\n"
+                              for k, t in enumerate(texts)), encoding="utf-8")
+    for how in ("file", "stdin"):
+        out = tmp_path / f"out-{how}.jsonl"
+        command = [sys.executable, "-m", "neumuter_cli", "measure", str(source) if how == "file" else "-",
+                   "-m", src[0], "--el-n", "0", "--device", "cpu", "-o", str(out)]
+        done = subprocess.run(command, env=env, input=source.read_bytes() if how == "stdin" else None,
+                              capture_output=True, timeout=300)
+        assert done.returncode == 0, done.stderr.decode("utf-8", "replace")
+        rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+        assert [r["text"] for r in rows] == texts and "☕" in out.read_text(encoding="utf-8")

@@ -62,7 +62,8 @@ def test_reference_scores_jsonl_keeps_line_separators_inside_texts(tmp_path):
     texts = ["first \u2028 text", "second\u0085text"]
     scores = tmp_path / "ref.jsonl"
     with open(scores, "w", encoding="utf-8") as out, record_writer(out) as writer:
-        writer.write_all({"text": t, "tokens": 5, "ma": 0.5, "el_10": None, "loss": 2.0} for t in texts)
+        writer.write_all({"text": t, "tokens": 5, "ma": 0.5, "el_10": None, "loss": 2.0, "model_fingerprint": "0" * 32}
+                         for t in texts)
     read = read_reference_scores(str(scores), texts, (10,))
     assert [r["ma"] for r in read["records"]] == [0.5, 0.5]
 

@@ -1,5 +1,7 @@
 """localize: gates train, weights stay frozen, the mask file is complete and reproducible."""
 import json
+import os
+import shutil
 
 import pytest
 import torch
@@ -10,11 +12,16 @@ from helpers import PEOPLE, save_tiny, train_memorizer
 from neumuter_cli import NeumuterError
 from neumuter_cli.cli import cli
 from neumuter_cli.localize import LocalizeConfig, forget_loss, localize, neighbour_kl, original_distribution
-from neumuter_cli.models import find_ffn_layers, load_model
+from neumuter_cli.models import find_ffn_layers, fingerprint, load_model
 from neumuter_cli.artifacts import load_artifact
+from neumuter_cli.records import sha256_texts
 
 NEIGHBOURS = ["Zed Quinn lives at 90 Hill Street and his phone number is 555-0101.",
               "Amy Ross lives at 3 Lake Road and her phone number is 555-0199."]
+
+
+def fingerprint_of(path):
+    return fingerprint(load_model(str(path), device="cpu")[0])
 
 
 def write_records(path, records):
@@ -47,6 +54,9 @@ def test_mask_file_complete_and_weights_untouched(tiny_neo_dir, nb_file, tmp_pat
     for key in ("model", "architecture", "fingerprint", "modules", "neurons", "layers", "hyperparameters",
                 "forget_sha256", "losses", "tool_version", "format_version"):
         assert key in meta, key
+    # by value: the model the gates were trained on, the texts they were trained to forget
+    assert meta["model"] == tiny_neo_dir and meta["fingerprint"] == fingerprint_of(tiny_neo_dir)
+    assert meta["forget_sha256"] == sha256_texts([PEOPLE[0], PEOPLE[1]])
     assert meta["layers"] == [1] and meta["architecture"] == "gpt_neo"
     assert meta["hyperparameters"]["epochs"] == 3 and meta["losses"]["epoch"] == 3
     assert len(meta["modules"]) == 2 and meta["neurons"] == [64, 64]
@@ -85,16 +95,16 @@ def test_stdout_when_piped(tiny_neo_dir, nb_file):
 
 
 @pytest.mark.parametrize("lines,message", [
-    ([{"text": "no neighbours here"}], 'no "neighbors"'),
-    ([{"text": "x", "neighbors": []}], '"neighbors" must be a non-empty list'),
-    ([], "no records"),
+    ([{"text": "no neighbours here"}], 'record has no "neighbors"'),
+    ([{"text": "x", "neighbors": []}], '"neighbors" must be a non-empty list of non-empty strings'),
+    ([], "no records (empty input)"),
 ])
 def test_bad_records(tiny_neo_dir, tmp_path, lines, message):
     path = write_records(tmp_path / "in.jsonl", lines)
     out = tmp_path / "mask.safetensors"
     result = CliRunner().invoke(cli, ["localize", path, "-m", tiny_neo_dir, "-o", str(out)])
-    assert result.exit_code != 0
-    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert result.exit_code == 3
+    assert result.stderr.splitlines() == [f"Error: {path}:1: {message}" if lines else f"Error: {path}: {message}"]
     assert not out.exists() and not list(tmp_path.glob(".mask*"))
 
 
@@ -110,14 +120,19 @@ def test_model_that_cannot_be_gated(tmp_path, nb_file):
     byte_bpe_tokenizer().save_pretrained(path)
     out = tmp_path / "m.st"
     result = CliRunner().invoke(cli, ["localize", nb_file, "-m", str(path), "-o", str(out)])
-    assert result.exit_code != 0 and "'mixtral' is not supported" in result.stderr
+    assert result.exit_code == 3
+    assert result.stderr.splitlines()[-1] == (
+        "Error: model type 'mixtral' is not supported: its FFNs are mixtures of experts (config num_experts = 4); "
+        "neumuter gates the neurons of one dense FFN per block")
     assert not out.exists()
 
 
 def test_bad_layers(tiny_neo_dir, nb_file, tmp_path):
     result = CliRunner().invoke(cli, ["localize", nb_file, "-m", tiny_neo_dir, "--layers", "7",
                                       "-o", str(tmp_path / "m.st")])
-    assert result.exit_code != 0 and "block 7 does not exist" in result.stderr
+    assert result.exit_code == 2      # a value that cannot work for this model: a usage error
+    assert result.stderr.splitlines()[-1] == "Error: --layers '7': block 7 does not exist (the model has blocks 0-1)"
+    assert not (tmp_path / "m.st").exists()
 
 
 def test_topk_kl_equals_full_kl_when_k_covers_vocabulary():
@@ -180,12 +195,28 @@ def memorizer_dir(tmp_path_factory):
     return str(path)
 
 
-def test_reference_model_itself_stops_at_the_first_check(memorizer_dir, tmp_path):
-    """A model is already 'like never seen' by its own standard: nothing to forget."""
+def test_a_reference_that_remembers_as_well_stops_at_the_first_check(memorizer_dir, tmp_path):
+    """A reference that memorised the same texts (another seed) leaves nothing to forget. The
+    model itself, or a copy of it, is refused as its own reference (before any training)."""
+    from transformers import AutoTokenizer
+
     nb = write_records(tmp_path / "nb.jsonl", [{"id": i, "text": t, "neighbors": NEIGHBOURS[:1]}
                                                 for i, t in enumerate(PEOPLE[:3])])
     out = str(tmp_path / "mask.safetensors")
-    result = run(["localize", nb, "--model", memorizer_dir, "--reference-model", memorizer_dir,
+    copy = tmp_path / "copy"
+    shutil.copytree(memorizer_dir, copy)
+    for reference, detail in ((memorizer_dir, f"is the checkpoint {memorizer_dir}"),
+                              (copy, f"has the weights of {memorizer_dir} (fingerprint {fingerprint_of(memorizer_dir)})")):
+        refused = run(["localize", nb, "--model", memorizer_dir, "--reference-model", str(reference),
+                       "--epochs", "20", "-o", out, "--device", "cpu"])
+        assert refused.exit_code == 3, refused.output
+        assert refused.stderr.splitlines()[-1] == (
+            f"Error: the reference is the model itself: reference model {reference} {detail}; a verdict needs a "
+            "reference that never saw the records (against itself, every record passes as forgotten)")
+        assert "localize:" not in refused.stderr and not os.path.exists(out)
+    twin = tmp_path / "twin"
+    train_memorizer(twin, texts=PEOPLE[:3], steps=150, seed=1, tokenizer=AutoTokenizer.from_pretrained(memorizer_dir))
+    result = run(["localize", nb, "--model", memorizer_dir, "--reference-model", str(twin),
                   "--epochs", "20", "--check-every", "1", "-o", out, "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "reference model: forget MA" in result.stderr
@@ -200,8 +231,10 @@ def test_reference_model_with_another_tokenizer_is_refused(memorizer_dir, tiny_n
     nb = write_records(tmp_path / "nb.jsonl", [{"text": PEOPLE[0], "neighbors": NEIGHBOURS[:1]}])
     result = CliRunner().invoke(cli, ["localize", nb, "--model", memorizer_dir, "--reference-model", tiny_neo_dir,
                                       "-o", str(tmp_path / "m.safetensors"), "--device", "cpu"])
-    assert result.exit_code != 0
-    assert f"reference model {tiny_neo_dir} does not share the tokenizer of {memorizer_dir}" in result.output
+    assert result.exit_code == 3
+    assert result.stderr.splitlines()[-1] == (
+        f"Error: reference model {tiny_neo_dir} does not share the tokenizer of {memorizer_dir}: a reference model "
+        "must tokenize texts exactly as the model does")
     assert not (tmp_path / "m.safetensors").exists()
 
 

@@ -17,6 +17,7 @@ from neumuter_cli import NeumuterError
 from neumuter_cli import mia
 from neumuter_cli.cli import cli
 from neumuter_cli.measure import MeasureConfig, encode, run_measure, teacher_forced
+from neumuter_cli.models import fingerprint, load_model
 from neumuter_cli.quantize import quantize_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")
@@ -118,18 +119,20 @@ def test_teacher_forced_stats_in_the_same_pass(models):
 
 # ---------------------------------------------------------------- verdicts against a reference model
 
-def test_a_model_against_itself_is_forgotten_like_never_seen(models):
-    data = measured(models["people"], "-m", models["fresh"], "--reference-model", models["fresh"],
-                    "--holdout", models["holdout"], "--check")
-    summary = data["summary"]
-    assert summary["forget_quality"] == 1.0
-    assert summary["forgotten"] == 6 and summary["over_forgotten"] == 0
-    assert summary["privleak"] == 0.0
-    assert all(summary[f"privleak_{s}"] == 0.0 for s in mia.MIA_SCORES)
-    for record in data["records"]:
-        assert record["ref_ma"] == record["ma"] and record["ref_el_10"] == record["el_10"]
-        assert record["ref_loss"] == record["loss"]
-        assert record["forgotten"] is True and record["over_forgotten"] is False
+def test_equal_numbers_are_forgotten_and_not_over_forgotten():
+    """The verdict functions on a record whose numbers equal the reference's: forgotten, not
+    over-forgotten, forget quality 1 (the CLI never gets there: the model itself is refused as
+    its reference, see test_hostile.py)."""
+    results = [{"ma": 0.5, "el_10": 0.2, "loss": 1.0}, {"ma": 0.9, "el_10": None, "loss": 0.3}]
+    reference = [dict(r) for r in results]
+    mia.mark_against_reference(results, reference, (10,), 0.05)
+    assert [(r["forgotten"], r["over_forgotten"]) for r in results] == [(True, False), (True, False)]
+    summary = mia.reference_summary(results, (10,))
+    assert summary["forget_quality"] == 1.0 and summary["forgotten"] == 2 and summary["over_forgotten"] == 0
+    # 0.06 above the reference is not forgotten at tolerance 0.05; 0.06 below is over-forgotten
+    results = [{"ma": 0.56, "loss": 1.0}, {"ma": 0.44, "loss": 1.0}]
+    mia.mark_against_reference(results, [{"ma": 0.5, "loss": 1.0}] * 2, (), 0.05)
+    assert [(r["forgotten"], r["over_forgotten"]) for r in results] == [(False, False), (True, True)]
 
 
 def test_memorised_records_stand_out_from_the_holdout(models):
@@ -169,8 +172,10 @@ def test_check_exit_codes_with_a_reference_model(models):
 
 def test_a_reference_with_another_tokenizer_is_refused(models, tiny_neo_dir):
     result = run(models["people"], "-m", models["mem"], "--reference-model", tiny_neo_dir)
-    assert result.exit_code != 0
-    assert "does not share the tokenizer" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 3 and "Traceback" not in result.output
+    assert result.stderr.splitlines() == [f"Error: reference model {tiny_neo_dir} does not share the tokenizer of "
+                                          f"{models['mem']}: a reference model must tokenize texts exactly as the "
+                                          "model does"]
     assert "measuring" not in result.stderr, "refused before the model is measured"
 
 
@@ -185,9 +190,14 @@ def test_reference_scores_give_the_numbers_of_the_reference_model(models):
     reused = measured(models["people"], "-m", models["mem"], "--reference-scores", saved,
                       "--holdout", models["holdout"])
     assert reused["records"] == direct["records"]
-    assert direct["summary"].pop("reference") == {"model": models["fresh"], "tolerance": 0.05}
-    assert reused["summary"].pop("reference") == {"scores": str(saved), "tolerance": 0.05}
+    fresh, mem = (fingerprint(load_model(models[name], device="cpu")[0]) for name in ("fresh", "mem"))
+    assert fresh != mem
+    assert direct["summary"].pop("reference") == {"model": models["fresh"], "fingerprint": fresh, "tolerance": 0.05}
+    assert reused["summary"].pop("reference") == {"scores": str(saved), "fingerprint": fresh, "tolerance": 0.05}
     assert reused["summary"] == direct["summary"]
+    assert direct["summary"]["model"] == {"name": models["mem"], "fingerprint": mem}
+    assert {r["model_fingerprint"] for r in direct["records"]} == {mem}
+    assert {r["model_fingerprint"] for r in json.loads(saved.read_text())["records"]} == {fresh}
 
     # JSONL scores: every per-record number, but no holdout AUCs: no PrivLeak, and a warning
     lines = root / "fresh-scores.jsonl"
@@ -199,12 +209,17 @@ def test_reference_scores_give_the_numbers_of_the_reference_model(models):
     assert "privleak" not in json.loads(result.stdout)["summary"] and "no PrivLeak" in result.stderr
 
 
+HINT = "it must be the output of `neumuter measure` on the same records, in the same order"
+
+
 @pytest.mark.parametrize("how, message", [
-    ("reordered", "text differs"),
-    ("fewer", "5 records where the input has 6"),
-    ("max-length", "measured on"),
-    ("el-n", "'el_5'"),
-    ("holdout", "another holdout set"),
+    ("reordered", "{saved}: record 1 is not input record 1 (its text differs): " + HINT),
+    ("fewer", "{saved}: 5 records where the input has 6: " + HINT),
+    ("max-length", "{saved}: record 1 was measured on 10 tokens, here it has {tokens}: measure the reference with "
+                   "the same --max-length and tokenizer"),
+    ("el-n", "{saved}: record 1 has no 'el_5' (measure the reference with the same --el-n)"),
+    ("holdout", "{saved} was measured with another holdout set (or --max-length): PrivLeak needs both models' AUCs "
+                "on the same holdout texts"),
 ])
 def test_reference_scores_that_do_not_match_are_refused(models, how, message):
     root = models["root"]
@@ -222,21 +237,27 @@ def test_reference_scores_that_do_not_match_are_refused(models, how, message):
     el = ["--el-n", "5,10"] if how == "el-n" else []
     result = run(models["people"], "-m", models["mem"], "--reference-scores", saved, "--holdout", models["holdout"],
                  *el)
-    assert result.exit_code != 0
-    assert message in result.output and "Traceback" not in result.output
+    assert result.exit_code == 3 and "Traceback" not in result.output
+    tokens = len(encode(models["tokenizer"], PEOPLE[:1], 200)[0])
+    assert result.stderr.splitlines()[-1] == "Error: " + message.format(saved=saved, tokens=tokens)
 
 
 def test_option_conflicts(models):
     people, mem = models["people"], models["mem"]
     for args, message in [
-        (["--reference-model", mem, "--reference-scores", people], "not both"),
-        (["--reference-model", mem, "--reference", people], "not both"),
-        (["--quantize-reference"], "--quantize-reference needs"),
-        (["--allow-over-forgotten"], "--allow-over-forgotten needs"),
-        (["--check"], "--check needs --reference"),
+        (["--reference-model", mem, "--reference-scores", people], "give --reference-model or --reference-scores, "
+                                                                   "not both"),
+        (["--reference-model", mem, "--reference", people], "give --reference-model/--reference-scores (each record "
+                                                            "against a model that never saw it) or --reference/"
+                                                            "--thresholds (eq. 17), not both"),
+        (["--quantize-reference"], "--quantize-reference needs --quantize and --reference-model"),
+        (["--allow-over-forgotten"], "--allow-over-forgotten needs --reference-model or --reference-scores"),
+        (["--check"], "--check needs --reference, --thresholds, --reference-model or --reference-scores (the "
+                      "verdicts come from it)"),
     ]:
         result = run(people, "-m", mem, *args)
-        assert result.exit_code != 0 and message in result.output, (args, result.output)
+        assert result.exit_code == 2, (args, result.output)
+        assert result.stderr.splitlines()[-1] == f"Error: {message}" and "loading" not in result.stderr
 
 
 def test_one_model_in_memory_at_a_time(models, monkeypatch):
@@ -332,28 +353,36 @@ def test_quantize_errors(models, monkeypatch):
     with pytest.raises(NeumuterError, match="unknown quantisation type 'q3_x'"):
         quantize_model(model, "q3_x")
     result = run(models["people"], "-m", models["mem"], "--quantize", "q3_x")
-    assert result.exit_code != 0 and "q3_x" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.stderr.splitlines()[-1] == ("Error: Invalid value for '--quantize': 'q3_x' is not one of 'q8_0', "
+                                              "'q5_0', 'q5_1', 'q4_0', 'q4_1', 'mxfp4'.")
     monkeypatch.setitem(sys.modules, "gguf", None)               # import gguf now raises ImportError
     with pytest.raises(NeumuterError, match="needs the gguf package"):
         quantize_model(model, "q8_0")
     result = run(models["people"], "-m", models["mem"], "--quantize", "q8_0")
-    assert result.exit_code != 0 and "needs the gguf package" in result.output
+    assert result.exit_code == 3
+    assert result.stderr.splitlines() == ["Error: quantising needs the gguf package: pip install gguf"]
     assert "loading" not in result.stderr, "refused before the model loads"
 
 
 def test_measure_quantize_reports_and_leaves_the_reference_alone(models):
     plain = measured(models["people"], "-m", models["mem"], "--el-n", "0")
+    fresh = measured(models["people"], "-m", models["fresh"], "--el-n", "0")
+    fresh_q4 = measured(models["people"], "-m", models["fresh"], "--el-n", "0", "--quantize", "q4_0")
     data = measured(models["people"], "-m", models["mem"], "--el-n", "0", "--quantize", "q4_0",
-                    "--reference-model", models["mem"])
+                    "--reference-model", models["fresh"])
     quantized = data["summary"]["quantized"]
     assert quantized["type"] == "q4_0" and quantized["weights"] == 12 and quantized["skipped"] == []
     assert "quantized" not in data["summary"]["reference"]
-    # the reference is the model as released: its numbers are the unquantised model's
-    assert [r["ref_loss"] for r in data["records"]] == [r["loss"] for r in plain["records"]]
+    # the reference is the model as released: its numbers are the unquantised reference's
+    assert [r["ref_loss"] for r in data["records"]] == [r["loss"] for r in fresh["records"]]
     assert [r["loss"] for r in data["records"]] != [r["loss"] for r in plain["records"]]
+    # the fingerprint is the model's as loaded, before the round trip: the same model
+    assert data["summary"]["model"] == plain["summary"]["model"]
     both = measured(models["people"], "-m", models["mem"], "--el-n", "0", "--quantize", "q4_0",
-                    "--reference-model", models["mem"], "--quantize-reference")
+                    "--reference-model", models["fresh"], "--quantize-reference")
     assert both["summary"]["reference"]["quantized"]["type"] == "q4_0"
-    assert [r["ref_loss"] for r in both["records"]] == [r["loss"] for r in both["records"]]
-    assert both["summary"]["forget_quality"] == 1.0
-    assert not math.isnan(both["summary"]["forget_quality"])
+    assert [r["ref_loss"] for r in both["records"]] == [r["loss"] for r in fresh_q4["records"]]
+    assert [r["ref_loss"] for r in both["records"]] != [r["loss"] for r in fresh["records"]]
+    assert [r["loss"] for r in both["records"]] == [r["loss"] for r in data["records"]]
+    assert math.isfinite(both["summary"]["forget_quality"])

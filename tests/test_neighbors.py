@@ -247,10 +247,15 @@ def test_seeded_and_independent_of_batch_size_and_grouping(mlm):
 
 def test_bad_options_and_untokenizable_text(mlm):
     model, tokenizer = mlm
-    for bad in (dict(k=0), dict(ratio=0.0), dict(ratio=1.5), dict(temperature=-1.0), dict(top_k=-1),
-                dict(batch_size=0)):
-        with pytest.raises(NeumuterError):
+    for bad, message in ((dict(k=0), "k must be at least 1"),
+                         (dict(ratio=0.0), "ratio (the share of tokens rewritten) must be in (0, 1], not 0.0"),
+                         (dict(ratio=1.5), "ratio (the share of tokens rewritten) must be in (0, 1], not 1.5"),
+                         (dict(temperature=-1.0), "temperature must be 0 (argmax) or positive, not -1.0"),
+                         (dict(top_k=-1), "top_k must be 0 (no limit) or positive"),
+                         (dict(batch_size=0), "batch_size must be at least 1")):
+        with pytest.raises(NeumuterError) as info:
             NeighborWriter(model, tokenizer, **bad)
+        assert str(info.value) == message and info.value.setting == next(iter(bad))
     with pytest.raises(NeumuterError, match="record 2: the text has no token"):
         NeighborWriter(model, tokenizer)(["a dog", "\x00\x01"])
 

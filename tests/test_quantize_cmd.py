@@ -7,6 +7,7 @@ from safetensors.torch import load_file
 
 from helpers import PEOPLE, train_memorizer
 from neumuter_cli.cli import cli
+from neumuter_cli.models import fingerprint, load_model
 
 
 def test_quantize_writes_the_round_tripped_weights_and_says_so(tmp_path):
@@ -27,6 +28,8 @@ def test_quantize_writes_the_round_tripped_weights_and_says_so(tmp_path):
     record = json.loads((out / "neumuter.json").read_text())
     assert record["stage"] == "quantize" and record["quantization"]["type"] == "q8_0"
     assert record["quantization"]["weights"] == len(block_weights) and record["source_model"] == str(source)
+    assert record["source_fingerprint"] == fingerprint(load_model(str(source), device="cpu")[0])
+    assert record["fingerprint"] == fingerprint(load_model(str(out), device="cpu")[0]) != record["source_fingerprint"]
     measured = CliRunner().invoke(cli, ["measure", "-", "-m", str(out), "--el-n", "0", "--format", "json"],
                                   input=json.dumps({"text": PEOPLE[0]}) + "\n")
     assert measured.exit_code == 0, measured.output

@@ -14,7 +14,7 @@ from helpers import PEOPLE, byte_bpe_tokenizer, tiny_model, train_memorizer
 from neumuter_cli import NeumuterError, __version__
 from neumuter_cli.cli import cli
 from neumuter_cli.measure import encode, teacher_forced
-from neumuter_cli.models import _decoder_blocks, load_model
+from neumuter_cli.models import _decoder_blocks, fingerprint, load_model
 from neumuter_cli.records import sha256_texts
 from neumuter_cli.relearn import RelearnConfig, data_order, first_halves, relearn
 
@@ -172,7 +172,13 @@ def test_checkpoint_loads_and_says_what_was_done(model_dir, input_file, tmp_path
     assert record["layers"] == [1] and record["first_halves"] is True and record["max_length"] == 200
     assert len(record["losses"]) == 3 and record["final_loss"] == record["losses"][-1]
     assert record["input_sha256"] == sha256_texts(PEOPLE)
-    assert record["source_model"] == model_dir and record["source_fingerprint"] != record["fingerprint"]
+    tokenizer = load_model(model_dir, device="cpu")[1]
+    assert record["trained_sha256"] == sha256_texts(r["text"] for r in first_halves(RECORDS, tokenizer, 200))
+    assert record["trained_sha256"] != record["input_sha256"]
+    assert record["source_model"] == model_dir
+    assert record["source_fingerprint"] == fingerprint(load_model(model_dir, device="cpu")[0])
+    assert record["fingerprint"] == fingerprint(load_model(str(out), device="cpu")[0]) != record["source_fingerprint"]
+    assert record["loss_after_last_step"] is not None and record["loss_after_last_step"] < record["losses"][0]
     assert [h["neurons_scaled"] for h in record["history"]] == [1, 3]
     # the other stages read it, and a later relearn keeps the whole history
     measured = CliRunner().invoke(cli, ["measure", input_file, "-m", str(out), "--device", "cpu",
@@ -205,15 +211,20 @@ def test_a_bad_learning_rate_is_a_usage_error(model_dir, input_file, tmp_path, v
 
 @pytest.mark.parametrize("options,message,after_load", [
     (["--layers", "5"], "--layers '5': block 5 does not exist (the model has blocks 0-1)", True),
-    (["--layers", "1-x"], "--layers '1-x' is not a list of block numbers", True),
+    (["--layers", "99"], "--layers '99': block 99 does not exist (the model has blocks 0-1)", True),
+    (["--layers", "1-x"], "--layers '1-x' is not a list of block numbers and ranges like 10-16,21", True),
+    (["--lr", "1e39"], "--lr must be at most 3.40282e+38 (the largest float32), not 1e+39", False),
 ])
-def test_bad_options_fail_in_one_line(model_dir, input_file, tmp_path, options, message, after_load):
+def test_bad_options_are_usage_errors(model_dir, input_file, tmp_path, options, message, after_load):
+    """A value that cannot work for this model is a usage error (2), as click's own are; the
+    library names its parameter (layers, lr), the CLI the flag."""
     out = tmp_path / "out"
     result = CliRunner().invoke(cli, ["relearn", input_file, "-m", model_dir, "--device", "cpu",
                                       "-o", str(out), *options])
-    assert result.exit_code == 3 and isinstance(result.exception, SystemExit), result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith(("loading", "Loading"))]
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], result.stderr
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    lines = result.stderr.splitlines()
+    assert [line for line in lines if line.startswith("Error: ")] == [f"Error: {message}"] == lines[-1:]
+    assert "Traceback" not in result.output
     assert any(line.startswith("loading") for line in result.stderr.splitlines()) == after_load
     assert not out.exists() and result.stdout == ""
 

@@ -14,7 +14,7 @@ from neumuter_cli import NeumuterError, __version__
 from neumuter_cli.apply import apply_scales, apply_scales_file, save_checkpoint
 from neumuter_cli.cli import cli
 from neumuter_cli.gates import deterministic_gate, initial_log_alpha
-from neumuter_cli.models import describe, find_ffn_layers, gated, load_model
+from neumuter_cli.models import describe, find_ffn_layers, fingerprint, gated, load_model
 from neumuter_cli.artifacts import FORMAT_VERSION, load_artifact, save_artifact
 from neumuter_cli.records import sha256_file
 from neumuter_cli.select import energy_threshold, select, select_from_mask, select_neurons
@@ -91,11 +91,20 @@ def test_scales_are_gate_values_for_selected_and_one_elsewhere():
     assert all(s.dtype == torch.float32 for s in scales.values())
 
 
-@pytest.mark.parametrize("rule,value", [("energy", 0), ("energy", 1.5), ("top-fraction", -0.1),
-                                        ("threshold", 0), ("threshold", float("nan")), ("bogus", 0.1)])
-def test_bad_rule_values_are_refused(rule, value):
-    with pytest.raises(NeumuterError):
+@pytest.mark.parametrize("rule,value,message", [
+    ("energy", 0, "energy is a fraction: it must be in (0, 1], not 0"),
+    ("energy", 1.5, "energy is a fraction: it must be in (0, 1], not 1.5"),
+    ("top-fraction", -0.1, "top_fraction is a fraction: it must be in (0, 1], not -0.1"),
+    ("threshold", 0, "threshold must be > 0 (no gate value is below 0)"),
+    ("threshold", float("nan"), "threshold must be a finite number, not nan"),
+    ("bogus", 0.1, "unknown selection rule 'bogus' (choose energy, threshold, top-fraction)"),
+])
+def test_bad_rule_values_are_refused(rule, value, message):
+    with pytest.raises(NeumuterError) as info:
         select(HAND, rule, value)
+    assert str(info.value) == message
+    if rule != "bogus":       # a setting: the CLI names its flag
+        assert info.value.setting == rule.replace("-", "_")
 
 
 # ---------------------------------------------------------------- mask files
@@ -253,6 +262,11 @@ def test_select_apply_pipeline(neo, tmp_path):
     scales_file.write_bytes(selected.stdout_bytes)
     assert record["scales_sha256"] == sha256_file(str(scales_file))
     assert record["mask_sha256"] == sha256_file(str(mask))
+    # the provenance by value: the model before and after, the texts the mask was made to forget
+    assert record["source_fingerprint"] == fingerprint(model)
+    assert record["fingerprint"] == fingerprint(load_model(str(tmp_path / "muted"), device="cpu")[0])
+    assert record["fingerprint"] != record["source_fingerprint"]
+    assert record["forget_sha256"] == load_artifact(str(mask))[1]["forget_sha256"] == "0" * 64
 
 
 def test_default_rule_files_and_a_subset_of_blocks(neo, tmp_path):
@@ -291,7 +305,11 @@ def test_two_applies_compose(neo, tmp_path):
     # the first mask was made for the source model: refused on the muted one
     result = run("apply", tmp_path / "s1.safetensors", "-m", tmp_path / "one", "-o", tmp_path / "bad",
                  "--device", "cpu")
-    assert result.exit_code == 3 and "fingerprint" in result.stderr
+    assert result.exit_code == 3
+    assert result.stderr.splitlines()[-1] == (
+        f"Error: {tmp_path / 's1.safetensors'} was made for model {src} (fingerprint {fingerprint(model)}), but "
+        f"--model {tmp_path / 'one'} has fingerprint {fingerprint(muted)}: localize and select on the model you "
+        "apply to")
     assert run("select", tmp_path / "m2.safetensors", "--energy", "0.2",
                "-o", tmp_path / "s2.safetensors").exit_code == 0
     result = run("apply", tmp_path / "s2.safetensors", "-m", tmp_path / "one", "-o", tmp_path / "two",
@@ -317,10 +335,12 @@ def test_fingerprint_mismatch_is_refused_naming_both(neo, tmp_path):
     assert run("select", tmp_path / "mask.safetensors", "-o", tmp_path / "s.safetensors").exit_code == 0
     result = run("apply", tmp_path / "s.safetensors", "-m", other, "-o", tmp_path / "out", "--device", "cpu")
     assert result.exit_code == 3
-    assert src in result.stderr and str(other) in result.stderr
     made_for = load_artifact(str(tmp_path / "s.safetensors"))[1]["fingerprint"]
-    assert made_for in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("Error: ")
+    assert made_for == fingerprint(model)
+    assert result.stderr.splitlines()[-1] == (
+        f"Error: {tmp_path / 's.safetensors'} was made for model {src} (fingerprint {made_for}), but --model {other} "
+        f"has fingerprint {fingerprint(load_model(str(other), device='cpu')[0])}: localize and select on the model "
+        "you apply to")
     assert not (tmp_path / "out").exists()
 
 
