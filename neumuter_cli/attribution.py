@@ -15,6 +15,7 @@ union forgets each of them further than its own prefix did.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -23,7 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from . import NeumuterError
+from .config import ATTRIBUTION_SCORES as SCORES
 from .models import FFNLayer, gated, input_device
+
+#: rounds in which the texts that fail beside the others' neurons take longer prefixes
+UNION_ROUNDS = 12
 
 #: log_alpha of a closed gate: its deterministic value is exactly 0
 CLOSED_LOG_ALPHA = -20.0
@@ -93,7 +98,7 @@ def row_ma(model, layers, ids, mask, scales) -> list[float]:
 def localize_by_attribution(model, tokenizer, forget_ids: Sequence[Sequence[int]],
                             neighbour_ids: Sequence[Sequence[Sequence[int]]], layers: Sequence[FFNLayer],
                             limits: Sequence[float], max_per_text: int, contrast: float = 0.0,
-                            specificity: float = 0.0, batch_size: int = 8,
+                            score: str = "gradient", batch_size: int = 8,
                             progress: Callable[[str], None] | None = None) -> AttributionResult:
     """Per-text attribution rankings and their smallest passing prefixes (module docstring).
 
@@ -114,19 +119,22 @@ def localize_by_attribution(model, tokenizer, forget_ids: Sequence[Sequence[int]
     max_per_text = min(max_per_text, total)
     scores, active = attribution(model, layers, forget_ids, pad_id, batch_size, activations=True)
     flat = [ids for group in neighbour_ids for ids in group]
-    if flat and (contrast or specificity):
+    if score not in SCORES:
+        raise NeumuterError(f"unknown score {score!r} (choose {', '.join(SCORES)})")
+    if flat and (contrast or score != "gradient"):
         owner = torch.tensor([t for t, group in enumerate(neighbour_ids) for _ in group])
         nb, nb_active = attribution(model, layers, flat, pad_id, batch_size, activations=True)
         if contrast:
             mean = torch.zeros_like(scores).index_add_(0, owner, nb)
             counts = torch.bincount(owner, minlength=len(forget_ids)).clamp(min=1)
             scores = scores - contrast * mean / counts[:, None]
-    if specificity:
-        # how much more the neuron fires on this text than on the others and the neighbours:
-        # a neuron every text uses ranks low however large its gradient
+    if score != "gradient":
+        # how much more the neuron fires on this text than on the other forget texts and the
+        # neighbours: a neuron that every text uses ranks low however large its gradient
         context = torch.cat([active, nb_active]) if flat else active
         others = (context.sum(0, keepdim=True) - active) / max(1, context.shape[0] - 1)
-        scores = scores.clamp(min=0) * (active / (others + 1e-6)).pow(specificity)
+        specific = active / (others + 1e-6)
+        scores = specific if score == "specific" else scores.clamp(min=0) * specific
     if not torch.isfinite(scores).all():
         raise NeumuterError("the attribution is not finite (the model gives non-finite losses)")
     say(f"attribution: {len(forget_ids)} texts ranked over {total} neurons ({time.perf_counter() - started:.1f}s)")
@@ -172,9 +180,36 @@ def localize_by_attribution(model, tokenizer, forget_ids: Sequence[Sequence[int]
                     low[t] = middle[t]
         say(f"  bisection {probes}: prefixes {min(high)}..{max(high)} neurons per text "
             f"({time.perf_counter() - started:.1f}s)")
-    chosen = torch.zeros(total, dtype=torch.bool)
-    for t in range(n):
-        chosen[ranking[t, :high[t]]] = True
+    def union(prefix: list[int]) -> torch.Tensor:
+        chosen = torch.zeros(total, dtype=torch.bool)
+        for t in range(n):
+            chosen[ranking[t, :prefix[t]]] = True
+        return chosen
+
+    def union_passes(chosen: torch.Tensor) -> list[bool]:
+        passed = []
+        for start in range(0, n, batch_size):
+            rows = list(range(start, min(start + batch_size, n)))
+            flat = torch.where(chosen, 0.0, 1.0).expand(len(rows), -1)
+            scales = [part.to(device) for part in torch.split(flat, widths, dim=1)]
+            width = int(mask[rows].sum(1).max())
+            values = row_ma(model, layers, ids[rows, :width], mask[rows, :width], scales)
+            passed.extend(v <= limits[t] + 1e-9 for v, t in zip(values, rows))
+        return passed
+
+    # the prefixes interact: a text that passed alone can fail beside the others' neurons (the
+    # memories were learnt together); such a text's prefix grows until the union passes
+    chosen = union(high)
+    for _ in range(UNION_ROUNDS):
+        failing = [t for t, ok in enumerate(union_passes(chosen)) if not ok and high[t] < max_per_text]
+        probes += 1
+        if not failing:
+            break
+        for t in failing:
+            high[t] = min(max_per_text, max(high[t] + 1, math.ceil(high[t] * 1.25)))
+        chosen = union(high)
+        say(f"  union: {len(failing)} texts above their stopping point beside the others; their prefixes grow "
+            f"({int(chosen.sum())} neurons)")
     from .gates import initial_log_alpha
 
     flat = torch.where(chosen, torch.tensor(CLOSED_LOG_ALPHA), torch.tensor(initial_log_alpha()))

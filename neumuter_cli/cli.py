@@ -15,7 +15,7 @@ from tabulate import tabulate
 from . import NeumuterError, __version__, distributed
 # torch-free: the options and --help are built from these defaults; the stages themselves (and
 # torch, transformers) are imported inside the commands, so that --help and completion are instant
-from .config import FORGET_TERMS, LOCALIZE_METHODS, OPTIMIZERS, QUANT_TYPES, LocalizeConfig, NeighborsConfig, RelearnConfig
+from .config import ATTRIBUTION_SCORES, FORGET_TERMS, LOCALIZE_METHODS, OPTIMIZERS, QUANT_TYPES, LocalizeConfig, NeighborsConfig, RelearnConfig
 from .errors import DeviceUnavailable, NonFiniteLoss, SettingError
 from .progress import Reporter
 from .records import is_terminal
@@ -832,10 +832,10 @@ def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, b
               help="attribution: the most neurons one text may take.")
 @click.option("--contrast", type=FiniteFloat(0), default=DEFAULTS.contrast, show_default=True,
               help="attribution: subtract this times the neighbours' attribution from the text's.")
-@click.option("--specificity", type=FiniteFloat(0), default=DEFAULTS.specificity, show_default=True,
-              help="attribution: multiply each text's (positive) attribution by (the neuron's mean |activation| "
-                   "on the text / on the other forget texts and the neighbours) to this power, so neurons that "
-                   "every text uses rank low.")
+@click.option("--score", type=click.Choice(ATTRIBUTION_SCORES), default=DEFAULTS.score, show_default=True,
+              help="attribution: how a text ranks the neurons. gradient: -dCE/ds; specific: the neuron's mean "
+                   "|activation| on the text over its mean on the other forget texts and the neighbours; both: "
+                   "the positive gradient times that ratio.")
 @click.option("--prune/--no-prune", default=DEFAULTS.prune, show_default=True,
               help="When the early stop fires, keep only the smallest set of most-closed gates that still "
                    "passes the check (bisection, a pass over the forget texts per probe) and reopen the rest.")

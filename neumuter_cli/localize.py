@@ -537,10 +537,10 @@ def _by_attribution(model, tokenizer, records, layers, config: LocalizeConfig, l
     forget_ids = encode(tokenizer, [r["text"] for r in records], config.max_length)
     check_context(model, max(len(ids) for ids in forget_ids), "a forget text (use a smaller --max-length)")
     neighbour_ids = [encode(tokenizer, r["neighbors"], config.max_length) for r in records] \
-        if config.contrast or config.specificity else []
+        if config.contrast or config.score != "gradient" else []
     per_text = limits["ma"] if isinstance(limits["ma"], (list, tuple)) else [limits["ma"]] * len(records)
     found = localize_by_attribution(model, tokenizer, forget_ids, neighbour_ids, layers, per_text,
-                                    config.max_per_text, config.contrast, config.specificity, progress=progress)
+                                    config.max_per_text, config.contrast, config.score, progress=progress)
     check({b: deterministic_gate(la) for b, la in found.log_alpha.items()})
     return LocalizeResult(log_alpha=found.log_alpha, losses={}, epochs_run=0, stopped_early=False,
                           seconds=found.seconds,
