@@ -67,18 +67,21 @@ def test_each_prefix_is_the_shortest_that_reaches_its_limit(memorizer):
     assert set(torch.nonzero(union).flatten().tolist()) == expected
 
 
-def test_the_command_writes_a_mask_that_select_turns_into_exactly_the_union(memorizer, tmp_path):
+@pytest.mark.parametrize("score", ["gradient", "specific"])
+def test_the_command_writes_a_mask_that_select_turns_into_exactly_the_union(memorizer, tmp_path, score):
     nb = tmp_path / "nb.jsonl"
     nb.write_text("".join(json.dumps({"text": t, "neighbors": [UNSEEN[0]]}) + "\n" for t in PEOPLE[:2]))
     mask, scales = tmp_path / "mask.safetensors", tmp_path / "scales.safetensors"
     runner = CliRunner()
     result = runner.invoke(cli, ["localize", str(nb), "-m", memorizer, "--method", "attribution", "--stop-ma", "0.3",
-                                 "--contrast", "1", "-o", str(mask), "--device", "cpu"], catch_exceptions=False)
+                                 "--contrast", "1", "--score", score, "-o", str(mask), "--device", "cpu"],
+                           catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "0 of 2 forget texts above the MA threshold 0.3000" in result.stderr
     tensors, meta = load_artifact(str(mask), kind="neumuter-mask")
     closed = sum(int((t < 0).sum()) for t in tensors.values())
     assert meta["hyperparameters"]["method"] == "attribution" and meta["epochs_run"] == 0
+    assert meta["hyperparameters"]["score"] == score
     assert closed > 0
     result = runner.invoke(cli, ["select", str(mask), "-o", str(scales)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -96,3 +99,10 @@ def test_attribution_without_a_stopping_point_is_refused(memorizer, tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         "Error: the attribution method needs a stopping point: a reference model, reference texts or an MA threshold")
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_an_unknown_score_is_refused(memorizer):
+    model, tokenizer = load_model(memorizer, device="cpu")
+    with pytest.raises(Exception, match="unknown score 'loudest'"):
+        localize_by_attribution(model, tokenizer, [tokenizer(PEOPLE[0]).input_ids], [], find_ffn_layers(model),
+                                [0.5], 10, score="loudest")
