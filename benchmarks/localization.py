@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     ap.add_argument("--out", help="also write the JSON to this file")
     ap.add_argument("--plot", help="write a figure (recall vs neurons, utility) to this PNG")
+    ap.add_argument("--from-json", metavar="FILE", help="measure nothing: draw --plot from the JSON of an earlier "
+                    "run (--out)")
     return ap
 
 
@@ -193,17 +195,22 @@ def run(args) -> dict:
                       forgotten=mine["at_reference"], retained_ma_after=mine["retained_ma"],
                       ppl_after=mine["perplexity"], forget_ma_after=mine["forget_ma_mean"])
     if args.plot:
-        from neumuter_cli.plots import plot_localization
-
-        def plotted(row):
-            return {"system": row["method"], "modulated": row["modified"], "recall": row.get("recall"),
-                    "precision": row.get("precision"), "forgotten": round(row["at_reference"]),
-                    "n_forget": len(forget), "retained_ma_before": result["retained_ma_before"],
-                    "retained_ma_after": row["retained_ma"], "ppl_before": result["ppl_before"],
-                    "ppl_after": row["perplexity"]}
-        plot_localization([plotted(r) for r in rows if r.get("modified")], args.plot,
-                          f"INJ on SmolLM2-135M: {len(forget)} forget, {len(retain)} retained injected texts")
+        plot(result, args.plot)
     return result
+
+
+def plot(result: dict, path: str) -> None:
+    from neumuter_cli.plots import plot_localization
+
+    def plotted(row):
+        return {"system": row["method"], "modulated": row["modified"], "recall": row.get("recall"),
+                "precision": row.get("precision"), "forgotten": round(row["at_reference"]),
+                "n_forget": result["n_forget"], "retained_ma_before": result["retained_ma_before"],
+                "retained_ma_after": row["retained_ma"], "ppl_before": result["ppl_before"],
+                "ppl_after": row["perplexity"]}
+    plot_localization([plotted(r) for r in result["rows"] if r.get("modified")], path,
+                      f"INJ on SmolLM2-135M: {result['n_forget']} forget, {result['n_retain']} retained injected texts "
+                      "(perplexity change against the injected model)")
 
 
 def table(result: dict) -> str:
@@ -220,6 +227,13 @@ def table(result: dict) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.from_json:
+        if not args.plot:
+            print("Error: --from-json needs --plot", file=sys.stderr)
+            return 2
+        with open(args.from_json, encoding="utf-8") as f:
+            plot(json.load(f), args.plot)
+        return 0
     try:
         result = run(args)
     except NeumuterError as exc:

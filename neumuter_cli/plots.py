@@ -313,6 +313,13 @@ def plot_localization(rows: Sequence[dict], path: str, title: str) -> None:
     right.scatter([0] * len(befores), sorted(befores), s=40, marker="D", facecolor="white", edgecolor="black",
                   zorder=3, label="before")
     left.set_xscale("log")
+    counts = [row["modulated"] for row in rows if row["recall"] is not None]
+    if counts:      # at least a decade wide, so the log axis has plain labelled ticks
+        low, high = min(counts), max(counts)
+        left.set_xlim(low / 2, max(high * 2, low * 10))
+    from matplotlib.ticker import NullFormatter
+
+    left.xaxis.set_minor_formatter(NullFormatter())
     left.set_xlabel("neurons modulated (log scale)")
     left.set_ylabel("recall (per forget text, share of its neurons modulated)")
     left.set_ylim(-0.02, 1.02)
