@@ -143,18 +143,22 @@ def localize_by_attribution(model, tokenizer, forget_ids: Sequence[Sequence[int]
 
     ids, mask = (t.to(device) for t in _pad(forget_ids, pad_id))
 
-    def probe(prefix: list[int]) -> list[bool]:
+    def passes(closed_in_row) -> list[bool]:
+        """Whether each text is at its stopping point with the neurons ``closed_in_row(t)`` at 0."""
         passed = []
-        for start in range(0, len(prefix), batch_size):
-            rows = list(range(start, min(start + batch_size, len(prefix))))
+        for start in range(0, len(forget_ids), batch_size):
+            rows = list(range(start, min(start + batch_size, len(forget_ids))))
             flat = torch.ones(len(rows), total)
             for r, t in enumerate(rows):
-                flat[r, ranking[t, :prefix[t]]] = 0.0
-            scales = [s.to(device) for s in torch.split(flat, widths, dim=1)]
+                flat[r, closed_in_row(t)] = 0.0
+            scales = [part.to(device) for part in torch.split(flat, widths, dim=1)]
             width = int(mask[rows].sum(1).max())
             values = row_ma(model, layers, ids[rows, :width], mask[rows, :width], scales)
             passed.extend(v <= limits[t] + 1e-9 for v, t in zip(values, rows))
         return passed
+
+    def probe(prefix: list[int]) -> list[bool]:
+        return passes(lambda t: ranking[t, :prefix[t]])
 
     n = len(forget_ids)
     low, high = [0] * n, [max_per_text] * n     # invariant: prefix low fails, prefix high passes
@@ -180,28 +184,18 @@ def localize_by_attribution(model, tokenizer, forget_ids: Sequence[Sequence[int]
                     low[t] = middle[t]
         say(f"  bisection {probes}: prefixes {min(high)}..{max(high)} neurons per text "
             f"({time.perf_counter() - started:.1f}s)")
+
     def union(prefix: list[int]) -> torch.Tensor:
         chosen = torch.zeros(total, dtype=torch.bool)
         for t in range(n):
             chosen[ranking[t, :prefix[t]]] = True
         return chosen
 
-    def union_passes(chosen: torch.Tensor) -> list[bool]:
-        passed = []
-        for start in range(0, n, batch_size):
-            rows = list(range(start, min(start + batch_size, n)))
-            flat = torch.where(chosen, 0.0, 1.0).expand(len(rows), -1)
-            scales = [part.to(device) for part in torch.split(flat, widths, dim=1)]
-            width = int(mask[rows].sum(1).max())
-            values = row_ma(model, layers, ids[rows, :width], mask[rows, :width], scales)
-            passed.extend(v <= limits[t] + 1e-9 for v, t in zip(values, rows))
-        return passed
-
     # the prefixes interact: a text that passed alone can fail beside the others' neurons (the
     # memories were learnt together); such a text's prefix grows until the union passes
     chosen = union(high)
     for _ in range(UNION_ROUNDS):
-        failing = [t for t, ok in enumerate(union_passes(chosen)) if not ok and high[t] < max_per_text]
+        failing = [t for t, ok in enumerate(passes(lambda t: chosen)) if not ok and high[t] < max_per_text]
         probes += 1
         if not failing:
             break
