@@ -51,10 +51,8 @@ def _shown_by_rank_0(exc: click.ClickException) -> None:
         exc.show = lambda file=None: None
 
 
-class NeumuterCommand(click.Command):
-    """Words the library's errors with this command's flags: a SettingError names a library
-    parameter (``top_k``), the user gave an option (``--top-k``); it is a usage error (exit
-    status 2), except a device this machine does not have (3)."""
+class ParseErrorsOnRankZero:
+    """A command-line parse error is shown by rank 0 alone under a launcher."""
 
     def make_context(self, info_name, args, parent=None, **extra):
         try:
@@ -62,6 +60,12 @@ class NeumuterCommand(click.Command):
         except click.ClickException as exc:
             _shown_by_rank_0(exc)
             raise
+
+
+class NeumuterCommand(ParseErrorsOnRankZero, click.Command):
+    """Words the library's errors with this command's flags: a SettingError names a library
+    parameter (``top_k``), the user gave an option (``--top-k``); it is a usage error (exit
+    status 2), except a device this machine does not have (3)."""
 
     def invoke(self, ctx):
         if self.name in DATA_PARALLEL:
@@ -96,7 +100,7 @@ def _terminate(signum, frame):
     raise Terminated(EXIT_SIGTERM)
 
 
-class NeumuterGroup(click.Group):
+class NeumuterGroup(ParseErrorsOnRankZero, click.Group):
     """Turns NeumuterError, and an OSError nothing below caught, into one clear line on stderr
     and exit status 3 (1 is the verdict of `measure --check`, 2 a usage error); Ctrl-C into
     exit status 130 and SIGTERM into 143, after the outputs being written are removed."""
@@ -116,13 +120,6 @@ class NeumuterGroup(click.Group):
         finally:
             if install:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-    def make_context(self, info_name, args, parent=None, **extra):
-        try:
-            return super().make_context(info_name, args, parent, **extra)
-        except click.ClickException as exc:
-            _shown_by_rank_0(exc)
-            raise
 
     def invoke(self, ctx):
         # under a launcher, a failure on any process stops them all: the lowest failed rank
