@@ -145,6 +145,8 @@ class NeumuterGroup(ParseErrorsOnRankZero, click.Group):
         except BaseException as exc:
             _report_failure(f"{type(exc).__name__}: {exc}", EXIT_ERROR)
             raise
+        finally:
+            distributed.close()
 
     def _invoke(self, ctx):
         try:

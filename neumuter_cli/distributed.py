@@ -283,15 +283,25 @@ def finish() -> None:
     global _enabled
     if not _enabled:
         return
-    import torch.distributed as dist
-
     try:
         _before_collective()
     finally:
         _enabled = False
-    if dist.is_initialized():
+    close()
+
+
+def close() -> None:
+    """Close the process group, if one was made; safe to call more than once. Every way out of
+    a split command ends here: a process that exits with its group still open can abort in
+    gloo's threads (``terminate called without an active exception``) once a peer has gone."""
+    global _enabled
+    _enabled = False
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
 __all__ = ["World", "PeerFailed", "launched", "enable", "world", "is_main", "place", "owns", "split",
-           "all_reduce_sum", "all_gather", "gather_items", "report_failure", "finish"]
+           "all_reduce_sum", "all_gather", "gather_items", "report_failure", "finish", "close"]
