@@ -86,7 +86,8 @@ def naive_numbers(model, naive, ids, n, cache_path, key):
 
 
 def run_case(name, model, tok, naive, records, naive_limit, n, max_length, batch_size, cache_path=None):
-    from neumuter_cli.measure import encode, measure_ids
+    from neumuter_cli.measure import measure_ids
+    from neumuter_cli.text import encode
 
     ids = encode(tok, [r["text"] for r in records], max_length)
     t0 = time.perf_counter()

@@ -53,12 +53,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from neumuter_cli import NeumuterError  # noqa: E402
 from neumuter_cli.apply import check_fingerprint  # noqa: E402
-from neumuter_cli.measure import encode, memorization_accuracy, perplexity, teacher_forced  # noqa: E402
+from neumuter_cli.measure import memorization_accuracy, perplexity, teacher_forced  # noqa: E402
 from neumuter_cli.models import find_ffn_layers, gated, input_device, load_model, parse_layers  # noqa: E402
 from neumuter_cli.plots import benchmark_figure, check_figure_path, figure_path, plot_controls  # noqa: E402
 from neumuter_cli.records import atomic_output, read_records  # noqa: E402
 from neumuter_cli.artifacts import SCALES_KIND, read_artifact  # noqa: E402
 from neumuter_cli.select import scales_by_block  # noqa: E402
+from neumuter_cli.text import encode  # noqa: E402
 
 CONTROLS = ("neumuter", "random", "activation", "ga", "npo")
 EPS = 1e-9   # MA values are ratios of small integers; this keeps x + 0.05 from rounding below x + 0.05

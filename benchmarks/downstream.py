@@ -48,9 +48,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from neumuter_cli import NeumuterError  # noqa: E402
-from neumuter_cli.measure import LOGIT_BUDGET, model_context, teacher_forced  # noqa: E402
+from neumuter_cli.measure import LOGIT_BUDGET, teacher_forced  # noqa: E402
 from neumuter_cli.models import input_device  # noqa: E402
 from neumuter_cli.progress import throttled  # noqa: E402
+from neumuter_cli.text import model_context, pad  # noqa: E402
 
 ProgressFn = Callable[[str], None] | None
 
@@ -387,11 +388,7 @@ def continuation_loglikelihoods(model, requests: Sequence[tuple[Sequence[int], S
         batch = order[start:start + size]
         start += len(batch)
         lengths = [len(unique[u]) for u in batch]
-        x = torch.zeros(len(batch), longest, dtype=torch.long)
-        mask = torch.zeros(len(batch), longest, dtype=torch.long)
-        for row, u in enumerate(batch):
-            x[row, :lengths[row]] = torch.tensor(unique[u], dtype=torch.long)
-            mask[row, :lengths[row]] = 1
+        x, mask = pad([unique[u] for u in batch])
         kwargs = {"attention_mask": mask.to(device)} if min(lengths) != longest else {}
         logits = model(input_ids=x.to(device), use_cache=False, **kwargs).logits
         for row, u in enumerate(batch):

@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from neumuter_cli.localize import pad
-from neumuter_cli.measure import encode, memorization_accuracy, perplexity, teacher_forced
+from neumuter_cli.measure import memorization_accuracy, perplexity, teacher_forced
 from neumuter_cli.models import find_ffn_layers
 from neumuter_cli.records import read_records
+from neumuter_cli.text import encode, pad
 
 
 def read_texts(path: str) -> list[dict]:

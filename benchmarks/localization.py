@@ -40,10 +40,11 @@ from controls import (Fixture, Reference, Target, activation_rows, against_refer
                       measure_model, modified_count, random_rows, read_scales, scaled, scales_row)
 from neumuter_cli import NeumuterError  # noqa: E402
 from neumuter_cli.artifacts import MASK_KIND, SCALES_KIND, read_artifact  # noqa: E402
-from neumuter_cli.measure import encode, teacher_forced  # noqa: E402
+from neumuter_cli.measure import teacher_forced  # noqa: E402
 from neumuter_cli.models import load_model  # noqa: E402
 from neumuter_cli.records import read_records  # noqa: E402
 from neumuter_cli.select import select_from_mask  # noqa: E402
+from neumuter_cli.text import encode  # noqa: E402
 
 
 def injected_neurons(summary: dict, half: str) -> list[set[tuple[int, int]]]:

@@ -28,20 +28,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from neumuter_cli.measure import encode, memorization_accuracy  # noqa: E402
+from neumuter_cli.measure import memorization_accuracy  # noqa: E402
 from neumuter_cli.models import find_ffn_layers, gated, load_model  # noqa: E402
+from neumuter_cli.text import encode, pad  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def padded(ids):
-    width = max(len(x) for x in ids)
-    inp = torch.zeros((len(ids), width), dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for row, x in enumerate(ids):
-        inp[row, : len(x)] = torch.tensor(x)
-        mask[row, : len(x)] = 1
-    return inp, mask
 
 
 def main(argv=None):
@@ -68,8 +59,8 @@ def main(argv=None):
     print(f"eq. 17 MA threshold: {threshold:.4f} (mean MA over {len(unseen)} texts of {unseen_path})")
     retained = encode(tok, texts("retain.jsonl"), 200)
     keep, heldout = retained[: min(a.retained, 64)], retained[64:]
-    f_inp, f_mask = padded(forget)
-    k_inp, k_mask = padded(keep)
+    f_inp, f_mask = pad(forget)
+    k_inp, k_mask = pad(keep)
     with torch.no_grad():
         original = F.log_softmax(model(input_ids=k_inp, attention_mask=k_mask).logits[:, :-1], -1)
     delta = [torch.zeros(layer.neurons, requires_grad=True) for layer in layers]

@@ -47,11 +47,12 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from neumuter_cli import NeumuterError  # noqa: E402
-from neumuter_cli.measure import encode, memorization_accuracy, perplexity, teacher_forced  # noqa: E402
+from neumuter_cli.measure import memorization_accuracy, perplexity, teacher_forced  # noqa: E402
 from neumuter_cli.models import load_model  # noqa: E402
 from neumuter_cli.plots import benchmark_figure, check_figure_path, figure_path, plot_robustness  # noqa: E402
 from neumuter_cli.records import atomic_output, read_records  # noqa: E402
 from neumuter_cli.relearn import RelearnConfig, check_config, first_halves, relearn  # noqa: E402
+from neumuter_cli.text import encode  # noqa: E402
 
 QUANT_TYPES = ("q8_0", "q5_0", "q4_0", "q4_1")
 STARTED = time.perf_counter()

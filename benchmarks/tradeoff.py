@@ -29,11 +29,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from neumuter_cli.artifacts import MASK_KIND, read_artifact  # noqa: E402
 from neumuter_cli.gates import deterministic_gate  # noqa: E402
 from neumuter_cli.localize import keep_most_closed  # noqa: E402
-from neumuter_cli.measure import encode, memorization_accuracy, perplexity, teacher_forced  # noqa: E402
+from neumuter_cli.measure import memorization_accuracy, perplexity, teacher_forced  # noqa: E402
 from neumuter_cli.models import find_ffn_layers, gated, load_model  # noqa: E402
 from neumuter_cli.plots import benchmark_figure, check_figure_path, figure_path, plot_tradeoff  # noqa: E402
 from neumuter_cli.records import read_records  # noqa: E402
 from neumuter_cli.select import _block_tensors  # noqa: E402
+from neumuter_cli.text import encode  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from . import NeumuterError
 from .config import ATTRIBUTION_SCORES as SCORES
 from .models import FFNLayer, gated, input_device
+from .text import pad, padding_id
 
 #: rounds in which the texts that fail beside the others' neurons take longer prefixes
 UNION_ROUNDS = 12
@@ -41,12 +42,6 @@ class AttributionResult:
     reached: list[bool]            # whether that prefix brought the text to its stopping point
     probes: int                    # batched passes of the bisection
     seconds: float
-
-
-def _pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from .localize import pad
-
-    return pad(rows, pad_id)
 
 
 def _forward(model, layers, ids, mask, scales: list[torch.Tensor]):
@@ -65,7 +60,7 @@ def attribution(model, layers: Sequence[FFNLayer], ids_list: Sequence[Sequence[i
     out, mean_abs = [], []
     for start in range(0, len(ids_list), batch_size):
         rows = ids_list[start:start + batch_size]
-        ids, mask = (t.to(device) for t in _pad(rows, pad_id))
+        ids, mask = (t.to(device) for t in pad(rows, pad_id))
         scales = [torch.ones(len(rows), w, device=device, requires_grad=True) for w in widths]
         seen = []
         hooks = [layer.module.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
@@ -112,7 +107,7 @@ def localize_by_attribution(model, tokenizer, forget_ids: Sequence[Sequence[int]
     if max_per_text < 1:
         raise NeumuterError(f"max_per_text must be >= 1, not {max_per_text}")
     started = time.perf_counter()
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = padding_id(tokenizer)
     device = input_device(model)
     widths = [layer.neurons for layer in layers]
     total = sum(widths)
@@ -141,7 +136,7 @@ def localize_by_attribution(model, tokenizer, forget_ids: Sequence[Sequence[int]
     # ranking[t] = neuron indices (layers concatenated) of text t, most important first; ties by index
     ranking = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :max_per_text]
 
-    ids, mask = (t.to(device) for t in _pad(forget_ids, pad_id))
+    ids, mask = (t.to(device) for t in pad(forget_ids, pad_id))
 
     def passes(closed_in_row) -> list[bool]:
         """Whether each text is at its stopping point with the neurons ``closed_in_row(t)`` at 0."""

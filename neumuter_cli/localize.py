@@ -22,10 +22,10 @@ from . import NeumuterError, distributed
 from .config import FORGET_TERMS, LOCALIZE_METHODS, OPTIMIZERS, LocalizeConfig
 from .errors import NonFiniteLoss, NonFiniteOutput, SettingError
 from .gates import GAMMA, ZETA, deterministic_gate, initial_log_alpha, l0_term, training_gate
-from .measure import check_context, encode
 from .records import finite_number
 from .models import FFNLayer, gated, input_device
 from .progress import steps
+from .text import check_context, encode, pad, padding_id
 
 
 # (field, lowest, highest, whether the lowest is allowed): every float of the config is finite
@@ -56,18 +56,6 @@ class LocalizeResult:
     stopped_early: bool
     seconds: float
     pruned: dict | None = None
-
-
-# ---------------------------------------------------------------- batching
-
-def pad(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(ids) for ids in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, ids in enumerate(batch):
-        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        mask[row, : len(ids)] = 1
-    return input_ids, mask
 
 
 # ---------------------------------------------------------------- loss terms
@@ -195,7 +183,7 @@ def localize(
     if not records:
         raise NeumuterError("no forget records")
     device = input_device(model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = padding_id(tokenizer)
     forget_ids = encode(tokenizer, [r["text"] for r in records], config.max_length)
     neighbour_ids = [encode(tokenizer, r["neighbors"], config.max_length) for r in records]
     for ids, record in zip(forget_ids, records):

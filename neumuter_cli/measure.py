@@ -54,6 +54,7 @@ from .errors import NonFiniteOutput
 from .fastpaths import roomy_cache
 from .models import input_device
 from .progress import ProgressFn, steps, throttled
+from .text import check_context, encode, model_context, pad
 
 #: cap on the logits one teacher-forced forward may hold (batch × length × vocab floats)
 LOGIT_BUDGET = 1 << 27
@@ -103,16 +104,6 @@ def _call(model, input_ids: torch.Tensor, cache=None, last_only: bool = False, a
     return logits, new_cache
 
 
-def encode(tokenizer, texts: Iterable[str], max_length: int | None = 200) -> list[list[int]]:
-    """The token ids of each text (special tokens as the tokenizer adds them), cut to
-    ``max_length`` (None: no cut)."""
-    out = []
-    for text in texts:
-        ids = list(tokenizer(text, verbose=False)["input_ids"])
-        out.append(ids[:max_length] if max_length else ids)
-    return out
-
-
 # ---------------------------------------------------------------- teacher forcing: MA and loss
 
 @dataclass
@@ -140,12 +131,6 @@ def _check_lengths(ids_list: Sequence[Sequence[int]], minimum: int = 2) -> None:
     for k, ids in enumerate(ids_list):
         if len(ids) < minimum:
             raise NeumuterError(f"text {k + 1} has {len(ids)} token(s): at least {minimum} are needed to measure it")
-
-
-def check_context(model, length: int, what: str) -> None:
-    context = model_context(model, cap=1 << 62)
-    if length > context:
-        raise NeumuterError(f"{what} of {length} tokens is longer than the model's context ({context} tokens)")
 
 
 #: floor of the variance in Min-K %++'s normalisation (a one-hot distribution has none)
@@ -194,11 +179,7 @@ def teacher_forced(model, ids_list: Sequence[Sequence[int]], batch_size: int = 3
         if not distributed.owns(number):    # under a launcher, the batches are dealt out round-robin
             continue
         lengths = [len(ids_list[k]) for k in batch]
-        x = torch.zeros(len(batch), longest, dtype=torch.long)
-        mask = torch.zeros(len(batch), longest, dtype=torch.long)
-        for row, k in enumerate(batch):
-            x[row, :lengths[row]] = torch.tensor(ids_list[k], dtype=torch.long)
-            mask[row, :lengths[row]] = 1
+        x, mask = pad([ids_list[k] for k in batch])
         padded = min(lengths) != longest
         logits, _ = _call(model, x.to(device), attention_mask=mask.to(device) if padded else None,
                           use_cache=False)
@@ -568,19 +549,6 @@ def summarize(results: Sequence[dict], el_ns: Sequence[int] = (10,), limits: dic
 
 
 # ---------------------------------------------------------------- perplexity
-
-def model_context(model, tokenizer=None, cap: int = 1024) -> int:
-    """The model's context length (from its config), capped at ``cap``."""
-    config = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length", "n_ctx"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return min(value, cap)
-    value = getattr(tokenizer, "model_max_length", None)
-    if isinstance(value, int) and 0 < value < 10**9:
-        return min(value, cap)
-    return cap
-
 
 def _windows(length: int, window: int, stride: int):
     """(begin, end, first scored position) of each window over a text of ``length`` tokens:
@@ -1074,9 +1042,9 @@ def run_measure(config: MeasureConfig, progress: ProgressFn = None) -> MeasureRe
 
 
 __all__ = [
-    "encode", "read_thresholds", "teacher_forced", "TeacherForced", "memorization_accuracy",
+    "read_thresholds", "teacher_forced", "TeacherForced", "memorization_accuracy",
     "greedy_continuations", "suffix_generations", "extraction_likelihoods", "extraction_likelihood",
     "measure_ids", "measure_records", "thresholds", "is_forgotten", "mark", "summarize",
-    "model_context", "check_context", "perplexity", "generations", "el_key", "MIA_RADIUS", "record_label",
+    "perplexity", "generations", "el_key", "MIA_RADIUS", "record_label",
     "MeasureConfig", "MeasureResult", "run_measure",
 ]

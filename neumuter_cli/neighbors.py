@@ -36,6 +36,7 @@ from . import NeumuterError, distributed, fastpaths
 from .config import NeighborsConfig
 from .errors import SettingError
 from .progress import Steps, steps
+from .text import pad, padding_id
 
 GROUP_BATCHES = 4           # records are read and rewritten in groups of about this many batches
 MIN_ROWS = 8                # a call is not cut for padding's sake below this many rows ...
@@ -128,7 +129,7 @@ class NeighborWriter:
         self.cls_id = _special_id(tokenizer, "cls_token_id", "bos_token_id")
         self.sep_id = _special_id(tokenizer, "sep_token_id", "eos_token_id")
         self.mask_id = tokenizer.mask_token_id
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.pad_id = padding_id(tokenizer)
         self.device = model.get_input_embeddings().weight.device
         self.banned = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long, device=self.device)
         self._position_rng = random.Random(self.seed)
@@ -281,12 +282,7 @@ class NeighborWriter:
             row[position - start + 1] = self.mask_id
             rows.append(row)
             masked.append(position - start + 1)
-        width = max(len(row) for row in rows)
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-            attention[i, : len(row)] = 1
+        input_ids, attention = pad(rows, self.pad_id)
         logits = self._logits(input_ids, attention, masked)
         self.calls += 1
         self.rewrites += len(rows)

@@ -27,11 +27,10 @@ import torch.nn.functional as F
 from . import NeumuterError, distributed
 from .config import RelearnConfig
 from .errors import NonFiniteLoss, SettingError
-from .localize import pad
-from .measure import check_context, encode
 from .records import finite_number
 from .models import _decoder_blocks, input_device, parse_layers
 from .progress import steps
+from .text import check_context, encode, pad, padding_id
 
 ProgressFn = Callable[[str], None] | None
 
@@ -114,7 +113,7 @@ def relearn(model, tokenizer, records: Sequence[dict], config: RelearnConfig, pr
     if not params:
         raise NeumuterError("no parameters to train")
     order = data_order(len(records), config.steps, config.batch_size, config.seed)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = padding_id(tokenizer)
     device = input_device(model)
 
     # half-precision weights get float32 masters: the optimiser updates those, the model gets copies
