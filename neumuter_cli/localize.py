@@ -403,7 +403,8 @@ def forgetting_check(model, tokenizer, records: Sequence[dict], layers_all: Sequ
     per record (the reference model's MA on that text + a tolerance). MA is checked first;
     EL_n only once MA passes.
     ``check.last`` holds the counts of the latest call (``above``, ``el_above``, ``selected``)."""
-    from .measure import el_key, extraction_likelihood, memorization_accuracy
+    from .measure import extraction_likelihood, memorization_accuracy
+    from .results import el_key
     from .select import select_neurons
 
     ids = encode(tokenizer, [r["text"] for r in records], max_length)
@@ -538,7 +539,7 @@ def _by_attribution(model, tokenizer, records, layers, config: LocalizeConfig, l
 
 def _naming(records: Sequence[dict], what: str, model: str):
     """A NonFiniteOutput on text k becomes one line naming record k and the model."""
-    from .measure import record_label
+    from .results import record_label
 
     @contextlib.contextmanager
     def naming():

@@ -1,8 +1,9 @@
 """Memorisation and utility metrics (SPEC §3): MA (eq. 15), EL_n (eq. 16), token loss, corpus
-perplexity by windows, the loss-based MIA distance (B.3) and the unlearning thresholds (eq. 17);
-and :func:`run_measure`, the whole ``measure`` command as one call (verdicts against a reference
-model, forget quality, MIA AUCs and PrivLeak live in :mod:`neumuter_cli.mia`, quantisation in
-:mod:`neumuter_cli.quantize`, output in :mod:`neumuter_cli.render`).
+perplexity by windows; and :func:`run_measure`, the whole ``measure`` command as one call. The
+verdicts (eq. 17 thresholds, against a reference model), forget quality, MIA AUCs and PrivLeak
+live in :mod:`neumuter_cli.mia`, the result and the files it is saved in in
+:mod:`neumuter_cli.results`, quantisation in :mod:`neumuter_cli.quantize`, output in
+:mod:`neumuter_cli.render`.
 
 Token sequences are the tokenizer's ``input_ids`` of each text (special tokens as the tokenizer
 adds them), cut to ``max_length``. Greedy decoding everywhere, never stopping at EOS.
@@ -49,11 +50,13 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import NeumuterError, distributed
+from . import NeumuterError, distributed, mia
 from .errors import NonFiniteOutput
 from .fastpaths import roomy_cache
 from .models import input_device
 from .progress import ProgressFn, steps, throttled
+from .mia import MIA_RADIUS, is_forgotten, mark, summarize, thresholds  # noqa: F401 (is_forgotten: re-exported)
+from .results import MeasureResult, el_key, read_thresholds, record_label
 from .text import check_context, encode, model_context, pad
 
 #: cap on the logits one teacher-forced forward may hold (batch × length × vocab floats)
@@ -429,10 +432,6 @@ def extraction_likelihood(model, ids_list: Sequence[Sequence[int]], n: int = 10,
 
 # ---------------------------------------------------------------- per-record measurement
 
-def el_key(n: int) -> str:
-    return f"el_{n}"
-
-
 def measure_ids(model, ids_list: Sequence[Sequence[int]], el_ns: Sequence[int] = (10,), batch_size: int = 64,
                 progress: ProgressFn = None, tfs: Sequence[TeacherForced] | None = None) -> list[dict]:
     """MA, EL_n for each n in ``el_ns`` (none: skip EL) and mean token loss of each token
@@ -455,97 +454,6 @@ def measure_records(model, tokenizer, texts: Sequence[str], el_ns: Sequence[int]
                     progress: ProgressFn = None) -> list[dict]:
     """Tokenise ``texts`` (cut to ``max_length``) and measure each: see :func:`measure_ids`."""
     return measure_ids(model, encode(tokenizer, texts, max_length), el_ns, batch_size, progress)
-
-
-# ---------------------------------------------------------------- thresholds, MIA, summary
-
-def _mean(values: Iterable[float | None]) -> float | None:
-    values = [v for v in values if v is not None]
-    return math.fsum(values) / len(values) if values else None
-
-
-def thresholds(reference: Sequence[dict], el_ns: Sequence[int] = (10,)) -> dict:
-    """Eq. 17 from measured reference texts (never seen by the model): the average MA, EL_n and
-    loss over them: ``{"ma", "el_10", ..., "loss", "records"}``."""
-    if not reference:
-        raise NeumuterError("the reference set is empty")
-    out = {"ma": _mean(r["ma"] for r in reference)}
-    for n in el_ns:
-        out[el_key(n)] = _mean(r.get(el_key(n)) for r in reference)
-    out["loss"] = _mean(r["loss"] for r in reference)
-    out["records"] = len(reference)
-    return out
-
-
-def read_thresholds(path: str, el_ns: Sequence[int] = (10,)) -> dict:
-    """Thresholds saved by an earlier run, so the reference set is measured once: the output of
-    ``measure UNSEEN.jsonl --format json`` (its summary means are the thresholds), the output of
-    a run with ``--reference`` (its thresholds), or a plain object ``{"ma", "el_N", "loss"}``."""
-    from .records import finite_number, json_problem, loads_json
-
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = loads_json(handle.read())
-    except OSError as exc:
-        raise NeumuterError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise NeumuterError(f"{path}: not a JSON file (not UTF-8 text)") from None
-    except ValueError as exc:
-        raise NeumuterError(f"{path}: not a JSON file ({json_problem(exc)[:100]})") from None
-    if isinstance(data, dict) and isinstance(data.get("summary"), dict):
-        data = data["summary"]
-        if isinstance(data.get("thresholds"), dict):
-            data = data["thresholds"]
-    if not isinstance(data, dict):
-        raise NeumuterError(f"{path}: expected a JSON object with the thresholds")
-    out = {}
-    for key in ["ma"] + [el_key(n) for n in el_ns] + ["loss"]:
-        value = data.get(key)
-        if not finite_number(value):
-            raise NeumuterError(f"{path}: no number for threshold {key!r} (measure the reference set "
-                                f"with the same --el-n)")
-        out[key] = float(value)
-    out["records"] = data.get("records")
-    return out
-
-
-def is_forgotten(result: dict, limits: dict, el_ns: Sequence[int] = (10,)) -> bool:
-    """Eq. 17: MA ≤ the MA threshold and, for every n, EL_n ≤ the EL_n threshold (an EL_n that
-    is undefined for a short text, or a threshold that is, does not count)."""
-    if result["ma"] > limits["ma"]:
-        return False
-    for n in el_ns:
-        value, limit = result.get(el_key(n)), limits.get(el_key(n))
-        if value is not None and limit is not None and value > limit:
-            return False
-    return True
-
-
-def mark(results: Sequence[dict], limits: dict, el_ns: Sequence[int] = (10,)) -> None:
-    """Add ``forgotten`` (eq. 17) and ``mia_distance`` = |loss - mean reference loss| (B.3) to
-    each result, in place."""
-    for result in results:
-        result["mia_distance"] = abs(result["loss"] - limits["loss"])
-        result["forgotten"] = is_forgotten(result, limits, el_ns)
-
-
-MIA_RADIUS = 0.5
-
-
-def summarize(results: Sequence[dict], el_ns: Sequence[int] = (10,), limits: dict | None = None) -> dict:
-    """Means over the measured records; with thresholds, the forgotten count and the share of
-    records whose MIA loss distance is within 0.5 of the reference loss."""
-    out: dict = {"records": len(results), "tokens": sum(r["tokens"] for r in results),
-                 "ma": _mean(r["ma"] for r in results)}
-    for n in el_ns:
-        out[el_key(n)] = _mean(r.get(el_key(n)) for r in results)
-    out["loss"] = _mean(r["loss"] for r in results)
-    if limits is not None:
-        out["thresholds"] = dict(limits)
-        out["forgotten"] = sum(bool(r["forgotten"]) for r in results)
-        out["mia_distance"] = _mean(r["mia_distance"] for r in results)
-        out["mia_within_0.5"] = sum(r["mia_distance"] <= MIA_RADIUS for r in results) / len(results)
-    return out
 
 
 # ---------------------------------------------------------------- perplexity
@@ -647,12 +555,6 @@ def generations(model, tokenizer, texts: Sequence[str], prefix_tokens: int = 100
 
 # ---------------------------------------------------------------- one `measure` run: the library entry point
 
-def record_label(record: dict, position: int) -> str:
-    """How a record is named in messages and tables: its id, else its line position."""
-    value = record.get("id")
-    return str(value) if value is not None else f"#{position + 1}"
-
-
 @dataclass
 class MeasureConfig:
     """Everything one ``measure`` run needs (the command's options). Paths are read before any
@@ -708,33 +610,6 @@ class MeasureConfig:
             raise NeumuterError("--tolerance must be between 0 and 1")
 
 
-@dataclass
-class MeasureResult:
-    """The measured records (input keys kept, metrics added) and the summary. With a holdout,
-    ``mia_scores`` holds every text's membership scores (``mia.MIA_SCORES``, higher = more
-    member-like): ``{"records": [...], "holdout": [...]}`` under the model, plus
-    ``"ref_records"`` and ``"ref_holdout"`` under a reference model (not from saved scores);
-    the ROC curves are drawn from them (``plots.plot_measure``)."""
-
-    records: list[dict]
-    summary: dict
-    el_ns: tuple[int, ...]
-    mia_scores: dict | None = None
-
-    @property
-    def judged(self) -> bool:
-        """Whether the records carry a verdict (``forgotten``)."""
-        return bool(self.records) and "forgotten" in self.records[0]
-
-    @property
-    def not_forgotten(self) -> list[str]:
-        return [record_label(r, k) for k, r in enumerate(self.records) if not r.get("forgotten")]
-
-    @property
-    def over_forgotten(self) -> list[str]:
-        return [record_label(r, k) for k, r in enumerate(self.records) if r.get("over_forgotten")]
-
-
 def _free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -744,8 +619,6 @@ def _free_memory() -> None:
 def _tokenize(tokenizer, records: Sequence[dict], max_length: int | None, name: str):
     """Token ids of each record cut to ``max_length``, and each text's zlib length (of the
     measured part: the text itself, or the decoded tokens when the text was cut)."""
-    from .mia import zlib_length
-
     full = encode(tokenizer, [r["text"] for r in records], None)
     ids = [x[:max_length] if max_length else x for x in full]
     compressed = []
@@ -754,7 +627,7 @@ def _tokenize(tokenizer, records: Sequence[dict], max_length: int | None, name: 
             raise NeumuterError(f"{name}: record {record_label(record, k)} has {len(x)} token(s); "
                                 "at least 2 are needed to measure it")
         text = record["text"] if len(x) == len(whole) else tokenizer.decode(x, skip_special_tokens=True)
-        compressed.append(max(1, zlib_length(text)))
+        compressed.append(max(1, mia.zlib_length(text)))
     return ids, compressed
 
 
@@ -765,9 +638,7 @@ def _measure_with_passes(model, ids_list, el_ns, batch_size, progress, stats: bo
 
 
 def _mia_scores(tfs, compressed) -> list[dict]:
-    from .mia import mia_scores
-
-    return [mia_scores(tf.nll, tf.mu, tf.sigma, c) for tf, c in zip(tfs, compressed)]
+    return [mia.mia_scores(tf.nll, tf.mu, tf.sigma, c) for tf, c in zip(tfs, compressed)]
 
 
 def _read_records_input(config: MeasureConfig) -> list[dict]:
@@ -786,11 +657,9 @@ def _read_records_input(config: MeasureConfig) -> list[dict]:
 def _reference_aucs_from_file(scores: dict, holdout: dict, progress: ProgressFn) -> dict | None:
     """The reference's AUCs from a saved JSON output made with the same holdout; None (and a
     warning) when the file has none."""
-    from .mia import MIA_SCORES
-
     summary = scores.get("summary") or {}
     saved = summary.get("holdout")
-    keys = [f"auc_{name}" for name in MIA_SCORES]
+    keys = [f"auc_{name}" for name in mia.MIA_SCORES]
     if not isinstance(saved, dict) or not all(isinstance(summary.get(k), (int, float)) for k in keys):
         if progress:
             progress(f"warning: {scores['path']} holds no holdout AUCs, so no PrivLeak: write it with "
@@ -876,7 +745,6 @@ def run_measure(config: MeasureConfig, progress: ProgressFn = None) -> MeasureRe
     wrote (their ``model_fingerprint``), are refused. Each output record carries
     ``model_fingerprint``, the fingerprint of the model as loaded (before any quantisation), so
     that the output used as reference scores later says where it came from."""
-    from . import mia
     from .models import (check_same_tokenizer, check_vocabulary, checkpoint_vocab_size, fingerprints, load_model,
                          load_tokenizer)
     from .quantize import _gguf_type, quantize_model
@@ -1042,9 +910,7 @@ def run_measure(config: MeasureConfig, progress: ProgressFn = None) -> MeasureRe
 
 
 __all__ = [
-    "read_thresholds", "teacher_forced", "TeacherForced", "memorization_accuracy",
-    "greedy_continuations", "suffix_generations", "extraction_likelihoods", "extraction_likelihood",
-    "measure_ids", "measure_records", "thresholds", "is_forgotten", "mark", "summarize",
-    "perplexity", "generations", "el_key", "MIA_RADIUS", "record_label",
-    "MeasureConfig", "MeasureResult", "run_measure",
+    "teacher_forced", "TeacherForced", "memorization_accuracy", "greedy_continuations", "suffix_generations",
+    "extraction_likelihoods", "extraction_likelihood", "measure_ids", "measure_records", "perplexity", "generations",
+    "MeasureConfig", "run_measure",
 ]

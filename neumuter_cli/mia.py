@@ -1,5 +1,10 @@
-"""Is a text forgotten *like never seen*? Comparisons with a reference model that never saw the
-texts, TOFU's forget quality, membership-inference AUCs and MUSE's PrivLeak.
+"""Is a text forgotten? The verdicts on measured records: eq. 17's thresholds from texts the
+model never saw, and *like never seen*, comparisons with a reference model that never saw the
+texts; TOFU's forget quality, membership-inference AUCs and MUSE's PrivLeak.
+
+Eq. 17 (the paper's generic verdict): a record is forgotten when its MA is at most the mean MA
+of texts the model never saw and, for every n, its EL_n at most their mean EL_n; its MIA
+distance (B.3) is how far its loss is from their mean loss.
 
 Per-record verdict against a reference model (one that never saw the records: the base model
 before the fine-tune, a retrain without them). A record is *forgotten* when its MA is at most
@@ -43,16 +48,13 @@ turns its conventional AUCs into MUSE's with 1 - x).
 """
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import math
-import re
 import zlib
 from typing import Sequence
 
 from . import NeumuterError
-from .measure import el_key
+# read_reference_scores and text_sha256 are the readers of the files these verdicts compare with
+from .results import el_key, mean, read_reference_scores, text_sha256  # noqa: F401
 
 MIA_SCORES = ("loss", "zlib", "mink_20", "mink_40", "minkpp_20", "minkpp_40")
 #: MUSE's PrivLeak score (``forget_holdout_Min-40%``)
@@ -66,7 +68,7 @@ def zlib_length(text: str) -> int:
     return len(zlib.compress(text.encode("utf-8")))
 
 
-def _lowest_mean(values: Sequence[float], fraction: float) -> float:
+def _lowestmean(values: Sequence[float], fraction: float) -> float:
     count = max(1, int(len(values) * fraction))
     return math.fsum(sorted(values)[:count]) / count
 
@@ -79,8 +81,8 @@ def mia_scores(nll: Sequence[float], mu: Sequence[float], sigma: Sequence[float]
     loss = math.fsum(nll) / len(nll)
     normalised = [(lp - m) / s for lp, m, s in zip(logp, mu, sigma)]
     return {"loss": -loss, "zlib": -loss / compressed,
-            "mink_20": _lowest_mean(logp, 0.2), "mink_40": _lowest_mean(logp, 0.4),
-            "minkpp_20": _lowest_mean(normalised, 0.2), "minkpp_40": _lowest_mean(normalised, 0.4)}
+            "mink_20": _lowestmean(logp, 0.2), "mink_40": _lowestmean(logp, 0.4),
+            "minkpp_20": _lowestmean(normalised, 0.2), "minkpp_40": _lowestmean(normalised, 0.4)}
 
 
 def auc(members: Sequence[float], nonmembers: Sequence[float]) -> float:
@@ -149,6 +151,60 @@ def forget_quality(losses: Sequence[float], reference_losses: Sequence[float]) -
     return float(ks_2samp(list(losses), list(reference_losses)).pvalue)
 
 
+# ---------------------------------------------------------------- eq. 17: thresholds from texts never seen
+
+def thresholds(reference: Sequence[dict], el_ns: Sequence[int] = (10,)) -> dict:
+    """Eq. 17 from measured reference texts (never seen by the model): the average MA, EL_n and
+    loss over them: ``{"ma", "el_10", ..., "loss", "records"}``."""
+    if not reference:
+        raise NeumuterError("the reference set is empty")
+    out = {"ma": mean(r["ma"] for r in reference)}
+    for n in el_ns:
+        out[el_key(n)] = mean(r.get(el_key(n)) for r in reference)
+    out["loss"] = mean(r["loss"] for r in reference)
+    out["records"] = len(reference)
+    return out
+
+
+def is_forgotten(result: dict, limits: dict, el_ns: Sequence[int] = (10,)) -> bool:
+    """Eq. 17: MA ≤ the MA threshold and, for every n, EL_n ≤ the EL_n threshold (an EL_n that
+    is undefined for a short text, or a threshold that is, does not count)."""
+    if result["ma"] > limits["ma"]:
+        return False
+    for n in el_ns:
+        value, limit = result.get(el_key(n)), limits.get(el_key(n))
+        if value is not None and limit is not None and value > limit:
+            return False
+    return True
+
+
+def mark(results: Sequence[dict], limits: dict, el_ns: Sequence[int] = (10,)) -> None:
+    """Add ``forgotten`` (eq. 17) and ``mia_distance`` = |loss - mean reference loss| (B.3) to
+    each result, in place."""
+    for result in results:
+        result["mia_distance"] = abs(result["loss"] - limits["loss"])
+        result["forgotten"] = is_forgotten(result, limits, el_ns)
+
+
+MIA_RADIUS = 0.5
+
+
+def summarize(results: Sequence[dict], el_ns: Sequence[int] = (10,), limits: dict | None = None) -> dict:
+    """Means over the measured records; with thresholds, the forgotten count and the share of
+    records whose MIA loss distance is within 0.5 of the reference loss."""
+    out: dict = {"records": len(results), "tokens": sum(r["tokens"] for r in results),
+                 "ma": mean(r["ma"] for r in results)}
+    for n in el_ns:
+        out[el_key(n)] = mean(r.get(el_key(n)) for r in results)
+    out["loss"] = mean(r["loss"] for r in results)
+    if limits is not None:
+        out["thresholds"] = dict(limits)
+        out["forgotten"] = sum(bool(r["forgotten"]) for r in results)
+        out["mia_distance"] = mean(r["mia_distance"] for r in results)
+        out["mia_within_0.5"] = sum(r["mia_distance"] <= MIA_RADIUS for r in results) / len(results)
+    return out
+
+
 # ---------------------------------------------------------------- verdicts against a reference model
 
 def mark_against_reference(results: Sequence[dict], reference: Sequence[dict], el_ns: Sequence[int],
@@ -170,137 +226,20 @@ def mark_against_reference(results: Sequence[dict], reference: Sequence[dict], e
         result["over_forgotten"] = result["ma"] < ref["ma"] - tolerance
 
 
-def _mean(values) -> float | None:
-    values = [v for v in values if v is not None]
-    return math.fsum(values) / len(values) if values else None
-
-
 def reference_summary(results: Sequence[dict], el_ns: Sequence[int]) -> dict:
     """Summary entries of the verdicts: the reference's means, the counts, forget quality."""
-    out: dict = {"ref_ma": _mean(r["ref_ma"] for r in results)}
+    out: dict = {"ref_ma": mean(r["ref_ma"] for r in results)}
     for n in el_ns:
-        out[f"ref_{el_key(n)}"] = _mean(r.get(f"ref_{el_key(n)}") for r in results)
-    out["ref_loss"] = _mean(r["ref_loss"] for r in results)
+        out[f"ref_{el_key(n)}"] = mean(r.get(f"ref_{el_key(n)}") for r in results)
+    out["ref_loss"] = mean(r["ref_loss"] for r in results)
     out["forgotten"] = sum(bool(r["forgotten"]) for r in results)
     out["over_forgotten"] = sum(bool(r["over_forgotten"]) for r in results)
     out["forget_quality"] = forget_quality([r["loss"] for r in results], [r["ref_loss"] for r in results])
     return out
 
 
-# ---------------------------------------------------------------- reusing a reference model's numbers
-
-def text_sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _number(value) -> bool:
-    from .records import finite_number
-
-    return finite_number(value)
-
-
-def _load_json_or_jsonl(path: str):
-    """One JSON document, else JSONL; numbers are read as records are (no NaN, no Infinity,
-    no number a double cannot hold)."""
-    from .records import json_problem, loads_json
-
-    try:
-        with open(path, encoding="utf-8") as handle:
-            content = handle.read()
-    except OSError as exc:
-        raise NeumuterError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise NeumuterError(f"{path}: not UTF-8 text") from None
-    try:
-        return loads_json(content)
-    except ValueError as exc:
-        if not isinstance(exc, json.JSONDecodeError):      # JSON, but a value neumuter refuses
-            raise NeumuterError(f"{path}: invalid JSON ({json_problem(exc)})") from None
-    import jsonlines
-
-    # lines end at \n, \r\n or \r only: measure writes U+2028 and the like raw inside strings
-    reader = jsonlines.Reader(io.StringIO(content, newline=None), loads=loads_json)
-    try:
-        return list(reader.iter(skip_empty=True, allow_none=True))
-    except jsonlines.InvalidLineError as exc:
-        raise NeumuterError(f"{path}:{exc.lineno}: invalid JSON "
-                            f"({json_problem(exc.__cause__).split(' at line ')[0]})") from None
-
-
-def read_reference_scores(path: str, texts: Sequence[str], el_ns: Sequence[int]) -> dict:
-    """A reference model's numbers saved by ``measure RECORDS --model REF`` (JSON or JSONL
-    output), so the reference model is not loaded again: ``{"records": [{"tokens", "ma",
-    "el_N", "loss"}], "summary": {...} | None, "path"}``. Matched to ``texts`` by position and
-    checked by text (or its sha256 in ``text_sha256``); any mismatch is refused."""
-    data = _load_json_or_jsonl(path)
-    summary = None
-    if isinstance(data, dict) and isinstance(data.get("records"), list):
-        rows, summary = data["records"], data.get("summary") if isinstance(data.get("summary"), dict) else None
-    elif isinstance(data, dict):
-        rows = [data]
-    elif isinstance(data, list):
-        rows = data
-    else:
-        raise NeumuterError(f"{path}: expected the JSON or JSONL output of `neumuter measure`")
-    hint = "it must be the output of `neumuter measure` on the same records, in the same order"
-    if len(rows) != len(texts):
-        raise NeumuterError(f"{path}: {len(rows)} records where the input has {len(texts)}: {hint}")
-    out = []
-    for k, (row, text) in enumerate(zip(rows, texts)):
-        where = f"{path}: record {k + 1}"
-        if not isinstance(row, dict):
-            raise NeumuterError(f"{where} is not a JSON object: {hint}")
-        if "text" in row:
-            same = row["text"] == text
-        elif "text_sha256" in row:
-            same = row["text_sha256"] == text_sha256(text)
-        else:
-            raise NeumuterError(f"{where} has neither \"text\" nor \"text_sha256\" to match it with the input")
-        if not same:
-            raise NeumuterError(f"{where} is not input record {k + 1} (its text differs): {hint}")
-        entry = {}
-        for key in ("ma", "loss"):
-            if not _number(row.get(key)):
-                raise NeumuterError(f"{where} has no number {key!r}: {hint}")
-            entry[key] = float(row[key])
-        for n in el_ns:
-            key = el_key(n)
-            if key not in row:
-                raise NeumuterError(f"{where} has no {key!r} (measure the reference with the same --el-n)")
-            if row[key] is not None and not _number(row[key]):
-                raise NeumuterError(f"{where}: {key!r} is not a number")
-            entry[key] = None if row[key] is None else float(row[key])
-        entry["tokens"] = row.get("tokens")
-        out.append(entry)
-    return {"records": out, "summary": summary, "path": path, "fingerprint": _scores_fingerprint(path, rows, summary)}
-
-
-_FINGERPRINT = re.compile(r"[0-9a-f]{32}")
-
-
-def _scores_fingerprint(path: str, rows: Sequence[dict], summary: dict | None) -> str:
-    """The fingerprint of the model the scores were measured on: the summary's
-    ``model.fingerprint`` (JSON output) or every record's ``model_fingerprint`` (JSONL output),
-    which must agree. Scores that do not say are refused: without it the model itself could
-    pass as its own reference."""
-    model = (summary or {}).get("model")
-    from_summary = model.get("fingerprint") if isinstance(model, dict) else None
-    from_rows = [row.get("model_fingerprint") for row in rows]
-    if from_summary is None and (not from_rows or any(value is None for value in from_rows)):
-        raise NeumuterError(f"{path}: the scores do not say which model they were measured on (no "
-                            "\"model_fingerprint\"): measure the reference model again with this neumuter "
-                            "(`neumuter measure RECORDS --model REF --format json`)")
-    given = [value for value in [from_summary, *from_rows] if value is not None]
-    if not all(isinstance(value, str) and _FINGERPRINT.fullmatch(value) for value in given):
-        raise NeumuterError(f"{path}: a model fingerprint in it is not 32 hexadecimal digits")
-    found = sorted(set(given))
-    if len(found) > 1:
-        raise NeumuterError(f"{path}: the scores name {len(found)} different model fingerprints ({found[0]}, "
-                            f"{found[1]}, ...): they must all come from one run of `neumuter measure`")
-    return found[0]
-
-
 __all__ = [
     "MIA_SCORES", "PRIVLEAK_SCORE", "zlib_length", "mia_scores", "auc", "roc_curve", "aucs", "privleak", "privleaks",
-    "forget_quality", "mark_against_reference", "reference_summary", "read_reference_scores", "text_sha256",
+    "forget_quality", "thresholds", "is_forgotten", "mark", "MIA_RADIUS", "summarize", "mark_against_reference",
+    "reference_summary", "read_reference_scores", "text_sha256",
 ]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import IO, Callable, Sequence
 
-from .measure import MIA_RADIUS, MeasureResult, el_key, record_label
-from .mia import MIA_SCORES, PRIVLEAK_SCORE
+from .mia import MIA_RADIUS, MIA_SCORES, PRIVLEAK_SCORE
+from .results import MeasureResult, el_key, record_label
 
 SCORE_NAMES = {"loss": "loss", "zlib": "zlib", "mink_20": "Min-20%", "mink_40": "Min-40%",
                "minkpp_20": "Min-20%++", "minkpp_40": "Min-40%++"}
