@@ -552,15 +552,16 @@ def _naming(records: Sequence[dict], what: str, model: str):
 
 
 def _reference_model_limits(model, tokenizer, records, stop: StopRule, max_length: int, load_reference, say) -> dict:
-    from .measure import _refuse_self_reference, _same_place, check_not_edited_from, check_not_itself, check_not_made_from
+    from .reference import (check_not_edited_from, check_not_itself, check_not_made_from, refuse_self_reference,
+                            same_checkpoint)
     from .models import check_same_tokenizer, fingerprints
 
     if load_reference is None:
         raise NeumuterError("a reference model needs a loader")
     name = getattr(model, "neumuter_source", "the model")
     what = f"reference model {stop.reference_model}"
-    if isinstance(name, str) and _same_place(name, stop.reference_model):
-        _refuse_self_reference(f"{what} is the checkpoint {name}")
+    if isinstance(name, str) and same_checkpoint(name, stop.reference_model):
+        refuse_self_reference(f"{what} is the checkpoint {name}")
     own = fingerprints(model, rounded=True)
     check_not_made_from(name, own["exact"], what, stop.reference_model)
     reference, reference_tokenizer = load_reference(stop.reference_model)

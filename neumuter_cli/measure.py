@@ -55,6 +55,7 @@ from .errors import NonFiniteOutput
 from .fastpaths import roomy_cache
 from .models import input_device
 from .progress import ProgressFn, steps, throttled
+from .reference import check_not_edited_from, check_not_itself, check_not_made_from, refuse_self_reference, same_checkpoint
 from .mia import MIA_RADIUS, is_forgotten, mark, summarize, thresholds  # noqa: F401 (is_forgotten: re-exported)
 from .results import MeasureResult, el_key, read_thresholds, record_label
 from .text import check_context, encode, model_context, pad
@@ -681,58 +682,6 @@ def _naming(records: Sequence[dict], name: str, model: str):
         raise NeumuterError(f"{name}: record {label}: {model} {exc.problem}; no verdict is given") from None
 
 
-def _same_place(a: str, b: str) -> bool:
-    """Whether two model names are the same checkpoint by name: the same path (links resolved)
-    or the same hub name."""
-    import os
-
-    if os.path.exists(a) or os.path.exists(b):
-        return os.path.exists(a) and os.path.exists(b) and os.path.realpath(a) == os.path.realpath(b)
-    return a == b
-
-
-def _refuse_self_reference(detail: str) -> None:
-    raise NeumuterError(f"the reference is the model itself: {detail}; a verdict needs a reference that never "
-                        "saw the records (against itself, every record passes as forgotten)")
-
-
-def check_not_itself(model: str, prints: dict[str, str], reference: str, reference_prints: dict[str, str]) -> None:
-    """Refuse a reference whose weights are the model's: the same fingerprint, or the same once
-    both are rounded to bfloat16 or float16 (one model saved in two precisions);
-    ``prints`` as :func:`models.fingerprints` gives them."""
-    if prints["exact"] == reference_prints["exact"]:
-        _refuse_self_reference(f"{reference} has the weights of {model} (fingerprint {prints['exact']})")
-    for kind in sorted(set(prints) & set(reference_prints) - {"exact"}):
-        if prints[kind] == reference_prints[kind]:
-            _refuse_self_reference(f"{reference} has the weights of {model} rounded to {kind} "
-                                   f"(fingerprints {prints['exact']} and {reference_prints['exact']})")
-
-
-def check_not_made_from(model: str, fingerprint: str, reference: str, reference_path: str) -> None:
-    """Refuse a reference checkpoint that neumuter made from the model (its neumuter.json names
-    the model's fingerprint as a source: a quantised, relearnt or muted copy of the model)."""
-    from .models import lineage
-
-    stage = lineage(reference_path).get(fingerprint)
-    if stage is not None:
-        _refuse_self_reference(f"{reference} was made from {model} by `neumuter {stage}` (its neumuter.json "
-                               f"names the fingerprint {fingerprint})")
-
-
-def check_not_edited_from(model: str, model_path: str, reference: str, reference_fingerprint: str) -> None:
-    """Refuse a reference that the model was made from by `apply` or `quantize` (the model's
-    neumuter.json names it): the model is the reference's own weights with some neurons scaled
-    or rounded, and the reference is the model before it forgot. (A model relearnt from the
-    reference is fine: relearning is training, and the reference never saw what it learnt.)"""
-    from .models import lineage
-
-    stage = lineage(model_path).get(reference_fingerprint)
-    if stage in ("apply", "quantize"):
-        _refuse_self_reference(f"{model} was made from {reference} by `neumuter {stage}` (its neumuter.json names "
-                               f"the fingerprint {reference_fingerprint}): it is that model with some weights "
-                               "scaled or rounded")
-
-
 def run_measure(config: MeasureConfig, progress: ProgressFn = None) -> MeasureResult:
     """One ``measure`` run: read every input, load the model (and quantise it), measure the
     records (MA, EL_n, loss), the eq. 17 reference set, the holdout texts, generations and
@@ -747,7 +696,7 @@ def run_measure(config: MeasureConfig, progress: ProgressFn = None) -> MeasureRe
     that the output used as reference scores later says where it came from."""
     from .models import (check_same_tokenizer, check_vocabulary, checkpoint_vocab_size, fingerprints, load_model,
                          load_tokenizer)
-    from .quantize import _gguf_type, quantize_model
+    from .quantize import gguf_type, quantize_model
     from .records import read_records, sha256_texts
 
     config.validate()
@@ -774,11 +723,11 @@ def run_measure(config: MeasureConfig, progress: ProgressFn = None) -> MeasureRe
     ref_scores = (mia.read_reference_scores(config.reference_scores_path, texts, el_ns)
                   if config.reference_scores_path else None)
     if config.quantize:
-        _gguf_type(config.quantize)          # an unknown type or a missing gguf fails now
+        gguf_type(config.quantize)          # an unknown type or a missing gguf fails now
     reference_label = f"reference model {config.reference_model}"
     if config.reference_model:               # compare the tokenizers before any weight loads
-        if _same_place(config.model, config.reference_model):
-            _refuse_self_reference(f"{reference_label} is the checkpoint {config.model}")
+        if same_checkpoint(config.model, config.reference_model):
+            refuse_self_reference(f"{reference_label} is the checkpoint {config.model}")
         reference_tokenizer = load_tokenizer(config.reference_model, config.trust_remote_code)
         check_same_tokenizer(load_tokenizer(config.model, config.trust_remote_code), reference_tokenizer,
                              config.model, reference_label, texts + [r["text"] for r in holdout_records or []])
@@ -798,7 +747,7 @@ def run_measure(config: MeasureConfig, progress: ProgressFn = None) -> MeasureRe
         check_not_made_from(config.model, model_fingerprint, reference_label, config.reference_model)
     if ref_scores is not None:
         if ref_scores["fingerprint"] == model_fingerprint:
-            _refuse_self_reference(f"reference scores {ref_scores['path']} were measured on a model with the "
+            refuse_self_reference(f"reference scores {ref_scores['path']} were measured on a model with the "
                                    f"fingerprint of {config.model} ({model_fingerprint})")
         check_not_edited_from(config.model, config.model, f"the model of reference scores {ref_scores['path']}",
                               ref_scores["fingerprint"])

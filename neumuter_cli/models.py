@@ -74,7 +74,7 @@ def split_gguf(model: str) -> tuple[str, str | None]:
     return model, None
 
 
-def _check_model_path(model: str) -> None:
+def check_model_path(model: str) -> None:
     """A local path must exist and hold a config.json; a hub name (``org/name``) is left to
     transformers."""
     if os.path.exists(model):
@@ -97,7 +97,7 @@ def load_tokenizer(model: str, trust_remote_code: bool = False):
 
     source, gguf_file = split_gguf(model)
     if gguf_file is None:
-        _check_model_path(source)
+        check_model_path(source)
     kwargs = {"trust_remote_code": trust_remote_code}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
@@ -106,11 +106,11 @@ def load_tokenizer(model: str, trust_remote_code: bool = False):
         with _quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except Exception as exc:   # OSError, ValueError, and whatever a broken tokenizer file raises
-        raise NeumuterError(f"cannot load the tokenizer of {model}: {_first_line(exc)}") from None
+        raise NeumuterError(f"cannot load the tokenizer of {model}: {first_line(exc)}") from None
     try:
         probe = tokenizer(TOKENIZER_PROBE, add_special_tokens=False, verbose=False)["input_ids"]
     except Exception as exc:
-        raise NeumuterError(f"cannot load the tokenizer of {model}: it cannot encode text ({_first_line(exc)})") from None
+        raise NeumuterError(f"cannot load the tokenizer of {model}: it cannot encode text ({first_line(exc)})") from None
     if not probe:
         raise NeumuterError(f"cannot load the tokenizer of {model}: it turns text into no tokens at all "
                             "(are its tokenizer files missing from the folder?)")
@@ -126,7 +126,7 @@ def _check_config(model: str, source: str, kwargs: dict) -> None:
         with _quiet_transformers():
             config = AutoConfig.from_pretrained(source, **kwargs)
     except Exception as exc:
-        raise NeumuterError(f"cannot load {model}: {_first_line(exc)}") from None
+        raise NeumuterError(f"cannot load {model}: {first_line(exc)}") from None
     if getattr(config, "is_encoder_decoder", False):
         kind = getattr(config, "model_type", "?")
         architectures = getattr(config, "architectures", None) or []
@@ -292,7 +292,7 @@ def _check_loaded_whole(model: str, lm: nn.Module, info: dict, stored: dict[str,
                             f"({_model_type(lm)}) has no place for: the config does not describe these weights")
     errors = info.get("error_msgs") or ()
     if errors:
-        raise NeumuterError(f"cannot load {model}: {_first_line(RuntimeError(errors[0]))}")
+        raise NeumuterError(f"cannot load {model}: {first_line(RuntimeError(errors[0]))}")
     floating = {name for name, tensor in lm.state_dict().items() if tensor.is_floating_point()}
     for name, (dtype, file) in sorted(stored.items()):
         if dtype in _NON_FLOAT and any(n == name or n.endswith("." + name) or name.endswith("." + n)
@@ -331,7 +331,7 @@ def load_model(
                                          "run one process, or give each process its own GPU")
     source, gguf_file = split_gguf(model)
     if gguf_file is None:
-        _check_model_path(source)
+        check_model_path(source)
     target = distributed.place(resolve_device(device)) if device_map is None else None
     tokenizer = load_tokenizer(model, trust_remote_code)       # cheap: a missing tokenizer fails first
     stored = _stored_dtypes(source) if gguf_file is None and os.path.isdir(source) else {}
@@ -351,7 +351,7 @@ def load_model(
     except NeumuterError:
         raise
     except Exception as exc:   # a truncated or corrupted file, a config that does not fit, a missing package
-        raise NeumuterError(f"cannot load {model}: {_first_line(exc)}") from None
+        raise NeumuterError(f"cannot load {model}: {first_line(exc)}") from None
     _check_loaded_whole(model, lm, info, stored)
     check_vocabulary(model, lm.get_input_embeddings().num_embeddings, tokenizer)
     head = lm.get_output_embeddings()
@@ -395,7 +395,7 @@ def check_causal_lm(model: nn.Module) -> None:
         logits = model(input_ids=batch, attention_mask=torch.ones_like(batch)).logits.float()[:, :4]
     except Exception as exc:       # a model transformers loads but cannot run (with its KV cache, as EL does)
         raise NeumuterError(f"model type {kind!r} ({type(model).__name__}) cannot run as a causal LM: its forward "
-                            f"pass fails ({_first_line(exc)})") from None
+                            f"pass fails ({first_line(exc)})") from None
     if not torch.isfinite(logits).all():
         return      # broken weights say nothing about attention; the stage that uses them reports it
     change = (logits[0] - logits[1]).abs().max().item()
@@ -408,7 +408,7 @@ def check_causal_lm(model: nn.Module) -> None:
             "a decoder-only causal LM")
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     """The message of ``exc`` as one line: its first line, and the next one when the first only
     announces it (ends with a colon), at most 300 characters."""
     lines = [line.strip() for line in (str(exc).strip() or type(exc).__name__).splitlines() if line.strip()]
@@ -429,7 +429,7 @@ def input_device(model: nn.Module) -> torch.device:
 
 # ---------------------------------------------------------------- locating the FFN neurons
 
-def _linear_dims(module: nn.Module) -> tuple[int, int, bool] | None:
+def linear_dims(module: nn.Module) -> tuple[int, int, bool] | None:
     """(in_features, out_features, is_conv1d) for nn.Linear-like and GPT-2 Conv1D modules."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features, False
@@ -442,7 +442,7 @@ def _linear_dims(module: nn.Module) -> tuple[int, int, bool] | None:
     return None
 
 
-def _decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The longest ModuleList of same-class modules: the stack of decoder blocks."""
     best: tuple[str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
@@ -498,7 +498,7 @@ def find_ffn_layers(model: nn.Module) -> list[FFNLayer]:
     a config that counts experts), even when a shared expert looks like one dense FFN: gating
     it alone would leave the routed experts untouched."""
     hidden = model.get_input_embeddings().embedding_dim
-    blocks_path, blocks = _decoder_blocks(model)
+    blocks_path, blocks = decoder_blocks(model)
     kind = _model_type(model)
     experts = _experts_in_config(model)
     if experts:
@@ -513,7 +513,7 @@ def find_ffn_layers(model: nn.Module) -> list[FFNLayer]:
                                 "per block")
         candidates = []
         for name, module in block.named_modules():
-            dims = _linear_dims(module)
+            dims = linear_dims(module)
             if dims and dims[1] == hidden and dims[0] > hidden:
                 candidates.append((name, module, dims))
         if len(candidates) > 1:

@@ -53,14 +53,14 @@ def load_mlm(name_or_path: str, device: str = "auto"):
     Returns (model, tokenizer). The tokenizer must have a mask token."""
     from transformers import AutoModelForMaskedLM
 
-    from .models import _check_model_path, _first_line, load_tokenizer, resolve_device
+    from .models import check_model_path, first_line, load_tokenizer, resolve_device
 
-    _check_model_path(name_or_path)
+    check_model_path(name_or_path)
     target = distributed.place(resolve_device(device))
     try:
         mlm = AutoModelForMaskedLM.from_pretrained(name_or_path, dtype=torch.float32)
     except (OSError, ValueError, KeyError, ImportError) as exc:
-        raise NeumuterError(f"cannot load the masked LM {name_or_path}: {_first_line(exc)}") from None
+        raise NeumuterError(f"cannot load the masked LM {name_or_path}: {first_line(exc)}") from None
     tokenizer = load_tokenizer(name_or_path)
     if tokenizer.mask_token_id is None:
         raise NeumuterError(f"{name_or_path}: the tokenizer has no mask token (is it a masked LM?)")

@@ -26,7 +26,7 @@ from . import NeumuterError, offload
 from .config import QUANT_TYPES  # noqa: E402  (the formats offered, defined torch-free for the CLI)
 
 
-def _gguf_type(qtype: str):
+def gguf_type(qtype: str):
     """The gguf quantisation type for ``qtype`` and its block size; clear errors otherwise."""
     name = QUANT_TYPES.get(qtype.lower())
     if name is None:
@@ -52,13 +52,13 @@ def _gguf_type(qtype: str):
 
 def _block_linears(model) -> list[tuple[str, torch.nn.Module, bool]]:
     """(module path, module, is_conv1d) of every 2-D linear map inside the decoder blocks."""
-    from .models import _decoder_blocks, _linear_dims
+    from .models import decoder_blocks, linear_dims
 
-    blocks_path, blocks = _decoder_blocks(model)
+    blocks_path, blocks = decoder_blocks(model)
     found = []
     for index, block in enumerate(blocks):
         for name, module in block.named_modules():
-            dims = _linear_dims(module)
+            dims = linear_dims(module)
             weight = getattr(module, "weight", None)
             if dims and isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.is_floating_point():
                 found.append((f"{blocks_path}.{index}.{name}", module, dims[2]))
@@ -84,7 +84,7 @@ def quantize_model(model, qtype: str, progress: Callable[[str], None] | None = N
     format's block size)."""
     import numpy as np
 
-    quants, member, block = _gguf_type(qtype)
+    quants, member, block = gguf_type(qtype)
     start = time.monotonic()
     done, skipped, elements = [], [], 0
     linears = _block_linears(model)

@@ -28,7 +28,7 @@ from . import NeumuterError, distributed
 from .config import RelearnConfig
 from .errors import NonFiniteLoss, SettingError
 from .records import finite_number
-from .models import _decoder_blocks, input_device, parse_layers
+from .models import decoder_blocks, input_device, parse_layers
 from .progress import steps
 from .text import check_context, encode, pad, padding_id
 
@@ -85,7 +85,7 @@ def trainable_parameters(model, layers: str | None) -> tuple[list[torch.nn.Param
     if layers is None or layers.strip().lower() in ("", "all"):
         params = list(model.parameters())
         return list({id(p): p for p in params}.values()), None
-    _, blocks = _decoder_blocks(model)
+    _, blocks = decoder_blocks(model)
     chosen = parse_layers(layers, len(blocks))
     params = [p for index in chosen for p in blocks[index].parameters()]
     return list({id(p): p for p in params}.values()), chosen

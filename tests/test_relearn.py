@@ -14,7 +14,7 @@ from helpers import PEOPLE, byte_bpe_tokenizer, tiny_model, train_memorizer
 from neumuter_cli import NeumuterError, __version__
 from neumuter_cli.cli import cli
 from neumuter_cli.measure import encode, teacher_forced
-from neumuter_cli.models import _decoder_blocks, fingerprint, load_model
+from neumuter_cli.models import decoder_blocks, fingerprint, load_model
 from neumuter_cli.records import sha256_texts
 from neumuter_cli.relearn import RelearnConfig, data_order, first_halves, relearn
 
@@ -86,7 +86,7 @@ def test_layers_leave_every_other_weight_bit_identical(arch, count, spec, traine
     model = tiny_model(arch, layers=count)
     for p in model.parameters():
         p.requires_grad_(False)
-    blocks_path, blocks = _decoder_blocks(model)
+    blocks_path, blocks = decoder_blocks(model)
     before = weights(model)
     result = relearn(model, tokenizer, RECORDS, RelearnConfig(steps=3, batch_size=3, lr=1e-2, layers=spec))
     assert result.blocks == trained
