@@ -3,7 +3,7 @@
 Every control runs on the same model and the same texts and is measured the same way:
 
   neumuter     the scales file from `neumuter select` (--scales), applied as gates on the
-               inputs of the FFN down-projections (models.gated: the same numbers as folding)
+               inputs of the FFN down-projections (models.scaled: the same numbers as folding)
   random       the same number of neurons per block with the same scale values, on neurons
                drawn at random (one row: the mean over --random-seeds seeds)
   activation   MemPi-style activation selection: score = mean |input of the down-projection|
@@ -37,7 +37,6 @@ usage (the SmolLM2 fixture):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -53,8 +52,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from neumuter_cli import NeumuterError  # noqa: E402
 from neumuter_cli.apply import check_fingerprint  # noqa: E402
+from neumuter_cli.config import TOLERANCE  # noqa: E402
 from neumuter_cli.measure import memorization_accuracy, perplexity, teacher_forced  # noqa: E402
-from neumuter_cli.models import find_ffn_layers, gated, input_device, load_model, parse_layers  # noqa: E402
+from neumuter_cli.models import find_ffn_layers, input_device, load_model, parse_layers  # noqa: E402
+from neumuter_cli.models import scaled as scaled_model  # noqa: E402
 from neumuter_cli.plots import benchmark_figure, check_figure_path, figure_path, plot_controls  # noqa: E402
 from neumuter_cli.records import atomic_output, read_records  # noqa: E402
 from neumuter_cli.artifacts import SCALES_KIND, read_artifact  # noqa: E402
@@ -89,7 +90,7 @@ class Fixture:
     retain_ids: list[list[int]]
     heldout: list[str]
     ppl_window: int = 256
-    tolerance: float = 0.05
+    tolerance: float = TOLERANCE
     reference: Reference | None = None
     neighbor_ids: list[list[int]] = field(default_factory=list)
 
@@ -216,15 +217,9 @@ def read_scales(path: str, fx: Fixture) -> dict[int, torch.Tensor]:
     return scales
 
 
-@contextlib.contextmanager
 def scaled(fx: Fixture, scales: dict[int, torch.Tensor]):
-    """The model with each named block's down-projection inputs multiplied by its scales."""
-    by_index = {layer.index: layer for layer in fx.layers}
-    blocks = sorted(scales)
-    device = input_device(fx.model)
-    gates = [scales[b].to(device) for b in blocks]
-    with gated([by_index[b] for b in blocks], lambda i: gates[i]):
-        yield
+    """The fixture's model with each named block's down-projection inputs multiplied by its scales."""
+    return scaled_model(fx.model, scales, fx.layers)
 
 
 def modified_count(scales: dict[int, torch.Tensor]) -> int:
@@ -572,7 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--target", default="reference",
                     help="'reference' (every text at or below the reference model's MA + tolerance) or a mean "
                          "forget MA (default: %(default)s)")
-    ap.add_argument("--tolerance", type=float, default=0.05,
+    ap.add_argument("--tolerance", type=float, default=TOLERANCE,
                     help="MA above the reference model's that still counts as forgotten (default: %(default)s)")
     ap.add_argument("--random-seeds", type=int, default=3, help="seeds for random neurons (default: %(default)s)")
     ap.add_argument("--max-neurons", type=int,

@@ -41,6 +41,7 @@ from controls import (Fixture, Reference, Target, activation_rows, against_refer
 from neumuter_cli import NeumuterError  # noqa: E402
 from neumuter_cli.artifacts import MASK_KIND, SCALES_KIND, read_artifact  # noqa: E402
 from neumuter_cli.measure import teacher_forced  # noqa: E402
+from neumuter_cli.config import TOLERANCE  # noqa: E402
 from neumuter_cli.models import load_model  # noqa: E402
 from neumuter_cli.records import read_records  # noqa: E402
 from neumuter_cli.select import select_from_mask  # noqa: E402
@@ -107,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--controls", default="random,activation", help="comma-separated: random, activation")
     ap.add_argument("--random-seeds", type=int, default=3)
     ap.add_argument("--max-neurons", type=int, default=2000, help="cap on the activation control's k")
-    ap.add_argument("--tolerance", type=float, default=0.05)
+    ap.add_argument("--tolerance", type=float, default=TOLERANCE)
     ap.add_argument("--downstream", help="zero-shot tasks, comma-separated (benchmarks/downstream.py)")
     ap.add_argument("--downstream-limit", type=int, default=200)
     ap.add_argument("--downstream-data", help="task data folder for benchmarks/downstream.py")

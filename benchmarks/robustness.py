@@ -48,6 +48,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from neumuter_cli import NeumuterError  # noqa: E402
 from neumuter_cli.measure import memorization_accuracy, perplexity, teacher_forced  # noqa: E402
+from neumuter_cli.config import TOLERANCE  # noqa: E402
 from neumuter_cli.models import load_model  # noqa: E402
 from neumuter_cli.plots import benchmark_figure, check_figure_path, figure_path, plot_robustness  # noqa: E402
 from neumuter_cli.records import atomic_output, read_records  # noqa: E402
@@ -98,7 +99,7 @@ def parse_args(argv):
     ap.add_argument("--seed", type=int, default=0, help="seed of the relearning data order")
     ap.add_argument("--quantize", type=quant_list, default=["q8_0", "q4_0"],
                     help="quantisation types, comma-separated ('' skips the quantisation columns)")
-    ap.add_argument("--tolerance", type=float, default=0.05)
+    ap.add_argument("--tolerance", type=float, default=TOLERANCE)
     ap.add_argument("--verdict-steps", type=int, default=20, help="the relearning step count of the verdict")
     ap.add_argument("--verdict-quant", default="q4_0", help="the quantisation type of the verdict")
     ap.add_argument("--second-muted", help="the muted model after a second request (set B forgotten too)")

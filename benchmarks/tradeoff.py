@@ -27,13 +27,14 @@ from tabulate import tabulate
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from neumuter_cli.artifacts import MASK_KIND, read_artifact  # noqa: E402
+from neumuter_cli.config import TOLERANCE  # noqa: E402
 from neumuter_cli.gates import deterministic_gate  # noqa: E402
 from neumuter_cli.localize import keep_most_closed  # noqa: E402
 from neumuter_cli.measure import memorization_accuracy, perplexity, teacher_forced  # noqa: E402
-from neumuter_cli.models import find_ffn_layers, gated, load_model  # noqa: E402
+from neumuter_cli.models import find_ffn_layers, load_model, scaled  # noqa: E402
 from neumuter_cli.plots import benchmark_figure, check_figure_path, figure_path, plot_tradeoff  # noqa: E402
 from neumuter_cli.records import read_records  # noqa: E402
-from neumuter_cli.select import _block_tensors  # noqa: E402
+from neumuter_cli.select import mask_log_alpha  # noqa: E402
 from neumuter_cli.text import encode  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -51,7 +52,7 @@ def main(argv=None):
     ap.add_argument("--reference-model", required=True)
     ap.add_argument("--fixtures", default=os.path.join(HERE, "..", "..", "shared", "fixtures"))
     ap.add_argument("--ks", default="115,230,460,920,1840,3680")
-    ap.add_argument("--tolerance", type=float, default=0.05)
+    ap.add_argument("--tolerance", type=float, default=TOLERANCE)
     ap.add_argument("--retain-limit", type=int, default=128)
     ap.add_argument("--heldout-limit", type=int, default=None)
     ap.add_argument("--out", default=None)
@@ -64,7 +65,7 @@ def main(argv=None):
     texts = lambda name: [r["text"] for r in read_records(os.path.join(a.fixtures, name))]  # noqa: E731
 
     artifact = read_artifact(a.mask, MASK_KIND)
-    log_alpha = _block_tensors(artifact.tensors, artifact.metadata, "log_alpha", a.mask)
+    log_alpha = mask_log_alpha(artifact.tensors, artifact.metadata, a.mask)
     moved = sum(int((deterministic_gate(v) < 1).sum()) for v in log_alpha.values())
 
     ref, tok = load_model(a.reference_model, device="cpu")
@@ -74,14 +75,12 @@ def main(argv=None):
     ref_loss = [tf.loss for tf in ref_tf]
     del ref
     model, tok = load_model(a.model, device="cpu")
-    layers = {layer.index: layer for layer in find_ffn_layers(model)}
+    layers = find_ffn_layers(model)
     retain = encode(tok, texts("retain.jsonl")[: a.retain_limit], 200)
     heldout = texts("heldout.jsonl")[: a.heldout_limit]
 
     def measure(gates: dict[int, torch.Tensor] | None) -> dict:
-        chosen = [layers[b] for b in sorted(gates or {})]
-        values = [gates[b] for b in sorted(gates or {})]
-        with gated(chosen, lambda i: values[i]):
+        with scaled(model, gates or {}, layers):
             tfs = teacher_forced(model, forget)
             ma = [tf.ma(x) for tf, x in zip(tfs, forget)]
             return {

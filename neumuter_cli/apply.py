@@ -3,17 +3,17 @@ ordinary checkpoint that loads with plain ``AutoModelForCausalLM.from_pretrained
 from __future__ import annotations
 
 import json
-import os
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from . import NeumuterError, __version__
-from .artifacts import CHECKPOINT_KIND, CHECKPOINT_RECORD, SCALES_KIND, check_kind, check_output_dir
-from .errors import FingerprintMismatch
+from .artifacts import SCALES_KIND, check_kind, check_output_dir, previous_records, read_artifact, save_checkpoint
+from .config import LoadOptions
+from .errors import FingerprintMismatch, SettingsMessage
 from .models import FFNLayer, describe, find_ffn_layers, fold_scales
-from .records import atomic_directory, dumps_json, loads_json
 
 
 def check_fingerprint(meta: dict, model, layers: Sequence[FFNLayer], name: str = "scales") -> dict:
@@ -21,10 +21,12 @@ def check_fingerprint(meta: dict, model, layers: Sequence[FFNLayer], name: str =
     info = describe(model, layers)
     made_for = meta.get("fingerprint")
     if made_for != info["fingerprint"]:
-        raise FingerprintMismatch(made_for if isinstance(made_for, str) else None, info["fingerprint"],
-            f"{name} was made for model {meta.get('model', '?')!s} (fingerprint {made_for}), "
-            f"but --model {info['model']} has fingerprint {info['fingerprint']}: "
-            f"localize and select on the model you apply to")
+        raise FingerprintMismatch(
+            made_for if isinstance(made_for, str) else None, info["fingerprint"],
+            "{name} was made for model {made_for_model!s} (fingerprint {made_for}), but {model} {given_model} has "
+            "fingerprint {given}: localize and select on the model you apply to",
+            name=name, made_for_model=meta.get("model", "?"), made_for=made_for, given_model=info["model"],
+            given=info["fingerprint"])
     return info
 
 
@@ -53,73 +55,12 @@ def apply_scales(model, layers: Sequence[FFNLayer], scales_by_block: dict[int, t
         outside = ((scale < 0) | (scale > 1)).nonzero().flatten()
         if len(outside) and not allow_any_scale:
             neuron = int(outside[0])
-            raise NeumuterError(f"block {layer.index}: the scale of neuron {neuron} is {float(scale[neuron]):g}, "
-                                f"outside [0, 1] ({len(outside)} such in this block); `select` writes gate values "
-                                "in [0, 1]: use --allow-any-scale to fold such scales anyway")
+            raise SettingsMessage("block {block}: the scale of neuron {neuron} is {scale:g}, outside [0, 1] ({count} "
+                                  "such in this block); `select` writes gate values in [0, 1]: use {allow_any_scale} "
+                                  "to fold such scales anyway", block=layer.index, neuron=neuron,
+                                  scale=float(scale[neuron]), count=len(outside))
     fold_scales(chosen, scales)
     return {layer.index: int((scale != 1.0).sum()) for layer, scale in zip(chosen, scales)}
-
-
-def _plain_model(model):
-    """A model loaded from GGUF carries a quantizer that refuses ``save_pretrained``; when its
-    weights are ordinary float tensors (dequantised on load), drop it so that the model is
-    written as an ordinary float checkpoint."""
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is None:
-        return model
-    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
-    method = getattr(method, "value", method)
-    if method != "gguf":
-        raise NeumuterError(f"cannot write a checkpoint of a model quantised with {method}: "
-                            f"load it unquantised")
-    if getattr(quantizer, "packed_modules", None):
-        raise NeumuterError("this GGUF model keeps its weights packed for quantised kernels; "
-                            "load it with --device cpu to write a float checkpoint")
-    for param in model.parameters():
-        if not param.is_floating_point():
-            raise NeumuterError("this GGUF model holds non-float weights; cannot write a float checkpoint")
-    quantizer.remove_quantization_config(model)
-    return model
-
-
-def save_checkpoint(model, tokenizer, out_dir: str, record: dict, force: bool = False,
-                    protected: Sequence[str | None] = ()) -> None:
-    """Write ``model`` (safetensors) + ``tokenizer`` + ``neumuter.json`` into ``out_dir``
-    atomically: everything goes to a temporary folder beside it, renamed at the end. What
-    ``out_dir`` may be, and when it may be replaced, is :func:`artifacts.check_output_dir`
-    (``force`` replaces a previous checkpoint only; ``protected``: paths it must not hold).
-    ``neumuter.json`` gets the kind and the list of files written (``kind``, ``files``) and
-    is written with sorted keys, so that the same inputs give the same bytes. A GGUF-loaded
-    model is written as an ordinary float checkpoint."""
-    check_output_dir(out_dir, force, protected)
-    with atomic_directory(out_dir, force=True) as tmp:
-        model = _plain_model(model)
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        files = sorted({entry.name for entry in Path(tmp).iterdir()} | {CHECKPOINT_RECORD})
-        record = {**record, "kind": CHECKPOINT_KIND, "files": files}
-        text = dumps_json(record, indent=2, ensure_ascii=False, sort_keys=True)
-        with open(Path(tmp) / CHECKPOINT_RECORD, "w", encoding="utf-8") as handle:
-            handle.write(text + "\n")
-
-
-def previous_records(source: str) -> list[dict]:
-    """The history of a muted checkpoint used as the source of a later request."""
-    path = Path(source) / CHECKPOINT_RECORD
-    if not os.path.isdir(source) or not path.is_file():
-        return []
-    try:
-        with open(path, encoding="utf-8") as handle:
-            previous = loads_json(handle.read())
-    except (OSError, ValueError):     # unreadable, not JSON, or a number JSON output cannot carry
-        return []
-    if not isinstance(previous, dict):
-        return []
-    history = previous.pop("history", [])
-    history = [entry for entry in history if isinstance(entry, dict)] if isinstance(history, list) else []
-    previous.pop("files", None)   # that folder's layout, not provenance
-    return [*history, previous]
 
 
 def apply_scales_file(model, tokenizer, tensors: dict[str, torch.Tensor], meta: dict, out_dir: str,
@@ -174,3 +115,36 @@ def checkpoint_dtype(model: str) -> str | None:
         return None
     dtype = data.get("dtype", data.get("torch_dtype"))
     return dtype if dtype in ("float32", "bfloat16", "float16") else None
+
+
+def run_apply(model: str, scales_path: str, output: str, force: bool = False, allow_any_scale: bool = False,
+              load: LoadOptions | None = None, progress: Callable[[str], None] | None = None) -> dict:
+    """The `apply` stage from paths: check the output folder, read the scales file, load the
+    model (with dtype auto, in the dtype its checkpoint is stored in), fold and save. Returns the
+    record written to ``neumuter.json``. Scales that do not match a model loaded in another
+    dtype than the stored one are refused with the dtype named: rounding changed the weights."""
+    from .models import load_model
+
+    load = load or LoadOptions()
+    check_output_dir(output, force, protected=(model, scales_path))
+    artifact = read_artifact(scales_path, kind=SCALES_KIND)
+    stored = checkpoint_dtype(model)
+    as_loaded = replace(load, dtype=stored or "auto") if load.dtype == "auto" else load
+    if progress:
+        progress(f"loading {model}")
+    lm, tokenizer = load_model(model, **asdict(as_loaded))
+    try:
+        return apply_scales_file(lm, tokenizer, artifact.tensors, artifact.metadata, output,
+                                 scales_sha256=artifact.sha256, force=force, name=artifact.name,
+                                 allow_any_scale=allow_any_scale, protected=(model, scales_path))
+    except FingerprintMismatch as exc:
+        asked = load.dtype
+        if stored is not None and asked not in ("auto", stored, "float32"):    # float32 holds any half value
+            raise FingerprintMismatch(
+                exc.expected, exc.found,
+                "{dtype} {asked} rounds the {stored} weights of {source}, so they are no longer the weights {name} "
+                "was made for (fingerprint {made_for}, rounded {rounded}): apply with {dtype} auto (the stored "
+                "{stored}), or localize and select on the model loaded as {asked}",
+                asked=asked, stored=stored, source=model, name=artifact.name, made_for=exc.expected, rounded=exc.found,
+            ) from None
+        raise

@@ -1,5 +1,6 @@
 """The files neumuter writes and reads back: mask and scales files (safetensors with a metadata
-map) and checkpoint folders.
+map) and checkpoint folders (written by `apply`, `quantize` and `relearn`, each with the
+neumuter.json record of how it was made and from what).
 
 This module owns their kinds and format version, reads a file once (keeping its sha256), checks
 the kind and version in one place, writes byte-reproducible files, and says which folder a
@@ -12,14 +13,16 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from . import NeumuterError
-from .records import atomic_output, check_folder_writable, display_name, dumps_json, is_terminal, loads_json, sha256_bytes
+from .errors import SettingsMessage
+from .records import (atomic_directory, atomic_output, check_folder_writable, display_name, dumps_json, is_terminal,
+                      loads_json, sha256_bytes)
 
 MASK_KIND = "neumuter-mask"
 SCALES_KIND = "neumuter-scales"
@@ -223,16 +226,81 @@ def check_output_dir(path: str, force: bool = False, protected: Iterable[str | N
     if target.is_dir() and any(target.iterdir()):
         problem = previous_checkpoint_problem(path)
         if problem is not None:
-            raise NeumuterError(f"{path} exists and is not empty, and is not a neumuter checkpoint ({problem}); "
-                                "--force only replaces a previous checkpoint: give a new folder")
+            raise SettingsMessage("{path} exists and is not empty, and is not a neumuter checkpoint ({problem}); "
+                                  "{force} only replaces a previous checkpoint: give a new folder",
+                                  path=path, problem=problem)
         if not force:
-            raise NeumuterError(f"{path} holds a previous neumuter checkpoint (use --force to replace it)")
+            raise SettingsMessage("{path} holds a previous neumuter checkpoint (use {force} to replace it)", path=path)
     parent = target.parent if str(target.parent) else Path(".")
     check_folder_writable(path, parent)
+
+
+# ---------------------------------------------------------------- checkpoint folders
+
+def _plain_model(model):
+    """A model loaded from GGUF carries a quantizer that refuses ``save_pretrained``; when its
+    weights are ordinary float tensors (dequantised on load), drop it so that the model is
+    written as an ordinary float checkpoint."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return model
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    method = getattr(method, "value", method)
+    if method != "gguf":
+        raise NeumuterError(f"cannot write a checkpoint of a model quantised with {method}: "
+                            f"load it unquantised")
+    if getattr(quantizer, "packed_modules", None):
+        raise SettingsMessage("this GGUF model keeps its weights packed for quantised kernels; "
+                              "load it with {device} cpu to write a float checkpoint")
+    for param in model.parameters():
+        if not param.is_floating_point():
+            raise NeumuterError("this GGUF model holds non-float weights; cannot write a float checkpoint")
+    quantizer.remove_quantization_config(model)
+    return model
+
+
+def save_checkpoint(model, tokenizer, out_dir: str, record: dict, force: bool = False,
+                    protected: Sequence[str | None] = ()) -> None:
+    """Write ``model`` (safetensors) + ``tokenizer`` + ``neumuter.json`` into ``out_dir``
+    atomically: everything goes to a temporary folder beside it, renamed at the end. What
+    ``out_dir`` may be, and when it may be replaced, is :func:`artifacts.check_output_dir`
+    (``force`` replaces a previous checkpoint only; ``protected``: paths it must not hold).
+    ``neumuter.json`` gets the kind and the list of files written (``kind``, ``files``) and
+    is written with sorted keys, so that the same inputs give the same bytes. A GGUF-loaded
+    model is written as an ordinary float checkpoint."""
+    check_output_dir(out_dir, force, protected)
+    with atomic_directory(out_dir, force=True) as tmp:
+        model = _plain_model(model)
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        files = sorted({entry.name for entry in Path(tmp).iterdir()} | {CHECKPOINT_RECORD})
+        record = {**record, "kind": CHECKPOINT_KIND, "files": files}
+        text = dumps_json(record, indent=2, ensure_ascii=False, sort_keys=True)
+        with open(Path(tmp) / CHECKPOINT_RECORD, "w", encoding="utf-8") as handle:
+            handle.write(text + "\n")
+
+
+def previous_records(source: str) -> list[dict]:
+    """The history of a muted checkpoint used as the source of a later request."""
+    path = Path(source) / CHECKPOINT_RECORD
+    if not os.path.isdir(source) or not path.is_file():
+        return []
+    try:
+        with open(path, encoding="utf-8") as handle:
+            previous = loads_json(handle.read())
+    except (OSError, ValueError):     # unreadable, not JSON, or a number JSON output cannot carry
+        return []
+    if not isinstance(previous, dict):
+        return []
+    history = previous.pop("history", [])
+    history = [entry for entry in history if isinstance(entry, dict)] if isinstance(history, list) else []
+    previous.pop("files", None)   # that folder's layout, not provenance
+    return [*history, previous]
 
 
 __all__ = [
     "MASK_KIND", "SCALES_KIND", "CHECKPOINT_KIND", "CHECKPOINT_RECORD", "FORMAT_VERSION", "Artifact",
     "read_artifact", "load_artifact", "check_kind", "save_artifact", "canonical_safetensors",
-    "previous_checkpoint_problem", "check_output_dir",
+    "previous_checkpoint_problem", "check_output_dir", "save_checkpoint", "previous_records",
 ]

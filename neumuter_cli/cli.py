@@ -15,14 +15,18 @@ from tabulate import tabulate
 from . import NeumuterError, __version__, distributed
 # torch-free: the options and --help are built from these defaults; the stages themselves (and
 # torch, transformers) are imported inside the commands, so that --help and completion are instant
-from .config import ATTRIBUTION_SCORES, FORGET_TERMS, LOCALIZE_METHODS, OPTIMIZERS, QUANT_TYPES, LocalizeConfig, NeighborsConfig, RelearnConfig
-from .errors import DeviceUnavailable, NonFiniteLoss, SettingError
+from .config import (ATTRIBUTION_SCORES, FORGET_TERMS, LOCALIZE_METHODS, OPTIMIZERS, QUANT_TYPES, LoadOptions,
+                     LocalizeConfig, MeasureConfig, NeighborsConfig, RelearnConfig, StopRule)
+from .errors import ConflictingSettings, DeviceUnavailable, NonFiniteLoss, SettingError, SettingsMessage
 from .progress import Reporter
 from .records import is_terminal
 
 DEFAULTS = LocalizeConfig()
+STOP_DEFAULTS = StopRule()
 NEIGHBORS = NeighborsConfig()
 RELEARN_DEFAULTS = RelearnConfig()
+MEASURE_DEFAULTS = MeasureConfig(model="")
+LOAD_DEFAULTS = LoadOptions()
 
 
 # exit status: 1 is the verdict of `measure --check` (some record is not forgotten) and nothing
@@ -63,9 +67,10 @@ class ParseErrorsOnRankZero:
 
 
 class NeumuterCommand(ParseErrorsOnRankZero, click.Command):
-    """Words the library's errors with this command's flags: a SettingError names a library
-    parameter (``top_k``), the user gave an option (``--top-k``); it is a usage error (exit
-    status 2), except a device this machine does not have (3)."""
+    """Words the library's errors with this command's flags: a SettingError or a SettingsMessage
+    names a library parameter (``top_k``), the user gave an option (``--top-k``). A SettingError
+    or ConflictingSettings is a usage error (exit status 2), except a device this machine does
+    not have (3); any other SettingsMessage is an error (3)."""
 
     def invoke(self, ctx):
         if self.name in DATA_PARALLEL:
@@ -80,6 +85,10 @@ class NeumuterCommand(ParseErrorsOnRankZero, click.Command):
             if isinstance(exc, DeviceUnavailable):
                 raise NeumuterError(message) from None
             raise click.UsageError(message, ctx) from None
+        except ConflictingSettings as exc:
+            raise click.UsageError(exc.worded(self.word), ctx) from None
+        except SettingsMessage as exc:
+            raise NeumuterError(exc.worded(self.word)) from None
         except NonFiniteLoss as exc:
             lr, dtype = self.flag("lr"), self.flag("dtype")
             raise NeumuterError(f"{exc}; try a smaller {lr} or {dtype} float32" if lr and dtype else str(exc)) from None
@@ -90,6 +99,10 @@ class NeumuterCommand(ParseErrorsOnRankZero, click.Command):
             if isinstance(param, click.Option) and param.name == setting.replace("-", "_"):
                 return next((opt for opt in param.opts if opt.startswith("--")), param.opts[0])
         return None
+
+    def word(self, setting: str) -> str:
+        """How a message names the library parameter ``setting``: its flag, else its own name."""
+        return self.flag(setting) or setting
 
 
 class Terminated(SystemExit):
@@ -272,28 +285,30 @@ def model_options(func):
     """--model and the options that say how to load it, shared by every command that loads an LM."""
     @click.option("--model", "-m", "model", required=True, metavar="NAME_OR_PATH",
                   help="Causal LM: a local checkpoint directory, a hub name, or a .gguf file.")
-    @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto",
+    @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default=LOAD_DEFAULTS.device,
                   show_default=True, help="Where to run (auto: cuda, then mps, then cpu).")
-    @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+    @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=LOAD_DEFAULTS.dtype,
                   show_default=True, help="Weight dtype (auto: float32 on CPU, the checkpoint's own on a GPU).")
-    @click.option("--device-map", type=click.Choice(["auto"]), default=None,
+    @click.option("--device-map", type=click.Choice(["auto"]), default=LOAD_DEFAULTS.device_map,
                   help="Spread a model too large for one GPU over all GPUs (needs accelerate).")
     @click.option("--max-memory", default=None, metavar="DEVICE=SIZE[,..]", callback=_max_memory,
                   help="With --device-map auto: the most of the model each device may hold, e.g. "
                        "0=70GiB,1=70GiB,cpu=200GiB (GPU numbers, cpu, mps; sizes in B, KB, MB, GB, KiB, MiB, "
                        "GiB...). What does not fit is offloaded to the CPU or, beyond it, to disk (a safetensors "
                        "checkpoint is read in place) and brought in for each forward pass: slower, same results.")
-    @click.option("--trust-remote-code", is_flag=True, default=False,
+    @click.option("--trust-remote-code", is_flag=True, default=LOAD_DEFAULTS.trust_remote_code,
                   help="Allow model code from the checkpoint's repository to run.")
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        if kwargs["max_memory"] is not None and kwargs["device_map"] is None:
+        load = LoadOptions(**{name: kwargs.pop(name) for name in
+                              ("device", "dtype", "device_map", "max_memory", "trust_remote_code")})
+        if load.max_memory is not None and load.device_map is None:
             raise click.UsageError("--max-memory needs --device-map auto")
-        if kwargs["device_map"] is not None and distributed.world().size > 1:
+        if load.device_map is not None and distributed.world().size > 1:
             raise click.UsageError(f"--device-map auto spreads one copy of the model over every GPU, but each of the "
                                    f"{distributed.world().size} processes of the launcher holds its own: run one "
                                    "process, or give each its own GPU (--device cuda)")
-        return func(*args, **kwargs)
+        return func(*args, load=load, **kwargs)
     return wrapper
 
 
@@ -308,14 +323,21 @@ def _max_memory(ctx, param, value):
         raise click.BadParameter(str(exc)) from None
 
 
-def load_lm(model, device, dtype, device_map, max_memory, trust_remote_code):
+def load_lm(model: str, load: LoadOptions):
+    from dataclasses import asdict
+
     from .models import load_model
-    from .progress import follow_in_transformers
 
     progress(f"loading {model}")
+    follow_transformers()
+    return load_model(model, **asdict(load))
+
+
+def follow_transformers() -> None:
+    """transformers' own bars (loading weights) follow this command's progress rule."""
+    from .progress import follow_in_transformers
+
     follow_in_transformers(reporter())
-    return load_model(model, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory,
-                      trust_remote_code=trust_remote_code)
 
 
 def reporter() -> Reporter:
@@ -335,14 +357,14 @@ def progress(message: str) -> None:
 
 @cli.command()
 @model_options
-def inspect(model, device, dtype, device_map, max_memory, trust_remote_code):
+def inspect(model, load):
     """Show each decoder block's FFN down-projection and its neuron count.
 
     Use the block numbers with `localize --layers`.
     """
     from .models import find_ffn_layers
 
-    lm, _ = load_lm(model, device, dtype, device_map, max_memory, trust_remote_code)
+    lm, _ = load_lm(model, load)
     layers = find_ffn_layers(lm)
     rows = [[layer.index, layer.path, layer.neurons, layer.orientation] for layer in layers]
     total = sum(layer.neurons for layer in layers)
@@ -413,7 +435,7 @@ def select_cmd(mask, output, energy, threshold, top_fraction):
 @click.option("--allow-any-scale", is_flag=True, default=False,
               help="Fold scales outside [0, 1] too (above 1 amplifies a neuron, below 0 flips it); "
                    "without it such a scales file is refused (select writes gate values in [0, 1]).")
-def apply_cmd(scales, model, device, dtype, device_map, max_memory, trust_remote_code, output, force, allow_any_scale):
+def apply_cmd(scales, model, load, output, force, allow_any_scale):
     """Fold a scales file into the model and save an ordinary checkpoint.
 
     Each selected neuron's scale multiplies its column of the FFN down-projection (a row for
@@ -429,29 +451,10 @@ def apply_cmd(scales, model, device, dtype, device_map, max_memory, trust_remote
     it, or a folder holding the model or the scales file. All of this is checked before the
     model loads.
     """
-    from .apply import apply_scales_file, checkpoint_dtype
-    from .artifacts import SCALES_KIND, check_output_dir, read_artifact
-    from .errors import FingerprintMismatch
+    from .apply import run_apply
 
-    check_output_dir(output, force, protected=(model, scales))
-    artifact = read_artifact(scales, kind=SCALES_KIND)
-    stored = checkpoint_dtype(model)
-    asked = dtype
-    if dtype == "auto":
-        dtype = stored or "auto"
-    lm, tokenizer = load_lm(model, device, dtype, device_map, max_memory, trust_remote_code)
-    try:
-        record = apply_scales_file(lm, tokenizer, artifact.tensors, artifact.metadata, output,
-                                   scales_sha256=artifact.sha256, force=force, name=artifact.name,
-                                   allow_any_scale=allow_any_scale, protected=(model, scales))
-    except FingerprintMismatch as exc:
-        if stored is not None and asked not in ("auto", stored, "float32"):    # float32 holds any half value
-            raise NeumuterError(
-                f"--dtype {asked} rounds the {stored} weights of {model}, so they are no longer the weights "
-                f"{artifact.name} was made for (fingerprint {exc.expected}, rounded {exc.found}): apply with "
-                f"--dtype auto (the stored {stored}), or localize and select on the model loaded as {asked}"
-            ) from None
-        raise
+    follow_transformers()
+    record = run_apply(model, scales, output, force, allow_any_scale, load, reporter())
     rows = [[b, record["modules"][b], n] for b, n in record["neurons_scaled_per_layer"].items()]
     progress(tabulate(rows, headers=["block", "down-projection", "neurons scaled"]))
     progress(f"{record['neurons_scaled']} of {record['total_neurons']} FFN neurons scaled; "
@@ -483,11 +486,12 @@ def _png_path(ctx, param, value):
 
 
 @cli.command("measure")
-@click.argument("input_path", default="-", metavar="[INPUT|-]")
+@click.argument("input_path", default=MEASURE_DEFAULTS.input_path, metavar="[INPUT|-]")
 @model_options
-@click.option("--max-length", type=click.IntRange(2), default=200, show_default=True,
+@click.option("--max-length", type=click.IntRange(2), default=MEASURE_DEFAULTS.max_length, show_default=True,
               help="Cut every text to its first N tokens (the benchmark's sample length).")
-@click.option("--el-n", "el_ns", multiple=True, default=("10",), show_default=True, callback=_el_sizes,
+@click.option("--el-n", "el_ns", multiple=True, default=tuple(map(str, MEASURE_DEFAULTS.el_ns)), show_default=True,
+              callback=_el_sizes,
               metavar="N[,N..]", help="n of EL_n; several allowed (5,10 or repeat the option); 0 skips EL.")
 @click.option("--reference", "reference_path", metavar="UNSEEN.jsonl",
               help="Texts the model never saw: their mean MA and EL_n are the thresholds (eq. 17) "
@@ -506,7 +510,7 @@ def _png_path(ctx, param, value):
                    "or JSONL output of `measure INPUT --model REF` (same records in the same order, same "
                    "--max-length and --el-n; checked record by record). For PrivLeak it must be the JSON "
                    "output of a run with the same --holdout.")
-@click.option("--tolerance", type=FiniteFloat(0, 1), default=0.05, show_default=True,
+@click.option("--tolerance", type=FiniteFloat(0, 1), default=MEASURE_DEFAULTS.tolerance, show_default=True,
               help="With a reference model: a record is forgotten when its MA and every EL_n are at most "
                    "the reference's + this, and over-forgotten when its MA is below the reference's - this.")
 @click.option("--holdout", "holdout_path", metavar="HOLDOUT.jsonl",
@@ -537,14 +541,15 @@ def _png_path(ctx, param, value):
               help="How far each window moves [default: the window, i.e. non-overlapping windows that "
                    "score all their tokens but the first]; a smaller stride scores each token once "
                    "with more context.")
-@click.option("--generations", "generations", type=click.IntRange(0), default=0, show_default=True,
+@click.option("--generations", "generations", type=click.IntRange(0), default=MEASURE_DEFAULTS.generations,
+              show_default=True,
               metavar="N", help="For the first N records, show the greedy continuation of the prefix "
                                 "beside the true suffix and where they part (the paper's Table 14).")
-@click.option("--prefix-tokens", type=click.IntRange(1), default=100, show_default=True,
+@click.option("--prefix-tokens", type=click.IntRange(1), default=MEASURE_DEFAULTS.prefix_tokens, show_default=True,
               help="Prefix length for --generations.")
-@click.option("--new-tokens", type=click.IntRange(1), default=100, show_default=True,
+@click.option("--new-tokens", type=click.IntRange(1), default=MEASURE_DEFAULTS.new_tokens, show_default=True,
               help="Continuation length for --generations.")
-@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True,
+@click.option("--batch-size", type=click.IntRange(1), default=MEASURE_DEFAULTS.batch_size, show_default=True,
               help="Sequences per forward pass (teacher forcing and lock-step generation).")
 @click.option("--format", "fmt", type=click.Choice(["auto", "table", "jsonl", "json"]), default="auto",
               show_default=True, help="auto: table on a terminal, jsonl otherwise.")
@@ -556,7 +561,7 @@ def _png_path(ctx, param, value):
                    "their own colours, and with --holdout the ROC curves of the membership-inference attacks. "
                    "Needs matplotlib: pip install 'neumuter[plot]'.")
 @quiet_option
-def measure_cmd(check, allow_over_forgotten, fmt, output, plot_path, **options):
+def measure_cmd(allow_over_forgotten, fmt, output, plot_path, **options):
     """Measure how well a model remembers texts: MA, EL_n, loss; is it forgotten; MIA; perplexity.
 
     Reads records (JSONL with "text"; INPUT or - / nothing: stdin) and, per record, computes on
@@ -622,13 +627,33 @@ def measure_cmd(check, allow_over_forgotten, fmt, output, plot_path, **options):
     forgotten, and with a reference model none over-forgotten unless
     --allow-over-forgotten (the data is written first).
     """
-    from .measure import MeasureConfig, run_measure
-    from .plots import plot_measure, require_matplotlib
-    from .progress import follow_in_transformers
-    from .records import atomic_output, check_output
-    from .render import summary_table, write_result
+    from .measure import run_measure
+    from .render import summary_table
 
-    config = MeasureConfig(**{**options, "quantize": options["quantize"] and options["quantize"].lower()})
+    config = measure_config(options, output, plot_path, allow_over_forgotten)
+    if fmt == "auto":
+        fmt = "table" if output == "-" and is_terminal(sys.stdout) else "jsonl"
+    follow_transformers()        # measure loads its models itself
+    result = run_measure(config, reporter())
+    if distributed.is_main():
+        write_measured(result, config, fmt, output, plot_path)
+    if fmt == "jsonl":
+        progress(summary_table(result.summary, config.el_ns))
+    if config.check:
+        check_verdicts(result, allow_over_forgotten)
+
+
+def measure_config(options: dict, output: str, plot_path: str | None, allow_over_forgotten: bool) -> MeasureConfig:
+    """`measure`'s options as the library's MeasureConfig, with every usage error found before a
+    model loads: outputs that are inputs, a --plot without matplotlib, options that need others."""
+    from dataclasses import asdict
+
+    from .plots import require_matplotlib
+    from .records import check_output
+
+    load = options.pop("load")
+    config = MeasureConfig(**{**options, "quantize": options["quantize"] and options["quantize"].lower()},
+                           **asdict(load))
     inputs = (config.input_path, config.reference_path, config.thresholds_path, config.ppl_path,
               config.holdout_path, config.reference_scores_path)
     check_output(output, inputs=inputs)
@@ -638,50 +663,50 @@ def measure_cmd(check, allow_over_forgotten, fmt, output, plot_path, **options):
         check_output(plot_path, inputs=inputs)
         require_matplotlib()                 # before the model loads, not after the measurement
     judged = config.reference_path or config.thresholds_path or config.reference_model or config.reference_scores_path
-    if check and not judged:
+    if config.check and not judged:
         raise click.UsageError("--check needs --reference, --thresholds, --reference-model or --reference-scores "
                                "(the verdicts come from it)")
     if allow_over_forgotten and not (config.reference_model or config.reference_scores_path):
         raise click.UsageError("--allow-over-forgotten needs --reference-model or --reference-scores")
-    try:
-        config.validate()
-    except NeumuterError as exc:
-        raise click.UsageError(str(exc)) from None
-    if fmt == "auto":
-        fmt = "table" if output == "-" and is_terminal(sys.stdout) else "jsonl"
+    config.validate()
     if config.input_path == "-" and is_terminal(sys.stdin):
         if not config.ppl_path:
             raise NeumuterError("no input: give a JSONL file or pipe one into stdin")
         config.input_path = None             # perplexity alone: nothing to read on a terminal
         if plot_path:
             raise click.UsageError("--plot draws the records: give INPUT")
+    return config
 
-    config.require_records = check
-    follow_in_transformers(reporter())        # measure loads its models itself
-    result = run_measure(config, reporter())
 
-    if distributed.is_main():
-        with atomic_output(output, "w") as out:
-            write_result(result, fmt, out, click.style if fmt == "table" and output == "-" and is_terminal(sys.stdout)
-                         else None)
-        if plot_path:
-            source = "<stdin>" if config.input_path == "-" else config.input_path
-            plot_measure(result, plot_path, f"{config.model} on {source}"
-                         + (f" ({config.quantize} weights)" if config.quantize else ""))
-            progress(f"figure written to {plot_path}")
-    if fmt == "jsonl":
-        progress(summary_table(result.summary, config.el_ns))
-    if check:
-        failed = False
-        for labels, what in ((result.not_forgotten, "not forgotten"),
-                             ([] if allow_over_forgotten else result.over_forgotten, "over-forgotten")):
-            if labels:
-                shown = ", ".join(labels[:10]) + (", ..." if len(labels) > 10 else "")
-                progress(f"check failed: {len(labels)} of {len(result.records)} records are {what} ({shown})")
-                failed = True
-        if failed:
-            sys.exit(1)
-        progress(f"check passed: all {len(result.records)} records are forgotten")
+def write_measured(result, config: MeasureConfig, fmt: str, output: str, plot_path: str | None) -> None:
+    """The measured records and summary to ``output`` in ``fmt``, and the figure to ``plot_path``."""
+    from .plots import plot_measure
+    from .records import atomic_output
+    from .render import write_result
+
+    with atomic_output(output, "w") as out:
+        write_result(result, fmt, out, click.style if fmt == "table" and output == "-" and is_terminal(sys.stdout)
+                     else None)
+    if plot_path:
+        source = "<stdin>" if config.input_path == "-" else config.input_path
+        plot_measure(result, plot_path, f"{config.model} on {source}"
+                     + (f" ({config.quantize} weights)" if config.quantize else ""))
+        progress(f"figure written to {plot_path}")
+
+
+def check_verdicts(result, allow_over_forgotten: bool) -> None:
+    """`measure --check`: exit status 1 unless every record is forgotten (and, with a reference
+    model, none over-forgotten unless allowed)."""
+    failed = False
+    for labels, what in ((result.not_forgotten, "not forgotten"),
+                         ([] if allow_over_forgotten else result.over_forgotten, "over-forgotten")):
+        if labels:
+            shown = ", ".join(labels[:10]) + (", ..." if len(labels) > 10 else "")
+            progress(f"check failed: {len(labels)} of {len(result.records)} records are {what} ({shown})")
+            failed = True
+    if failed:
+        sys.exit(1)
+    progress(f"check passed: all {len(result.records)} records are forgotten")
 
 
 @cli.command("neighbors")
@@ -701,7 +726,7 @@ def measure_cmd(check, allow_over_forgotten, fmt, output, plot_path, **options):
 @click.option("--seed", type=int, default=NEIGHBORS.seed, show_default=True,
               help="Seed of the position choice and the sampling: same input, options and seed "
                    "give the same output, whatever the batch size.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto",
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default=LOAD_DEFAULTS.device,
               show_default=True, help="Where to run the MLM (auto: cuda, then mps, then cpu).")
 @click.option("--batch-size", type=click.IntRange(1), default=NEIGHBORS.batch_size, show_default=True,
               metavar="N", help="Sequences (records x neighbours) advanced by one MLM call.")
@@ -804,7 +829,7 @@ def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, b
                    "training stops as soon as every forget text is at or below it with the "
                    "neurons that `select` (default rule) would choose; checked every "
                    "--check-every epochs. Verify EL with `neumuter measure` afterwards.")
-@click.option("--reference-limit", type=click.IntRange(1), default=200, show_default=True,
+@click.option("--reference-limit", type=click.IntRange(1), default=STOP_DEFAULTS.reference_limit, show_default=True,
               help="Reference texts used for the thresholds (the first N).")
 @click.option("--reference-model", default=None, metavar="NAME_OR_PATH",
               help="A model that never saw the forget texts (the base model before your fine-tune, a "
@@ -813,7 +838,7 @@ def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, b
                    "below its reference MA + --tolerance with the neurons that `select` would choose, and "
                    "the hinge stops pulling a text at its reference MA, so nothing is forgotten further "
                    "than a model that never saw it (over-forgetting is a membership signal too).")
-@click.option("--tolerance", type=FiniteFloat(0, 1), default=0.05, show_default=True,
+@click.option("--tolerance", type=FiniteFloat(0, 1), default=STOP_DEFAULTS.tolerance, show_default=True,
               help="With --reference-model: how far above its reference MA a text may stay.")
 @click.option("--stop-ma", type=FiniteFloat(0, 1), default=None, help="MA threshold for the early stop (overrides --reference).")
 @click.option("--stop-el", type=FiniteFloat(0, 1), default=None, help="EL_10 threshold for the early stop (overrides --reference).")
@@ -840,7 +865,7 @@ def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, b
                    "passes the check (bisection, a pass over the forget texts per probe) and reopen the rest.")
 @quiet_option
 def localize_cmd(input_path, output, layers, reference_path, reference_limit, reference_model, tolerance, stop_ma,
-                 stop_el, target_ma, model, device, dtype, device_map, max_memory, trust_remote_code, **training):
+                 stop_el, target_ma, model, load, **training):
     """Train one gate per FFN neuron so that the forget texts become unlikely.
 
     INPUT holds records with "text" and "neighbors" (from `neumuter neighbors`). Every model
@@ -849,7 +874,7 @@ def localize_cmd(input_path, output, layers, reference_path, reference_limit, re
     texts and the final losses) for `neumuter select`. Progress goes to stderr.
     """
     from .artifacts import save_artifact
-    from .localize import LocalizeConfig, StopRule, run_localize
+    from .localize import run_localize
     from .records import check_output, read_records
 
     if output == "-" and is_terminal(sys.stdout):
@@ -863,16 +888,19 @@ def localize_cmd(input_path, output, layers, reference_path, reference_limit, re
     check_output(output, inputs=(input_path, reference_path))
     records = read_records(input_path, require=("text", "neighbors"))
     # read before the model loads, so that a bad file fails in a second, not after the load
-    reference_texts = None
-    if reference_path is not None and stop_ma is None:
-        reference_texts = [r["text"] for r in read_records(reference_path)][:reference_limit]
-    stop = StopRule(reference_model, tolerance, reference_texts, stop_ma, stop_el, target_ma)
-    lm, tokenizer = load_lm(model, device, dtype, device_map, max_memory, trust_remote_code)
-    run = run_localize(lm, tokenizer, records, LocalizeConfig(**training), layers, stop,
-                       lambda name: load_lm(name, device, dtype, device_map, max_memory, trust_remote_code),
-                       reporter())
+    reference_texts = ([r["text"] for r in read_records(reference_path)]
+                       if reference_path is not None and stop_ma is None else None)
+    stop = StopRule(reference_model, tolerance, reference_texts, reference_limit, stop_ma, stop_el, target_ma, load)
+    lm, tokenizer = load_lm(model, load)
+    run = run_localize(lm, tokenizer, records, LocalizeConfig(**training), layers, stop, reporter())
     if distributed.is_main():
         save_artifact(run.tensors, run.metadata, output)
+    report_localized(run)
+
+
+def report_localized(run) -> None:
+    """The last lines of `localize`: how training ended, and a warning when the mask as written
+    still leaves forget texts above their stopping point."""
     result, last = run.result, run.last_check
     how = "stopped: every forget text below the thresholds" if result.stopped_early else "done"
     progress(f"{how} after {result.epochs_run} epochs, {result.seconds:.1f}s")
@@ -906,8 +934,8 @@ def localize_cmd(input_path, output, layers, reference_path, reference_limit, re
               help="Seed of the data order: the same seed gives the same weights.")
 @click.option("--force", is_flag=True, default=False, help="Replace DIR if it exists and is not empty.")
 @quiet_option
-def relearn_cmd(input_path, model, device, dtype, device_map, max_memory, trust_remote_code, output, steps, lr,
-                batch_size, layers, first_halves, max_length, seed, force):
+def relearn_cmd(input_path, model, load, output, steps, lr, batch_size, layers, first_halves, max_length, seed,
+                force):
     """Fine-tune a model on texts for a few steps: the relearning attack, to red-team your own unlearning.
 
     Unlearning that only hides a memory is undone by a little fine-tuning on related text, for
@@ -935,27 +963,11 @@ def relearn_cmd(input_path, model, device, dtype, device_map, max_memory, trust_
     or infinite loss (or holds a non-finite weight) after the last step: nothing is written.
     A text longer than the model's context at --max-length is refused before training.
     """
-    from dataclasses import replace
+    from .relearn import run_relearn
 
-    from .apply import save_checkpoint
-    from .artifacts import check_output_dir
-    from .models import fingerprint
-    from .records import read_records
-    from .relearn import check_config, first_halves as halve, provenance, relearn
-
-    config = replace(RELEARN_DEFAULTS, steps=steps, lr=lr, batch_size=batch_size, layers=layers,
-                     max_length=max_length, seed=seed)
-    check_config(config)                # a bad --lr fails before the model loads
-    check_output_dir(output, force, protected=(model, input_path))
-    records = read_records(input_path)
-    lm, tokenizer = load_lm(model, device, dtype, device_map, max_memory, trust_remote_code)
-    trained = halve(records, tokenizer, max_length) if first_halves else records
-    source_fingerprint = fingerprint(lm)
-    result = relearn(lm, tokenizer, trained, config, progress=reporter())
-    record = provenance(lm, config, result, trained, model, source_fingerprint, input_records=records,
-                        first_halves=first_halves)
-    if distributed.is_main():
-        save_checkpoint(lm, tokenizer, output, record, force, protected=(model, input_path))
+    config = RelearnConfig(steps=steps, lr=lr, batch_size=batch_size, layers=layers, max_length=max_length, seed=seed)
+    follow_transformers()
+    result = run_relearn(model, input_path, output, config, first_halves, force, load, reporter())
     progress(f"{result.steps} steps in {result.seconds:.1f}s: loss {result.losses[0]:.4f} -> "
              f"{result.losses[-1]:.4f} (first and last batch); checkpoint written to {output}")
 
@@ -968,7 +980,7 @@ def relearn_cmd(input_path, model, device, dtype, device_map, max_memory, trust_
               help="Checkpoint directory to write (save_pretrained + tokenizer + neumuter.json).")
 @click.option("--force", is_flag=True, default=False,
               help="Replace DIR if it holds a previous neumuter checkpoint (and nothing else).")
-def quantize_cmd(model, device, dtype, device_map, max_memory, trust_remote_code, qtype, output, force):
+def quantize_cmd(model, load, qtype, output, force):
     """Write the model as llama.cpp would run it: every block weight quantised and back.
 
     Each linear weight inside the decoder blocks (attention and FFN projections; not the
@@ -983,17 +995,10 @@ def quantize_cmd(model, device, dtype, device_map, max_memory, trust_remote_code
       neumuter select mask.safetensors | neumuter apply -m lm-q4/ -o muted/
       neumuter measure forget.jsonl -m muted/ --reference-model REF --quantize q4_0
     """
-    from .apply import save_checkpoint
-    from .artifacts import check_output_dir
-    from .models import fingerprint
-    from .quantize import quantize_model, quantized_checkpoint_record
+    from .quantize import run_quantize
 
-    check_output_dir(output, force, protected=(model,))
-    lm, tokenizer = load_lm(model, device, dtype, device_map, max_memory, trust_remote_code)
-    source_fingerprint = fingerprint(lm)
-    summary = quantize_model(lm, qtype.lower(), reporter())
-    save_checkpoint(lm, tokenizer, output, quantized_checkpoint_record(lm, model, summary, source_fingerprint), force,
-                    protected=(model,))
+    follow_transformers()
+    summary = run_quantize(model, qtype, output, force, load, reporter())
     progress(f"{summary['weights']} block weights ({summary['elements']:,} values) through {summary['type']}"
              + (f", {len(summary['skipped'])} left as they are" if summary["skipped"] else "")
              + f"; checkpoint written to {output}")

@@ -3,7 +3,11 @@ not import torch or transformers (the CLI builds its options and --help from the
 and `neumuter --help` has to be instant). Each default is written here once."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from . import NeumuterError
+from .errors import ConflictingSettings
 
 FORGET_TERMS = ("hinge", "bounded", "ascent")
 LOCALIZE_METHODS = ("gates", "attribution")
@@ -13,6 +17,24 @@ OPTIMIZERS = ("shared-adam", "adam")
 #: the llama.cpp block formats `measure --quantize` offers: name -> gguf GGMLQuantizationType member
 QUANT_TYPES = {"q8_0": "Q8_0", "q5_0": "Q5_0", "q5_1": "Q5_1", "q4_0": "Q4_0", "q4_1": "Q4_1",
                "mxfp4": "MXFP4"}
+
+#: how far above a reference model's MA on a text the text may stay and still count as forgotten
+#: (and how far below it before it counts as over-forgotten)
+TOLERANCE = 0.05
+
+#: the reference texts that set eq. 17's thresholds in `localize` (the first N)
+REFERENCE_LIMIT = 200
+
+
+@dataclass
+class LoadOptions:
+    """How a model is loaded: the keywords of ``models.load_model`` (the CLI's model options)."""
+
+    device: str = "auto"             # auto | cpu | cuda | mps
+    dtype: str = "auto"              # auto | float32 | bfloat16 | float16
+    device_map: str | None = None    # "auto": spread over the GPUs (accelerate)
+    max_memory: dict | None = None   # with device_map: the most each device may hold
+    trust_remote_code: bool = False
 
 
 @dataclass
@@ -38,6 +60,26 @@ class LocalizeConfig:
     max_per_text: int = 460          # attribution: the longest prefix of a text's ranking that is tried
     contrast: float = 0.0            # attribution: weight of the neighbours' attribution subtracted
     score: str = "gradient"          # attribution: gradient | specific | both (attribution.SCORES)
+
+
+@dataclass
+class StopRule:
+    """When and how far `localize` forgets. All None: it trains every epoch with no check.
+
+    ``reference_model``: a model that never saw the texts (loaded with ``load``, as the model
+    itself was), the per-text stop at its MA + ``tolerance``; ``reference_texts`` (the first
+    ``reference_limit``) / ``stop_ma`` / ``stop_el``: eq. 17's generic thresholds;
+    ``target_ma``: the hinge's own target, overriding the default (each text's reference MA, or
+    half the eq. 17 threshold)."""
+
+    reference_model: str | None = None
+    tolerance: float = TOLERANCE
+    reference_texts: Sequence[str] | None = None
+    reference_limit: int = REFERENCE_LIMIT
+    stop_ma: float | None = None
+    stop_el: float | None = None
+    target_ma: float | None = None
+    load: LoadOptions = field(default_factory=LoadOptions)
 
 
 @dataclass
@@ -70,4 +112,67 @@ class RelearnConfig:
     seed: int = 0
 
 
-__all__ = ["FORGET_TERMS", "LOCALIZE_METHODS", "OPTIMIZERS", "QUANT_TYPES", "LocalizeConfig", "NeighborsConfig", "RelearnConfig"]
+@dataclass
+class MeasureConfig:
+    """Everything one ``measure`` run needs (the command's options). Paths are read before any
+    model loads, so a bad file fails in a second, not after a model load.
+
+    ``input_path``: the records (``-`` = stdin; None = no records, perplexity alone).
+    Verdicts come from at most one of: ``reference_path`` (texts the model never saw, eq. 17),
+    ``thresholds_path`` (eq. 17 thresholds saved before), ``reference_model`` (a model that never
+    saw the records; compared record by record) or ``reference_scores_path`` (that model's
+    numbers saved by ``measure RECORDS --model REF``). ``holdout_path``: texts neither model
+    trained on, for the membership-inference AUCs (and PrivLeak with a reference).
+    ``quantize``: round-trip the model's block weights through this llama.cpp format first
+    (``quantize_reference``: the reference model's too). ``check``: the verdicts will be
+    checked, so an empty input is refused (there is nothing to judge)."""
+
+    model: str
+    input_path: str | None = "-"
+    device: str = "auto"
+    dtype: str = "auto"
+    device_map: str | None = None
+    max_memory: dict | None = None
+    trust_remote_code: bool = False
+    max_length: int | None = 200
+    el_ns: tuple[int, ...] = (10,)
+    batch_size: int = 64
+    reference_path: str | None = None
+    thresholds_path: str | None = None
+    reference_model: str | None = None
+    reference_scores_path: str | None = None
+    tolerance: float = TOLERANCE
+    holdout_path: str | None = None
+    quantize: str | None = None
+    quantize_reference: bool = False
+    ppl_path: str | None = None
+    ppl_window: int | None = None
+    ppl_stride: int | None = None
+    generations: int = 0
+    prefix_tokens: int = 100
+    new_tokens: int = 100
+    check: bool = False
+
+    @property
+    def load(self) -> LoadOptions:
+        """How the model and the reference model are loaded."""
+        return LoadOptions(self.device, self.dtype, self.device_map, self.max_memory, self.trust_remote_code)
+
+    def validate(self) -> None:
+        """Refuse options that contradict each other (one clear line each)."""
+        if self.reference_path and self.thresholds_path:
+            raise ConflictingSettings("give {reference_path} or {thresholds_path}, not both")
+        if self.reference_model and self.reference_scores_path:
+            raise ConflictingSettings("give {reference_model} or {reference_scores_path}, not both")
+        if (self.reference_model or self.reference_scores_path) and (self.reference_path or self.thresholds_path):
+            raise ConflictingSettings("give {reference_model}/{reference_scores_path} (each record against a model "
+                                      "that never saw it) or {reference_path}/{thresholds_path} (eq. 17), not both")
+        if self.quantize_reference and not (self.quantize and self.reference_model):
+            raise ConflictingSettings("{quantize_reference} needs {quantize} and {reference_model}")
+        if not 0 <= self.tolerance <= 1:     # worded as the CLI's: the library's callers test this message
+            raise NeumuterError("--tolerance must be between 0 and 1")
+
+
+__all__ = ["FORGET_TERMS", "LOCALIZE_METHODS", "ATTRIBUTION_SCORES", "OPTIMIZERS", "QUANT_TYPES", "TOLERANCE",
+           "REFERENCE_LIMIT", "LoadOptions", "LocalizeConfig", "StopRule", "NeighborsConfig", "RelearnConfig",
+           "MeasureConfig"]

@@ -4,6 +4,8 @@ The library states the plain fact and names its own parameter; only the CLI know
 sets that parameter (`neumuter localize --lr`, `neighbors --top-k`, ...) and says so."""
 from __future__ import annotations
 
+import string
+
 from . import NeumuterError
 
 
@@ -24,6 +26,27 @@ class DeviceUnavailable(SettingError):
         super().__init__("device", f"{device} asked for, but {problem}")
 
 
+class SettingsMessage(NeumuterError):
+    """An error whose message names settings: ``template`` is a ``str.format`` string whose
+    fields are either one of ``values`` or the name of a library parameter (``"give
+    {reference_path} or {thresholds_path}, not both"``). The library's own message names the
+    parameters; the CLI words it with the flags that set them (:meth:`worded`)."""
+
+    def __init__(self, template: str, /, **values):
+        self.template, self.values = template, values
+        self.settings = [field for _, field, _, _ in string.Formatter().parse(template)
+                         if field and field not in values]
+        super().__init__(self.worded(lambda setting: setting))
+
+    def worded(self, name_of) -> str:
+        """The message with each setting named by ``name_of(setting)``."""
+        return self.template.format(**{setting: name_of(setting) for setting in self.settings}, **self.values)
+
+
+class ConflictingSettings(SettingsMessage):
+    """Settings that cannot work together (a usage error: exit status 2 on the command line)."""
+
+
 class NonFiniteLoss(NeumuterError):
     """Training produced a NaN or infinite loss (a step too large, or a dtype too coarse)."""
 
@@ -41,14 +64,14 @@ class NonFiniteOutput(NeumuterError):
         super().__init__(f"sequence {index + 1}: the model {self.problem}")
 
 
-class FingerprintMismatch(NeumuterError):
+class FingerprintMismatch(SettingsMessage):
     """A file made for one model (its ``expected`` fingerprint) was given with another model
     (``found``)."""
 
-    def __init__(self, expected: str | None, found: str, message: str):
+    def __init__(self, expected: str | None, found: str, template: str, /, **values):
         self.expected, self.found = expected, found
-        super().__init__(message)
+        super().__init__(template, **values)
 
 
-__all__ = ["NeumuterError", "SettingError", "DeviceUnavailable", "NonFiniteLoss", "NonFiniteOutput",
-           "FingerprintMismatch"]
+__all__ = ["NeumuterError", "SettingError", "DeviceUnavailable", "SettingsMessage", "ConflictingSettings",
+           "NonFiniteLoss", "NonFiniteOutput", "FingerprintMismatch"]

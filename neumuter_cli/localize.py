@@ -19,12 +19,13 @@ import torch
 import torch.nn.functional as F
 
 from . import NeumuterError, distributed
-from .config import FORGET_TERMS, LOCALIZE_METHODS, OPTIMIZERS, LocalizeConfig
-from .errors import NonFiniteLoss, NonFiniteOutput, SettingError
+from .config import FORGET_TERMS, LOCALIZE_METHODS, OPTIMIZERS, TOLERANCE, LocalizeConfig, StopRule
+from .errors import NonFiniteLoss, NonFiniteOutput
 from .gates import GAMMA, ZETA, deterministic_gate, initial_log_alpha, l0_term, training_gate
-from .records import finite_number
-from .models import FFNLayer, gated, input_device
+from .models import FFNLayer, gated, input_device, scaled
 from .progress import steps
+from .records import finite_number
+from .select import DEFAULT_RULE, select_neurons
 from .text import check_context, encode, pad, padding_id
 
 
@@ -190,7 +191,7 @@ def localize(
         if len(ids) < 2:
             raise NeumuterError(f"forget text {record.get('id', record['text'][:30])!r} has fewer than 2 tokens")
     longest = max(len(ids) for ids in [*forget_ids, *(n for group in neighbour_ids for n in group)])
-    check_context(model, longest, "a forget text or neighbour (use a smaller --max-length)")
+    check_context(model, longest, "a forget text or neighbour (use a smaller {max_length})")
 
     generator = torch.Generator().manual_seed(config.seed)
     order = torch.randperm(len(records), generator=generator).tolist()
@@ -395,7 +396,7 @@ def mask_artifact(model, layers_all: Sequence[FFNLayer], result: LocalizeResult,
 
 
 def forgetting_check(model, tokenizer, records: Sequence[dict], layers_all: Sequence[FFNLayer],
-                     limits: dict, max_length: int, el_n: int = 10, rule: tuple[str, float] = ("energy", 0.05),
+                     limits: dict, max_length: int, el_n: int = 10, rule: tuple[str, float] = DEFAULT_RULE,
                      progress: Callable[[str], None] | None = None):
     """A ``check`` for :func:`localize`: select neurons with ``rule`` (as `select` will), scale
     them, and say whether every forget text is at or below the thresholds ``limits``
@@ -405,19 +406,15 @@ def forgetting_check(model, tokenizer, records: Sequence[dict], layers_all: Sequ
     ``check.last`` holds the counts of the latest call (``above``, ``el_above``, ``selected``)."""
     from .measure import extraction_likelihood, memorization_accuracy
     from .results import el_key
-    from .select import select_neurons
 
     ids = encode(tokenizer, [r["text"] for r in records], max_length)
-    by_block = {layer.index: layer for layer in layers_all}
     ma_limits = limits["ma"] if isinstance(limits["ma"], (list, tuple)) else [limits["ma"]] * len(ids)
     label = "its reference-model MA + tolerance" if isinstance(limits["ma"], (list, tuple)) \
         else f"the MA threshold {limits['ma']:.4f}"
 
     def check(gates_by_block: dict[int, torch.Tensor]) -> bool:
         scales = select_neurons({b: g.cpu() for b, g in gates_by_block.items()}, *rule)
-        chosen = [by_block[b] for b in scales]
-        chosen_scales = [scales[b] for b in scales]
-        with gated(chosen, lambda i: chosen_scales[i]), _naming(records, "forget text", "the gated model"):
+        with scaled(model, scales, layers_all), _naming(records, "forget text", "the gated model"):
             ma = memorization_accuracy(model, ids)
             above = sum(value > limit for value, limit in zip(ma, ma_limits))
             el_above = None
@@ -438,7 +435,7 @@ def forgetting_check(model, tokenizer, records: Sequence[dict], layers_all: Sequ
 
 
 def reference_model_limits(reference_model, tokenizer, records: Sequence[dict], max_length: int,
-                           tolerance: float = 0.05) -> dict:
+                           tolerance: float = TOLERANCE) -> dict:
     """Per-text stopping points from a model that never saw the forget texts: each text's MA
     under ``reference_model`` (teacher-forced, computed once before training) + ``tolerance``.
     Forgetting further than that is over-forgetting, itself a membership signal."""
@@ -453,23 +450,6 @@ def reference_model_limits(reference_model, tokenizer, records: Sequence[dict], 
 # ---------------------------------------------------------------- the stage in one call
 
 @dataclass
-class StopRule:
-    """When and how far `localize` forgets. All None: it trains every epoch with no check.
-
-    ``reference_model``: a model that never saw the texts (loaded with ``load_reference``), the
-    per-text stop at its MA + ``tolerance``; ``reference_texts`` / ``stop_ma`` / ``stop_el``:
-    eq. 17's generic thresholds; ``target_ma``: the hinge's own target, overriding the default
-    (each text's reference MA, or half the eq. 17 threshold)."""
-
-    reference_model: str | None = None
-    tolerance: float = 0.05
-    reference_texts: Sequence[str] | None = None
-    stop_ma: float | None = None
-    stop_el: float | None = None
-    target_ma: float | None = None
-
-
-@dataclass
 class LocalizeRun:
     tensors: dict[str, torch.Tensor]     # the mask file's tensors and metadata
     metadata: dict
@@ -478,10 +458,10 @@ class LocalizeRun:
 
 
 def run_localize(model, tokenizer, records: Sequence[dict], config: LocalizeConfig, layers: str | None = None,
-                 stop: StopRule | None = None, load_reference: Callable[[str], tuple] | None = None,
-                 progress: Callable[[str], None] | None = None) -> LocalizeRun:
+                 stop: StopRule | None = None, progress: Callable[[str], None] | None = None) -> LocalizeRun:
     """The `localize` stage: gates on the blocks ``layers`` (SPEC like "10-16,21"; None: all),
-    stopped by ``stop``; returns the mask file's content."""
+    stopped by ``stop`` (its reference model, if any, is loaded here, used and freed before
+    training); returns the mask file's content."""
     from .models import find_ffn_layers, parse_layers
 
     stop = stop or StopRule()
@@ -491,7 +471,7 @@ def run_localize(model, tokenizer, records: Sequence[dict], config: LocalizeConf
     chosen = [layers_all[i] for i in parse_layers(layers, len(layers_all))]
     targets = None
     if stop.reference_model is not None:
-        limits = _reference_model_limits(model, tokenizer, records, stop, config.max_length, load_reference, say)
+        limits = _reference_model_limits(model, tokenizer, records, stop, config.max_length, say)
         targets = limits["reference_ma"] if stop.target_ma is None else None
     else:
         limits = _generic_limits(model, tokenizer, stop, config.max_length, say)
@@ -524,7 +504,7 @@ def _by_attribution(model, tokenizer, records, layers, config: LocalizeConfig, l
         raise NeumuterError("the attribution method needs a stopping point: a reference model, reference texts "
                             "or an MA threshold")
     forget_ids = encode(tokenizer, [r["text"] for r in records], config.max_length)
-    check_context(model, max(len(ids) for ids in forget_ids), "a forget text (use a smaller --max-length)")
+    check_context(model, max(len(ids) for ids in forget_ids), "a forget text (use a smaller {max_length})")
     neighbour_ids = [encode(tokenizer, r["neighbors"], config.max_length) for r in records] \
         if config.contrast or config.score != "gradient" else []
     per_text = limits["ma"] if isinstance(limits["ma"], (list, tuple)) else [limits["ma"]] * len(records)
@@ -551,20 +531,19 @@ def _naming(records: Sequence[dict], what: str, model: str):
     return naming()
 
 
-def _reference_model_limits(model, tokenizer, records, stop: StopRule, max_length: int, load_reference, say) -> dict:
+def _reference_model_limits(model, tokenizer, records, stop: StopRule, max_length: int, say) -> dict:
     from .reference import (check_not_edited_from, check_not_itself, check_not_made_from, refuse_self_reference,
                             same_checkpoint)
-    from .models import check_same_tokenizer, fingerprints
+    from .models import check_same_tokenizer, fingerprints, load_model
 
-    if load_reference is None:
-        raise NeumuterError("a reference model needs a loader")
     name = getattr(model, "neumuter_source", "the model")
     what = f"reference model {stop.reference_model}"
     if isinstance(name, str) and same_checkpoint(name, stop.reference_model):
         refuse_self_reference(f"{what} is the checkpoint {name}")
     own = fingerprints(model, rounded=True)
     check_not_made_from(name, own["exact"], what, stop.reference_model)
-    reference, reference_tokenizer = load_reference(stop.reference_model)
+    say(f"loading {stop.reference_model}")
+    reference, reference_tokenizer = load_model(stop.reference_model, **asdict(stop.load))
     check_same_tokenizer(tokenizer, reference_tokenizer, name, what, [r["text"] for r in records])
     theirs = fingerprints(reference, rounded=True)
     check_not_itself(name, own, what, theirs)
@@ -588,8 +567,9 @@ def _generic_limits(model, tokenizer, stop: StopRule, max_length: int, say) -> d
     if stop.stop_ma is None:
         from .measure import memorization_accuracy
 
-        with _naming([{"text": t} for t in stop.reference_texts], "reference text", "the model"):
-            values = memorization_accuracy(model, encode(tokenizer, stop.reference_texts, max_length))
+        texts = list(stop.reference_texts)[:stop.reference_limit]
+        with _naming([{"text": t} for t in texts], "reference text", "the model"):
+            values = memorization_accuracy(model, encode(tokenizer, texts, max_length))
         limits["ma"] = sum(values) / len(values)
         say(f"MA threshold {limits['ma']:.4f} (mean over {len(values)} reference texts)")
     else:

@@ -45,18 +45,19 @@ import math
 import sys
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from . import NeumuterError, distributed, mia
-from .errors import NonFiniteOutput
+from .config import MeasureConfig
+from .errors import NonFiniteOutput, SettingsMessage
 from .fastpaths import roomy_cache
 from .models import input_device
 from .progress import ProgressFn, steps, throttled
 from .reference import check_not_edited_from, check_not_itself, check_not_made_from, refuse_self_reference, same_checkpoint
-from .mia import MIA_RADIUS, is_forgotten, mark, summarize, thresholds  # noqa: F401 (is_forgotten: re-exported)
+from .mia import MIA_RADIUS, is_forgotten, mark, summarize, thresholds
 from .results import MeasureResult, el_key, read_thresholds, record_label
 from .text import check_context, encode, model_context, pad
 
@@ -166,7 +167,7 @@ def teacher_forced(model, ids_list: Sequence[Sequence[int]], batch_size: int = 3
     process would, and every process gets every result."""
     _check_lengths(ids_list)
     if ids_list:
-        check_context(model, max(map(len, ids_list)), "a text (use a smaller --max-length or window)")
+        check_context(model, max(map(len, ids_list)), "a text (use a smaller {max_length} or window)")
     device = input_device(model)
     vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else 1
     order = sorted(range(len(ids_list)), key=lambda k: -len(ids_list[k]))
@@ -556,61 +557,6 @@ def generations(model, tokenizer, texts: Sequence[str], prefix_tokens: int = 100
 
 # ---------------------------------------------------------------- one `measure` run: the library entry point
 
-@dataclass
-class MeasureConfig:
-    """Everything one ``measure`` run needs (the command's options). Paths are read before any
-    model loads, so a bad file fails in a second, not after a model load.
-
-    ``input_path``: the records (``-`` = stdin; None = no records, perplexity alone).
-    Verdicts come from at most one of: ``reference_path`` (texts the model never saw, eq. 17),
-    ``thresholds_path`` (eq. 17 thresholds saved before), ``reference_model`` (a model that never
-    saw the records; compared record by record) or ``reference_scores_path`` (that model's
-    numbers saved by ``measure RECORDS --model REF``). ``holdout_path``: texts neither model
-    trained on, for the membership-inference AUCs (and PrivLeak with a reference).
-    ``quantize``: round-trip the model's block weights through this llama.cpp format first
-    (``quantize_reference``: the reference model's too)."""
-
-    model: str
-    input_path: str | None = "-"
-    device: str = "auto"
-    dtype: str = "auto"
-    device_map: str | None = None
-    max_memory: dict | None = None
-    trust_remote_code: bool = False
-    max_length: int | None = 200
-    el_ns: tuple[int, ...] = (10,)
-    batch_size: int = 64
-    reference_path: str | None = None
-    thresholds_path: str | None = None
-    reference_model: str | None = None
-    reference_scores_path: str | None = None
-    tolerance: float = 0.05
-    holdout_path: str | None = None
-    quantize: str | None = None
-    quantize_reference: bool = False
-    ppl_path: str | None = None
-    ppl_window: int | None = None
-    ppl_stride: int | None = None
-    generations: int = 0
-    prefix_tokens: int = 100
-    new_tokens: int = 100
-    require_records: bool = False      # refuse an empty input (with --check there is nothing to judge)
-
-    def validate(self) -> None:
-        """Refuse options that contradict each other (one clear line each)."""
-        if self.reference_path and self.thresholds_path:
-            raise NeumuterError("give --reference or --thresholds, not both")
-        if self.reference_model and self.reference_scores_path:
-            raise NeumuterError("give --reference-model or --reference-scores, not both")
-        if (self.reference_model or self.reference_scores_path) and (self.reference_path or self.thresholds_path):
-            raise NeumuterError("give --reference-model/--reference-scores (each record against a model that "
-                                "never saw it) or --reference/--thresholds (eq. 17), not both")
-        if self.quantize_reference and not (self.quantize and self.reference_model):
-            raise NeumuterError("--quantize-reference needs --quantize and --reference-model")
-        if not 0 <= self.tolerance <= 1:
-            raise NeumuterError("--tolerance must be between 0 and 1")
-
-
 def _free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -667,8 +613,8 @@ def _reference_aucs_from_file(scores: dict, holdout: dict, progress: ProgressFn)
                      "`measure RECORDS --model REF --holdout HOLDOUT --format json`")
         return None
     if any(saved.get(k) != holdout[k] for k in ("records", "tokens", "sha256")):
-        raise NeumuterError(f"{scores['path']} was measured with another holdout set (or --max-length): "
-                            "PrivLeak needs both models' AUCs on the same holdout texts")
+        raise SettingsMessage("{path} was measured with another holdout set (or {max_length}): PrivLeak needs "
+                              "both models' AUCs on the same holdout texts", path=scores["path"])
     return {k: float(summary[k]) for k in keys}
 
 
@@ -713,13 +659,11 @@ def run_measure(config: MeasureConfig, progress: ProgressFn = None) -> MeasureRe
     ppl_records = read_records(config.ppl_path) if config.ppl_path else None
     ppl_texts = [r["text"] for r in ppl_records] if ppl_records is not None else None
     texts = [r["text"] for r in records]
-    if config.require_records and not records:
-        raise NeumuterError("--check: no records to check")
-    for option, given in (("--reference-model", config.reference_model),
-                          ("--reference-scores", config.reference_scores_path),
-                          ("--holdout", config.holdout_path)):
-        if given and not records:
-            raise NeumuterError(f"{option} needs records to measure")
+    if config.check and not records:
+        raise SettingsMessage("{check}: no records to check")
+    for setting in ("reference_model", "reference_scores_path", "holdout_path"):
+        if getattr(config, setting) and not records:
+            raise SettingsMessage("{" + setting + "} needs records to measure")
     ref_scores = (mia.read_reference_scores(config.reference_scores_path, texts, el_ns)
                   if config.reference_scores_path else None)
     if config.quantize:
@@ -756,9 +700,9 @@ def run_measure(config: MeasureConfig, progress: ProgressFn = None) -> MeasureRe
     if ref_scores is not None:
         for k, (entry, x) in enumerate(zip(ref_scores["records"], ids)):
             if entry["tokens"] is not None and entry["tokens"] != len(x):
-                raise NeumuterError(f"{ref_scores['path']}: record {k + 1} was measured on {entry['tokens']} "
-                                    f"tokens, here it has {len(x)}: measure the reference with the same "
-                                    "--max-length and tokenizer")
+                raise SettingsMessage("{path}: record {number} was measured on {measured} tokens, here it has "
+                                      "{tokens}: measure the reference with the same {max_length} and tokenizer",
+                                      path=ref_scores["path"], number=k + 1, measured=entry["tokens"], tokens=len(x))
     with_mia = holdout_records is not None
     model_label = f"model {config.model}"
     results, tfs = [], []
@@ -862,4 +806,7 @@ __all__ = [
     "teacher_forced", "TeacherForced", "memorization_accuracy", "greedy_continuations", "suffix_generations",
     "extraction_likelihoods", "extraction_likelihood", "measure_ids", "measure_records", "perplexity", "generations",
     "MeasureConfig", "run_measure",
+    # defined in results, mia and text, and still importable from here
+    "MeasureResult", "el_key", "record_label", "read_thresholds", "thresholds", "is_forgotten", "mark", "summarize",
+    "MIA_RADIUS", "encode", "check_context", "model_context",
 ]

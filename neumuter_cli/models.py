@@ -324,7 +324,7 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     if max_memory is not None and device_map is None:
-        raise SettingError("max_memory", "needs a device map (--device-map auto)")
+        raise SettingError("max_memory", 'needs a device map (device_map="auto")')
     if device_map is not None and distributed.world().size > 1:
         raise SettingError("device_map", "spreads one copy of the model over every GPU, but each of the "
                                          f"{distributed.world().size} processes of the launcher holds its own copy: "
@@ -569,6 +569,21 @@ def gated(layers: Sequence[FFNLayer], gate_fn: Callable[[int], torch.Tensor]) ->
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextlib.contextmanager
+def scaled(model: nn.Module, scales: dict[int, torch.Tensor], layers: Sequence[FFNLayer] | None = None
+           ) -> Iterator[None]:
+    """The model with each named block's FFN neurons multiplied by their scales (``{block: one
+    scale per neuron}``, as a scales file holds them), by hooks while inside and none after:
+    the numbers :func:`fold_scales` gives, without touching a weight. ``layers``: the model's
+    :func:`find_ffn_layers`, when already found."""
+    by_block = {layer.index: layer for layer in (find_ffn_layers(model) if layers is None else layers)}
+    blocks = sorted(scales)
+    device = input_device(model)
+    factors = [scales[b].to(device) for b in blocks]
+    with gated([by_block[b] for b in blocks], lambda i: factors[i]):
+        yield
 
 
 @torch.no_grad()

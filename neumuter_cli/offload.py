@@ -16,6 +16,7 @@ import re
 from typing import TYPE_CHECKING
 
 from . import NeumuterError
+from .errors import SettingsMessage
 
 if TYPE_CHECKING:
     import torch
@@ -112,8 +113,8 @@ def write(module: "nn.Module", name: str, value: "torch.Tensor") -> None:
     elif isinstance(mapping, dict):
         mapping[key] = value.detach().to("cpu")
     else:
-        raise NeumuterError(f"cannot change an offloaded weight held in a {type(mapping).__name__}: "
-                            "load the model without --max-memory")
+        raise SettingsMessage("cannot change an offloaded weight held in a {kind}: load the model without "
+                              "{max_memory}", kind=type(mapping).__name__)
 
 
 def stored(model: "nn.Module", name: str) -> tuple["torch.Tensor", tuple]:

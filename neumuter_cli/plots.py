@@ -15,6 +15,7 @@ import sys
 from typing import Callable, Sequence
 
 from . import NeumuterError
+from .errors import SettingsMessage
 
 MISSING = "matplotlib is not installed: pip install 'neumuter[plot]'"
 
@@ -78,7 +79,7 @@ def plot_measure(result, path: str, title: str) -> None:
     remembered as by a model that never saw it"), else eq. 17's MA threshold (a line over the
     texts sorted by MA), else none (MA alone)."""
     if not result.records:
-        raise NeumuterError("--plot: no records to draw (perplexity alone has no per-text picture)")
+        raise SettingsMessage("{plot_path}: no records to draw (perplexity alone has no per-text picture)")
     fig, axes = _figure(2 if result.mia_scores else 1, title)
     _per_text_panel(axes[0], result.records, result.summary)
     if result.mia_scores:

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import re
 import time
+from dataclasses import asdict
 from typing import Callable
 
 import torch
 
 from . import NeumuterError, offload
-
-from .config import QUANT_TYPES  # noqa: E402  (the formats offered, defined torch-free for the CLI)
+from .config import QUANT_TYPES, LoadOptions  # the formats offered, defined torch-free for the CLI
 
 
 def gguf_type(qtype: str):
@@ -118,19 +118,38 @@ def quantize_model(model, qtype: str, progress: Callable[[str], None] | None = N
     return summary
 
 
-__all__ = ["QUANT_TYPES", "quantize_model", "name_patterns"]
-
-
 def quantized_checkpoint_record(model, source: str, summary: dict, source_fingerprint: str | None = None) -> dict:
     """The ``neumuter.json`` of a checkpoint written after :func:`quantize_model`: what was
     routed through which format, from which model (``source_fingerprint``: its fingerprint
     before the round trip, so that a quantised copy is known as the model's copy), and the
     source checkpoint's own records."""
     from . import __version__
-    from .apply import previous_records
+    from .artifacts import previous_records
     from .models import fingerprint
 
     return {"stage": "quantize", "tool_version": __version__, "source_model": source,
             "source_fingerprint": source_fingerprint,
             "quantization": {k: summary[k] for k in ("type", "weights", "elements", "patterns", "skipped")},
             "fingerprint": fingerprint(model), "history": previous_records(source)}
+
+
+def run_quantize(model: str, qtype: str, output: str, force: bool = False, load: LoadOptions | None = None,
+                 progress: Callable[[str], None] | None = None) -> dict:
+    """The `quantize` stage from paths: check the output folder, load the model, round-trip its
+    block weights through ``qtype`` and save it as a float checkpoint. Returns
+    :func:`quantize_model`'s summary."""
+    from .artifacts import check_output_dir, save_checkpoint
+    from .models import fingerprint, load_model
+
+    check_output_dir(output, force, protected=(model,))
+    if progress:
+        progress(f"loading {model}")
+    lm, tokenizer = load_model(model, **asdict(load or LoadOptions()))
+    source_fingerprint = fingerprint(lm)
+    summary = quantize_model(lm, qtype.lower(), progress)
+    save_checkpoint(lm, tokenizer, output, quantized_checkpoint_record(lm, model, summary, source_fingerprint), force,
+                    protected=(model,))
+    return summary
+
+
+__all__ = ["QUANT_TYPES", "gguf_type", "quantize_model", "name_patterns", "quantized_checkpoint_record", "run_quantize"]

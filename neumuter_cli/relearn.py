@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import NeumuterError, distributed
-from .config import RelearnConfig
+from .config import LoadOptions, RelearnConfig
 from .errors import NonFiniteLoss, SettingError
 from .records import finite_number
 from .models import decoder_blocks, input_device, parse_layers
@@ -108,7 +108,7 @@ def relearn(model, tokenizer, records: Sequence[dict], config: RelearnConfig, pr
             raise NeumuterError(f"text {label!r} has fewer than 2 tokens: nothing to learn from")
     # as in localize: a text longer than the model's context at max_length is refused (the
     # position embeddings would be indexed past their end)
-    check_context(model, max(map(len, ids_list)), "a text (use a smaller --max-length)")
+    check_context(model, max(map(len, ids_list)), "a text (use a smaller {max_length})")
     params, blocks = trainable_parameters(model, config.layers)
     if not params:
         raise NeumuterError("no parameters to train")
@@ -248,7 +248,7 @@ def provenance(model, config: RelearnConfig, result: RelearnResult, records: Seq
     for the same set; ``trained_sha256`` hashes what was trained on; ``first_halves`` says
     whether those were the input's first halves."""
     from . import __version__
-    from .apply import previous_records
+    from .artifacts import previous_records
     from .models import fingerprint
     from .records import sha256_texts
 
@@ -277,5 +277,31 @@ def provenance(model, config: RelearnConfig, result: RelearnResult, records: Seq
     return record
 
 
+def run_relearn(model: str, input_path: str, output: str, config: RelearnConfig, halves: bool = False,
+                force: bool = False, load: LoadOptions | None = None, progress: ProgressFn = None) -> RelearnResult:
+    """The `relearn` stage from paths: check the settings and the output folder, read the
+    records, load the model, train it on the records (on their :func:`first_halves` with
+    ``halves``) and save the checkpoint with its :func:`provenance`. Under a launcher every
+    process trains its share and rank 0 writes."""
+    from .artifacts import check_output_dir, save_checkpoint
+    from .models import fingerprint, load_model
+    from .records import read_records
+
+    check_config(config)                # a bad lr fails before the model loads
+    check_output_dir(output, force, protected=(model, input_path))
+    records = read_records(input_path)
+    if progress:
+        progress(f"loading {model}")
+    lm, tokenizer = load_model(model, **asdict(load or LoadOptions()))
+    trained = first_halves(records, tokenizer, config.max_length) if halves else records
+    source_fingerprint = fingerprint(lm)
+    result = relearn(lm, tokenizer, trained, config, progress=progress)
+    record = provenance(lm, config, result, trained, model, source_fingerprint, input_records=records,
+                        first_halves=halves)
+    if distributed.is_main():
+        save_checkpoint(lm, tokenizer, output, record, force, protected=(model, input_path))
+    return result
+
+
 __all__ = ["RelearnConfig", "RelearnResult", "relearn", "check_config", "data_order", "trainable_parameters",
-           "first_halves", "provenance", "RelearnConfig"]
+           "first_halves", "provenance", "run_relearn"]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from . import NeumuterError
+from .errors import SettingsMessage
 from .records import finite_number, json_problem, loads_json
 
 
@@ -85,8 +86,8 @@ def read_thresholds(path: str, el_ns: Sequence[int] = (10,)) -> dict:
     for key in ["ma"] + [el_key(n) for n in el_ns] + ["loss"]:
         value = data.get(key)
         if not finite_number(value):
-            raise NeumuterError(f"{path}: no number for threshold {key!r} (measure the reference set "
-                                f"with the same --el-n)")
+            raise SettingsMessage("{path}: no number for threshold {key!r} (measure the reference set with the "
+                                  "same {el_ns})", path=path, key=key)
         out[key] = float(value)
     out["records"] = data.get("records")
     return out
@@ -161,7 +162,8 @@ def read_reference_scores(path: str, texts: Sequence[str], el_ns: Sequence[int])
         for n in el_ns:
             key = el_key(n)
             if key not in row:
-                raise NeumuterError(f"{where} has no {key!r} (measure the reference with the same --el-n)")
+                raise SettingsMessage("{where} has no {key!r} (measure the reference with the same {el_ns})",
+                                      where=where, key=key)
             if row[key] is not None and not finite_number(row[key]):
                 raise NeumuterError(f"{where}: {key!r} is not a number")
             entry[key] = None if row[key] is None else float(row[key])

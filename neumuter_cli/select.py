@@ -73,10 +73,14 @@ def _block_tensors(tensors: dict[str, torch.Tensor], meta: dict, prefix: str, na
     return dict(sorted(blocks.items()))
 
 
+def mask_log_alpha(tensors: dict[str, torch.Tensor], meta: dict, name: str = "mask") -> dict[int, torch.Tensor]:
+    """The ``log_alpha.{block}`` tensors of a loaded mask file, by block."""
+    return _block_tensors(tensors, meta, "log_alpha", name)
+
+
 def mask_gates(tensors: dict[str, torch.Tensor], meta: dict, name: str = "mask") -> dict[int, torch.Tensor]:
     """The deterministic gate value of every masked neuron, by block, from a loaded mask file."""
-    log_alphas = _block_tensors(tensors, meta, "log_alpha", name)
-    return {block: deterministic_gate(alpha) for block, alpha in log_alphas.items()}
+    return {block: deterministic_gate(alpha) for block, alpha in mask_log_alpha(tensors, meta, name).items()}
 
 
 def scales_by_block(tensors: dict[str, torch.Tensor], meta: dict, name: str = "scales") -> dict[int, torch.Tensor]:
@@ -111,7 +115,7 @@ def energy_threshold(values: torch.Tensor, fraction: float) -> float:
     return float(ordered[min(k, ordered.numel() - 1)])
 
 
-def select(gate_values: dict[int, torch.Tensor], rule: str = "energy", value: float = 0.05
+def select(gate_values: dict[int, torch.Tensor], rule: str = DEFAULT_RULE[0], value: float = DEFAULT_RULE[1]
            ) -> tuple[dict[int, torch.Tensor], float | None]:
     """Which neurons a rule selects: ({block: bool tensor}, ε).
 
@@ -141,7 +145,7 @@ def select(gate_values: dict[int, torch.Tensor], rule: str = "energy", value: fl
     return chosen, epsilon
 
 
-def select_neurons(gate_values: dict[int, torch.Tensor], rule: str = "energy", value: float = 0.05
+def select_neurons(gate_values: dict[int, torch.Tensor], rule: str = DEFAULT_RULE[0], value: float = DEFAULT_RULE[1]
                    ) -> dict[int, torch.Tensor]:
     """Scale factors (eq. 14): the gate value for each selected neuron, 1.0 for the others."""
     chosen, _ = select(gate_values, rule, value)
@@ -155,7 +159,8 @@ def _scales(gates: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------- the stage
 
-def select_from_mask(tensors: dict[str, torch.Tensor], meta: dict, rule: str = "energy", value: float = 0.05,
+def select_from_mask(tensors: dict[str, torch.Tensor], meta: dict, rule: str = DEFAULT_RULE[0],
+                     value: float = DEFAULT_RULE[1],
                      mask_sha256: str | None = None, name: str = "mask"
                      ) -> tuple[dict[str, torch.Tensor], dict]:
     """A loaded mask file → (scales tensors ``scale.{block}``, scales metadata)."""

@@ -10,7 +10,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from . import NeumuterError
+from .errors import SettingsMessage
 
 
 def encode(tokenizer, texts: Iterable[str], max_length: int | None = 200) -> list[list[int]]:
@@ -54,11 +54,13 @@ def model_context(model, tokenizer=None, cap: int = 1024) -> int:
 
 
 def check_context(model, length: int, what: str) -> None:
-    """Refuse ``length`` tokens (of ``what``, named in the message) beyond the model's context:
-    the position embeddings would be indexed past their end."""
+    """Refuse ``length`` tokens of ``what`` beyond the model's context: the position embeddings
+    would be indexed past their end. ``what`` may name a setting, as in ``"a text (use a smaller
+    {max_length})"`` (errors.SettingsMessage)."""
     context = model_context(model, cap=1 << 62)
     if length > context:
-        raise NeumuterError(f"{what} of {length} tokens is longer than the model's context ({context} tokens)")
+        raise SettingsMessage(what + " of {length} tokens is longer than the model's context ({context} tokens)",
+                              length=length, context=context)
 
 
 __all__ = ["encode", "padding_id", "pad", "model_context", "check_context"]
