@@ -44,7 +44,7 @@ import inspect
 import math
 import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import torch
@@ -640,166 +640,245 @@ def run_measure(config: MeasureConfig, progress: ProgressFn = None) -> MeasureRe
     wrote (their ``model_fingerprint``), are refused. Each output record carries
     ``model_fingerprint``, the fingerprint of the model as loaded (before any quantisation), so
     that the output used as reference scores later says where it came from."""
-    from .models import (check_same_tokenizer, check_vocabulary, checkpoint_vocab_size, fingerprints, load_model,
-                         load_tokenizer)
-    from .quantize import gguf_type, quantize_model
-    from .records import read_records, sha256_texts
-
     config.validate()
     say = progress or (lambda message: None)
     inner = throttled(progress)
-    el_ns = tuple(config.el_ns)
+    inputs = _read_inputs(config)                                # 1. every input, before any model
+    measured = _measure_model(config, inputs, say, inner)        # 2. the model, freed on return
+    reference = _measure_reference(config, inputs, measured, say, inner)    # 3. alone in memory
+    return _judge(config, inputs, measured, reference, say)      # 4. verdicts and summary
 
-    # 1. every input, before any model
+
+@dataclass
+class _Inputs:
+    """Every input of one run, read and checked before any model loads."""
+
+    records: list[dict]
+    name: str                        # how messages name the records' file
+    ref_records: list[dict] | None   # eq. 17's texts never seen
+    limits: dict | None              # eq. 17's thresholds, read (or, later, measured on ref_records)
+    holdout_records: list[dict] | None
+    ppl_records: list[dict] | None
+    ref_scores: dict | None          # a reference model's saved numbers
+
+    @property
+    def texts(self) -> list[str]:
+        return [r["text"] for r in self.records]
+
+
+def _read_inputs(config: MeasureConfig) -> _Inputs:
+    """Read every file, then check what can be checked without weights: the quantisation type,
+    and a reference model's checkpoint name, tokenizer and vocabulary."""
+    from .models import check_same_tokenizer, check_vocabulary, checkpoint_vocab_size, load_tokenizer
+    from .quantize import gguf_type
+    from .records import read_records
+
+    el_ns = tuple(config.el_ns)
     records = _read_records_input(config)
-    name = "<stdin>" if config.input_path == "-" else str(config.input_path)
-    ref_records = read_records(config.reference_path) if config.reference_path else None
-    limits = read_thresholds(config.thresholds_path, el_ns) if config.thresholds_path else None
-    holdout_records = read_records(config.holdout_path) if config.holdout_path else None
-    ppl_records = read_records(config.ppl_path) if config.ppl_path else None
-    ppl_texts = [r["text"] for r in ppl_records] if ppl_records is not None else None
-    texts = [r["text"] for r in records]
+    inputs = _Inputs(
+        records, "<stdin>" if config.input_path == "-" else str(config.input_path),
+        read_records(config.reference_path) if config.reference_path else None,
+        read_thresholds(config.thresholds_path, el_ns) if config.thresholds_path else None,
+        read_records(config.holdout_path) if config.holdout_path else None,
+        read_records(config.ppl_path) if config.ppl_path else None, None)
     if config.check and not records:
         raise SettingsMessage("{check}: no records to check")
     for setting in ("reference_model", "reference_scores_path", "holdout_path"):
         if getattr(config, setting) and not records:
             raise SettingsMessage("{" + setting + "} needs records to measure")
-    ref_scores = (mia.read_reference_scores(config.reference_scores_path, texts, el_ns)
-                  if config.reference_scores_path else None)
+    if config.reference_scores_path:
+        inputs.ref_scores = mia.read_reference_scores(config.reference_scores_path, inputs.texts, el_ns)
     if config.quantize:
         gguf_type(config.quantize)          # an unknown type or a missing gguf fails now
-    reference_label = f"reference model {config.reference_model}"
     if config.reference_model:               # compare the tokenizers before any weight loads
+        label = f"reference model {config.reference_model}"
         if same_checkpoint(config.model, config.reference_model):
-            refuse_self_reference(f"{reference_label} is the checkpoint {config.model}")
+            refuse_self_reference(f"{label} is the checkpoint {config.model}")
         reference_tokenizer = load_tokenizer(config.reference_model, config.trust_remote_code)
         check_same_tokenizer(load_tokenizer(config.model, config.trust_remote_code), reference_tokenizer,
-                             config.model, reference_label, texts + [r["text"] for r in holdout_records or []])
+                             config.model, label, inputs.texts + [r["text"] for r in inputs.holdout_records or []])
         rows = checkpoint_vocab_size(config.reference_model, config.trust_remote_code)
         if rows is not None:                 # an embedding too small fails now, not after the first model
-            check_vocabulary(reference_label, rows, reference_tokenizer)
-    load = dict(device=config.device, dtype=config.dtype, device_map=config.device_map,
-                max_memory=config.max_memory, trust_remote_code=config.trust_remote_code)
+            check_vocabulary(label, rows, reference_tokenizer)
+    return inputs
 
-    # 2. the model
+
+@dataclass
+class _Measured:
+    """What the model gave, and the token ids the reference model is measured on."""
+
+    prints: dict[str, str]           # models.fingerprints of the model as loaded
+    quantized: dict | None
+    ids: list[list[int]]
+    compressed: list[int]            # each record's zlib length (MIA)
+    results: list[dict]
+    limits: dict | None
+    holdout_ids: list[list[int]] | None = None
+    holdout_compressed: list[int] | None = None
+    scores: dict | None = None       # MeasureResult.mia_scores
+    generations: list | None = None
+    perplexity: dict | None = None
+
+
+def _measure_model(config: MeasureConfig, inputs: _Inputs, say, inner) -> _Measured:
+    """Load the model, refuse reference scores it wrote itself, quantise it, and measure every
+    text under it. The model is freed when this returns."""
+    from .models import fingerprints, load_model
+    from .quantize import quantize_model
+
+    el_ns, records, ref_scores = tuple(config.el_ns), inputs.records, inputs.ref_scores
     say(f"loading {config.model}")
-    lm, tokenizer = load_model(config.model, **load)
+    lm, tokenizer = load_model(config.model, **asdict(config.load))
     # of the model as loaded, before any quantisation; rounded too, to compare with the reference
-    model_prints = fingerprints(lm, rounded=bool(config.reference_model))
-    model_fingerprint = model_prints["exact"]
-    if config.reference_model:
-        check_not_made_from(config.model, model_fingerprint, reference_label, config.reference_model)
-    if ref_scores is not None:
-        if ref_scores["fingerprint"] == model_fingerprint:
-            refuse_self_reference(f"reference scores {ref_scores['path']} were measured on a model with the "
-                                   f"fingerprint of {config.model} ({model_fingerprint})")
-        check_not_edited_from(config.model, config.model, f"the model of reference scores {ref_scores['path']}",
-                              ref_scores["fingerprint"])
+    prints = fingerprints(lm, rounded=bool(config.reference_model))
+    _check_not_own_reference(config, prints["exact"], ref_scores)
     quantized = quantize_model(lm, config.quantize, say) if config.quantize else None
-    ids, compressed = _tokenize(tokenizer, records, config.max_length, name) if records else ([], [])
+    ids, compressed = _tokenize(tokenizer, records, config.max_length, inputs.name) if records else ([], [])
     if ref_scores is not None:
-        for k, (entry, x) in enumerate(zip(ref_scores["records"], ids)):
-            if entry["tokens"] is not None and entry["tokens"] != len(x):
-                raise SettingsMessage("{path}: record {number} was measured on {measured} tokens, here it has "
-                                      "{tokens}: measure the reference with the same {max_length} and tokenizer",
-                                      path=ref_scores["path"], number=k + 1, measured=entry["tokens"], tokens=len(x))
-    with_mia = holdout_records is not None
-    model_label = f"model {config.model}"
-    results, tfs = [], []
+        _check_same_tokens(ref_scores, ids)
+    with_mia = inputs.holdout_records is not None
+    label = f"model {config.model}"
+    measured = _Measured(prints, quantized, ids, compressed, [], inputs.limits)
+    tfs = []
     if records:
-        say(f"measuring {len(records)} records of {name} ({sum(map(len, ids))} tokens)")
-        with _naming(records, name, model_label):
-            results, tfs = _measure_with_passes(lm, ids, el_ns, config.batch_size, inner, with_mia)
-    if ref_records is not None:
-        ref_ids, _ = _tokenize(tokenizer, ref_records, config.max_length, config.reference_path)
-        say(f"measuring {len(ref_records)} records of {config.reference_path} ({sum(map(len, ref_ids))} tokens)")
-        with _naming(ref_records, config.reference_path, model_label):
-            limits = thresholds(measure_ids(lm, ref_ids, el_ns, config.batch_size, inner), el_ns)
-    if limits is not None:
-        mark(results, limits, el_ns)
-    member_scores = holdout_scores = holdout_ids = holdout_compressed = None
+        say(f"measuring {len(records)} records of {inputs.name} ({sum(map(len, ids))} tokens)")
+        with _naming(records, inputs.name, label):
+            measured.results, tfs = _measure_with_passes(lm, ids, el_ns, config.batch_size, inner, with_mia)
+    if inputs.ref_records is not None:
+        ref_ids, _ = _tokenize(tokenizer, inputs.ref_records, config.max_length, config.reference_path)
+        say(f"measuring {len(inputs.ref_records)} records of {config.reference_path} "
+            f"({sum(map(len, ref_ids))} tokens)")
+        with _naming(inputs.ref_records, config.reference_path, label):
+            measured.limits = thresholds(measure_ids(lm, ref_ids, el_ns, config.batch_size, inner), el_ns)
+    if measured.limits is not None:
+        mark(measured.results, measured.limits, el_ns)
     if with_mia:
-        holdout_ids, holdout_compressed = _tokenize(tokenizer, holdout_records, config.max_length,
-                                                    config.holdout_path)
-        say(f"scoring {len(holdout_ids)} holdout texts ({sum(map(len, holdout_ids))} tokens)")
+        measured.holdout_ids, measured.holdout_compressed = _tokenize(tokenizer, inputs.holdout_records,
+                                                                      config.max_length, config.holdout_path)
+        say(f"scoring {len(measured.holdout_ids)} holdout texts ({sum(map(len, measured.holdout_ids))} tokens)")
         member_scores = _mia_scores(tfs, compressed)
-        with _naming(holdout_records, config.holdout_path, model_label):
-            holdout_tfs = teacher_forced(lm, holdout_ids, config.batch_size, inner, stats=True)
-        holdout_scores = _mia_scores(holdout_tfs, holdout_compressed)
-    gens = None
+        with _naming(inputs.holdout_records, config.holdout_path, label):
+            holdout_tfs = teacher_forced(lm, measured.holdout_ids, config.batch_size, inner, stats=True)
+        measured.scores = {"records": member_scores, "holdout": _mia_scores(holdout_tfs, measured.holdout_compressed)}
     if config.generations and records:
         say(f"generating {min(config.generations, len(records))} continuations")
-        gens = generations(lm, tokenizer, texts[:config.generations], config.prefix_tokens, config.new_tokens,
-                           config.batch_size)
-    ppl = None
-    if ppl_texts is not None:
-        with _naming(ppl_records, config.ppl_path, model_label):
-            ppl = perplexity(lm, tokenizer, ppl_texts, config.ppl_window, config.ppl_stride, config.batch_size,
-                             inner)
+        measured.generations = generations(lm, tokenizer, inputs.texts[:config.generations], config.prefix_tokens,
+                                           config.new_tokens, config.batch_size)
+    if inputs.ppl_records is not None:
+        with _naming(inputs.ppl_records, config.ppl_path, label):
+            measured.perplexity = perplexity(lm, tokenizer, [r["text"] for r in inputs.ppl_records],
+                                             config.ppl_window, config.ppl_stride, config.batch_size, inner)
+    return measured
 
-    # 3. the reference model, alone in memory, on the same token ids
-    ref_results = ref_aucs = ref_quantized = None
-    scores = {"records": member_scores, "holdout": holdout_scores} if with_mia else None
-    reference_fingerprint = None
+
+def _check_not_own_reference(config: MeasureConfig, fingerprint: str, ref_scores: dict | None) -> None:
+    """Refuse a reference model made from the model, and reference scores the model wrote."""
     if config.reference_model:
-        del lm, tfs
-        _free_memory()
-        say(f"loading reference model {config.reference_model}")
-        ref_lm, _ = load_model(config.reference_model, **load)
-        reference_prints = fingerprints(ref_lm, rounded=True)
-        check_not_itself(config.model, model_prints, reference_label, reference_prints)
-        reference_fingerprint = reference_prints["exact"]
-        check_not_edited_from(config.model, config.model, reference_label, reference_fingerprint)
-        ref_quantized = quantize_model(ref_lm, config.quantize, say) if config.quantize_reference else None
-        say(f"measuring the {len(records)} records under the reference model")
-        with _naming(records, name, reference_label):
-            ref_results, ref_tfs = _measure_with_passes(ref_lm, ids, el_ns, config.batch_size, inner, with_mia)
-        if with_mia:
-            say(f"scoring the {len(holdout_ids)} holdout texts under the reference model")
-            with _naming(holdout_records, config.holdout_path, reference_label):
-                ref_holdout = teacher_forced(ref_lm, holdout_ids, config.batch_size, inner, stats=True)
-            scores.update(ref_records=_mia_scores(ref_tfs, compressed),
-                          ref_holdout=_mia_scores(ref_holdout, holdout_compressed))
-            ref_aucs = mia.aucs(scores["ref_records"], scores["ref_holdout"])
-        del ref_lm, ref_tfs
-        _free_memory()
-    elif ref_scores is not None:
-        ref_results = ref_scores["records"]
-        reference_fingerprint = ref_scores["fingerprint"]
+        check_not_made_from(config.model, fingerprint, f"reference model {config.reference_model}",
+                            config.reference_model)
+    if ref_scores is not None:
+        if ref_scores["fingerprint"] == fingerprint:
+            refuse_self_reference(f"reference scores {ref_scores['path']} were measured on a model with the "
+                                  f"fingerprint of {config.model} ({fingerprint})")
+        check_not_edited_from(config.model, config.model, f"the model of reference scores {ref_scores['path']}",
+                              ref_scores["fingerprint"])
 
-    # 4. verdicts and summary
-    if ref_results is not None:
-        mia.mark_against_reference(results, ref_results, el_ns, config.tolerance)
-    out_records = [{**record, **result, "model_fingerprint": model_fingerprint}
-                   for record, result in zip(records, results)]
-    for record, gen in zip(out_records, gens or []):
+
+def _check_same_tokens(ref_scores: dict, ids: Sequence[Sequence[int]]) -> None:
+    for k, (entry, x) in enumerate(zip(ref_scores["records"], ids)):
+        if entry["tokens"] is not None and entry["tokens"] != len(x):
+            raise SettingsMessage("{path}: record {number} was measured on {measured} tokens, here it has "
+                                  "{tokens}: measure the reference with the same {max_length} and tokenizer",
+                                  path=ref_scores["path"], number=k + 1, measured=entry["tokens"], tokens=len(x))
+
+
+@dataclass
+class _Reference:
+    """The reference's numbers on the records: measured under a reference model, or saved."""
+
+    results: list[dict] | None = None
+    fingerprint: str | None = None
+    aucs: dict | None = None
+    quantized: dict | None = None
+
+
+def _measure_reference(config: MeasureConfig, inputs: _Inputs, measured: _Measured, say, inner) -> _Reference:
+    """The reference model on the records' token ids (and the holdout's), alone in memory; or the
+    saved reference scores. Adds the reference's MIA scores to ``measured.scores``."""
+    from .models import fingerprints, load_model
+    from .quantize import quantize_model
+
+    if not config.reference_model:
+        if inputs.ref_scores is None:
+            return _Reference()
+        return _Reference(inputs.ref_scores["records"], inputs.ref_scores["fingerprint"])
+    _free_memory()
+    label = f"reference model {config.reference_model}"
+    say(f"loading reference model {config.reference_model}")
+    ref_lm, _ = load_model(config.reference_model, **asdict(config.load))
+    prints = fingerprints(ref_lm, rounded=True)
+    check_not_itself(config.model, measured.prints, label, prints)
+    reference = _Reference(fingerprint=prints["exact"])
+    check_not_edited_from(config.model, config.model, label, reference.fingerprint)
+    reference.quantized = quantize_model(ref_lm, config.quantize, say) if config.quantize_reference else None
+    say(f"measuring the {len(inputs.records)} records under the reference model")
+    with_mia = inputs.holdout_records is not None
+    with _naming(inputs.records, inputs.name, label):
+        reference.results, ref_tfs = _measure_with_passes(ref_lm, measured.ids, tuple(config.el_ns),
+                                                          config.batch_size, inner, with_mia)
+    if with_mia:
+        say(f"scoring the {len(measured.holdout_ids)} holdout texts under the reference model")
+        with _naming(inputs.holdout_records, config.holdout_path, label):
+            ref_holdout = teacher_forced(ref_lm, measured.holdout_ids, config.batch_size, inner, stats=True)
+        scores = measured.scores
+        scores.update(ref_records=_mia_scores(ref_tfs, measured.compressed),
+                      ref_holdout=_mia_scores(ref_holdout, measured.holdout_compressed))
+        reference.aucs = mia.aucs(scores["ref_records"], scores["ref_holdout"])
+    del ref_lm, ref_tfs
+    _free_memory()
+    return reference
+
+
+def _judge(config: MeasureConfig, inputs: _Inputs, measured: _Measured, reference: _Reference,
+           say) -> MeasureResult:
+    """The verdicts on the records, and the summary of the run."""
+    from .records import sha256_texts
+
+    el_ns, results = tuple(config.el_ns), measured.results
+    fingerprint = measured.prints["exact"]
+    if reference.results is not None:
+        mia.mark_against_reference(results, reference.results, el_ns, config.tolerance)
+    out_records = [{**record, **result, "model_fingerprint": fingerprint}
+                   for record, result in zip(inputs.records, results)]
+    for record, gen in zip(out_records, measured.generations or []):
         record["generation"] = gen
-    summary = {"model": {"name": config.model, "fingerprint": model_fingerprint}}
+    summary = {"model": {"name": config.model, "fingerprint": fingerprint}}
     if results:
-        summary.update(summarize(results, el_ns, limits))
-    if ref_results is not None:
+        summary.update(summarize(results, el_ns, measured.limits))
+    if reference.results is not None:
         source = ({"model": config.reference_model} if config.reference_model
                   else {"scores": config.reference_scores_path})
-        summary["reference"] = {**source, "fingerprint": reference_fingerprint, "tolerance": config.tolerance}
-        if ref_quantized:
-            summary["reference"]["quantized"] = ref_quantized
+        summary["reference"] = {**source, "fingerprint": reference.fingerprint, "tolerance": config.tolerance}
+        if reference.quantized:
+            summary["reference"]["quantized"] = reference.quantized
         summary.update(mia.reference_summary(results, el_ns))
-    if with_mia:
-        holdout = {"records": len(holdout_ids), "tokens": sum(map(len, holdout_ids)),
-                   "sha256": sha256_texts(r["text"] for r in holdout_records)}
+    if measured.scores is not None:
+        holdout = {"records": len(measured.holdout_ids), "tokens": sum(map(len, measured.holdout_ids)),
+                   "sha256": sha256_texts(r["text"] for r in inputs.holdout_records)}
         summary["holdout"] = holdout
-        model_aucs = mia.aucs(member_scores, holdout_scores)
+        model_aucs = mia.aucs(measured.scores["records"], measured.scores["holdout"])
         summary.update(model_aucs)
-        if ref_scores is not None:
-            ref_aucs = _reference_aucs_from_file(ref_scores, holdout, say)
+        ref_aucs = reference.aucs
+        if inputs.ref_scores is not None:
+            ref_aucs = _reference_aucs_from_file(inputs.ref_scores, holdout, say)
         if ref_aucs is not None:
             summary.update({f"ref_{key}": value for key, value in ref_aucs.items()})
             summary.update(mia.privleaks(model_aucs, ref_aucs))
-    if quantized:
-        summary["quantized"] = quantized
-    if ppl is not None:
-        summary["perplexity"] = ppl
-    return MeasureResult(out_records, summary, el_ns, scores)
+    if measured.quantized:
+        summary["quantized"] = measured.quantized
+    if measured.perplexity is not None:
+        summary["perplexity"] = measured.perplexity
+    return MeasureResult(out_records, summary, tuple(config.el_ns), measured.scores)
 
 
 __all__ = [
