@@ -100,22 +100,11 @@ def relearn(model, tokenizer, records: Sequence[dict], config: RelearnConfig, pr
     check_config(config)
     if not records:
         raise NeumuterError("no records to relearn")
-    texts = [r["text"] for r in records]
-    ids_list = encode(tokenizer, texts, config.max_length)
-    for ids, record in zip(ids_list, records):
-        if len(ids) < 2:
-            label = record.get("id", record["text"][:30])
-            raise NeumuterError(f"text {label!r} has fewer than 2 tokens: nothing to learn from")
-    # as in localize: a text longer than the model's context at max_length is refused (the
-    # position embeddings would be indexed past their end)
-    check_context(model, max(map(len, ids_list)), "a text (use a smaller {max_length})")
+    ids_list = _token_ids(model, tokenizer, records, config.max_length)
     params, blocks = trainable_parameters(model, config.layers)
     if not params:
         raise NeumuterError("no parameters to train")
     order = data_order(len(records), config.steps, config.batch_size, config.seed)
-    pad_id = padding_id(tokenizer)
-    device = input_device(model)
-
     # half-precision weights get float32 masters: the optimiser updates those, the model gets copies
     masters = [p.detach().float().clone() if p.dtype != torch.float32 and p.is_floating_point() else None
                for p in params]
@@ -136,68 +125,15 @@ def relearn(model, tokenizer, records: Sequence[dict], config: RelearnConfig, pr
     losses: list[float] = []
     started = time.perf_counter()
     tracker = steps(progress, config.steps, "relearn", "step")
-
-    def share_loss(batch):
-        """This process's part of the mean token loss of ``batch`` (all of it in one process):
-        under a launcher each process takes its share of the batch, and its loss is divided by
-        the whole batch's tokens, so the parts (and their gradients) sum to one process's."""
-        mine = distributed.split(batch)
-        if not mine:
-            return torch.zeros((), device=device)
-        tokens = sum(len(ids_list[k]) - 1 for k in batch)
-        input_ids, mask = pad([ids_list[k] for k in mine], pad_id)
-        input_ids, mask = input_ids.to(device), mask.to(device)
-        logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
-        target = input_ids[:, 1:].to(logits.device)
-        weight = mask[:, 1:].to(logits.device).float()
-        token_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                     reduction="none").view_as(target)
-        # divided by a 0-dim tensor as before (one process gives the same bits)
-        return (token_loss * weight).sum() / torch.tensor(float(tokens), device=weight.device)
-
+    batch_loss = _BatchLoss(model, ids_list, padding_id(tokenizer))
     try:
         for step, batch in enumerate(order, 1):
-            optimiser.zero_grad(set_to_none=True)
-            for m in masters:
-                if m is not None:
-                    m.grad = None
-            loss = share_loss(batch)
-            if loss.requires_grad:
-                loss.backward()
-            for p, m in zip(params, masters):
-                if m is not None and p.grad is not None:
-                    m.grad = p.grad.float()
-                    p.grad = None
-            loss = loss.detach().reshape(1)
-            if world.size > 1:
-                for p in optimised:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                distributed.all_reduce_sum([*(p.grad for p in optimised), loss])
-            if not torch.isfinite(loss).all():      # before the update: the weights stay as they were
-                raise NonFiniteLoss(f"step {step}: the loss is not finite ({loss.item()}): the update of "
-                                    f"step {step - 1} broke the model" if step > 1 else
-                                    f"step 1: the loss is not finite ({loss.item()}) before any update")
-            optimiser.step()
-            with torch.no_grad():
-                for p, m in zip(params, masters):
-                    if m is not None:
-                        p.copy_(m.to(p.dtype))
-            losses.append(loss.item())
+            losses.append(_step(batch_loss, batch, step, params, masters, optimised, optimiser))
             tracker.advance(1, f"step {step:4d}/{config.steps}  loss {losses[-1]:.4f}  "
                                f"({time.perf_counter() - started:.1f}s)", f"loss {losses[-1]:.4f}")
             if on_step is not None:
                 on_step(step, losses[-1])
-        # every update but the last is checked by the loss of the next step: check the last one
-        # too, so that a model that computes NaN is never returned (nor written)
-        with torch.no_grad():
-            last = share_loss(order[-1]).detach().reshape(1)
-            distributed.all_reduce_sum([last])       # the whole batch's loss (nothing in one process)
-            after = last.item()
-        broken = next((name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
-        if broken is not None or not math.isfinite(after):
-            what = f"weight {broken} is not finite" if broken else f"the loss is not finite ({after})"
-            raise NonFiniteLoss(f"after step {config.steps}: {what}: the update broke the model")
+        after = _check_after_last_step(model, batch_loss, order[-1], config.steps)
     finally:
         tracker.close()
         for p in params:
@@ -206,6 +142,91 @@ def relearn(model, tokenizer, records: Sequence[dict], config: RelearnConfig, pr
         model.eval()
     return RelearnResult(steps=len(losses), losses=losses, blocks=blocks, trained_parameters=count,
                          seconds=time.perf_counter() - started, order=order, loss_after=after)
+
+
+def _token_ids(model, tokenizer, records: Sequence[dict], max_length: int | None) -> list[list[int]]:
+    """Each record's token ids, refused when a text has nothing to learn from or, at
+    ``max_length``, does not fit the model's context (as in localize: the position embeddings
+    would be indexed past their end)."""
+    ids_list = encode(tokenizer, [r["text"] for r in records], max_length)
+    for ids, record in zip(ids_list, records):
+        if len(ids) < 2:
+            label = record.get("id", record["text"][:30])
+            raise NeumuterError(f"text {label!r} has fewer than 2 tokens: nothing to learn from")
+    check_context(model, max(map(len, ids_list)), "a text (use a smaller {max_length})")
+    return ids_list
+
+
+class _BatchLoss:
+    """This process's part of the mean token loss of a batch (all of it in one process): under a
+    launcher each process takes its share of the batch, and its loss is divided by the whole
+    batch's tokens, so the parts (and their gradients) sum to one process's."""
+
+    def __init__(self, model, ids_list: Sequence[Sequence[int]], pad_id: int):
+        self.model, self.ids_list, self.pad_id = model, ids_list, pad_id
+        self.device = input_device(model)
+
+    def __call__(self, batch: Sequence[int]) -> torch.Tensor:
+        mine = distributed.split(batch)
+        if not mine:
+            return torch.zeros((), device=self.device)
+        tokens = sum(len(self.ids_list[k]) - 1 for k in batch)
+        input_ids, mask = pad([self.ids_list[k] for k in mine], self.pad_id)
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        logits = self.model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
+        target = input_ids[:, 1:].to(logits.device)
+        weight = mask[:, 1:].to(logits.device).float()
+        token_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                     reduction="none").view_as(target)
+        # divided by a 0-dim tensor as before (one process gives the same bits)
+        return (token_loss * weight).sum() / torch.tensor(float(tokens), device=weight.device)
+
+
+def _step(batch_loss: _BatchLoss, batch: Sequence[int], step: int, params, masters, optimised, optimiser) -> float:
+    """One Adam step on ``batch`` (float32 masters of half weights updated, then copied back);
+    returns the batch loss before the update. A loss that is not finite stops before the update."""
+    optimiser.zero_grad(set_to_none=True)
+    for m in masters:
+        if m is not None:
+            m.grad = None
+    loss = batch_loss(batch)
+    if loss.requires_grad:
+        loss.backward()
+    for p, m in zip(params, masters):
+        if m is not None and p.grad is not None:
+            m.grad = p.grad.float()
+            p.grad = None
+    loss = loss.detach().reshape(1)
+    if distributed.world().size > 1:
+        for p in optimised:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        distributed.all_reduce_sum([*(p.grad for p in optimised), loss])
+    if not torch.isfinite(loss).all():      # before the update: the weights stay as they were
+        raise NonFiniteLoss(f"step {step}: the loss is not finite ({loss.item()}): the update of "
+                            f"step {step - 1} broke the model" if step > 1 else
+                            f"step 1: the loss is not finite ({loss.item()}) before any update")
+    optimiser.step()
+    with torch.no_grad():
+        for p, m in zip(params, masters):
+            if m is not None:
+                p.copy_(m.to(p.dtype))
+    return loss.item()
+
+
+def _check_after_last_step(model, batch_loss: _BatchLoss, last_batch: Sequence[int], steps_taken: int) -> float:
+    """Every update but the last is checked by the loss of the next step: check the last one too,
+    so that a model that computes NaN is never returned (nor written). Returns the last batch's
+    loss after the update."""
+    with torch.no_grad():
+        last = batch_loss(last_batch).detach().reshape(1)
+        distributed.all_reduce_sum([last])       # the whole batch's loss (nothing in one process)
+        after = last.item()
+    broken = next((name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+    if broken is not None or not math.isfinite(after):
+        what = f"weight {broken} is not finite" if broken else f"the loss is not finite ({after})"
+        raise NonFiniteLoss(f"after step {steps_taken}: {what}: the update broke the model")
+    return after
 
 
 def _span(blocks: Sequence[int]) -> str:
