@@ -185,22 +185,8 @@ def localize(
         raise NeumuterError("no forget records")
     device = input_device(model)
     pad_id = padding_id(tokenizer)
-    forget_ids = encode(tokenizer, [r["text"] for r in records], config.max_length)
-    neighbour_ids = [encode(tokenizer, r["neighbors"], config.max_length) for r in records]
-    for ids, record in zip(forget_ids, records):
-        if len(ids) < 2:
-            raise NeumuterError(f"forget text {record.get('id', record['text'][:30])!r} has fewer than 2 tokens")
-    longest = max(len(ids) for ids in [*forget_ids, *(n for group in neighbour_ids for n in group)])
-    check_context(model, longest, "a forget text or neighbour (use a smaller {max_length})")
-
     generator = torch.Generator().manual_seed(config.seed)
-    order = torch.randperm(len(records), generator=generator).tolist()
-    world = distributed.world()
-    if world.size > config.batch_size and progress:
-        progress(f"warning: batches of {config.batch_size} forget texts split over {world.size} processes: "
-                 f"{world.size - config.batch_size} of them have nothing to do (raise the batch size)")
-    batches = [_batch(order[start:start + config.batch_size], forget_ids, neighbour_ids, targets, pad_id, device)
-               for start in range(0, len(order), config.batch_size)]
+    batches = _forget_batches(model, tokenizer, records, config, targets, pad_id, device, generator, progress)
 
     started = time.perf_counter()
     original = original_distribution(model, [batch.neighbours for batch in batches], config.kl_top_k)
@@ -222,47 +208,14 @@ def localize(
                 # every process draws the noise of every gate from the same generator: the same gates
                 for i, la in enumerate(log_alpha):
                     current[i] = training_gate(la, config.beta, generator, config.straight_through)
-                reg = l0_term(log_alpha, config.beta)
-                term = kl = ce = reg.new_zeros(())
-                if batch.forget is not None:
-                    (f_ids, f_mask), (n_ids, n_mask) = batch.forget, batch.neighbours
-                    both = _concat(f_ids, f_mask, n_ids, n_mask, pad_id)
-                    logits = model(input_ids=both[0], attention_mask=both[1]).logits
-                    f_logits = logits[: f_ids.shape[0], : f_ids.shape[1]]
-                    n_logits = logits[f_ids.shape[0]:, : n_ids.shape[1]]
-                    term, ce = forget_loss(f_logits, f_ids, f_mask, config, batch.target)
-                    kl = neighbour_kl(n_logits, n_mask, original[b])
-                # this process's share of the batch's means (1 in one process); the L0 term once
-                term, kl, ce = term * batch.forget_share, kl * batch.neighbour_share, ce * batch.forget_share
-                loss = term + config.kl_weight * kl + (config.l0_weight * reg if world.main else 0.0)
-                optimiser.zero_grad(set_to_none=True)
-                if loss.requires_grad:
-                    loss.backward()
-                sums = torch.stack([loss.detach(), term.detach(), kl.detach(), ce.detach()])
-                if world.size > 1:
-                    for la in log_alpha:
-                        if la.grad is None:
-                            la.grad = torch.zeros_like(la)
-                    distributed.all_reduce_sum([*(la.grad for la in log_alpha), sums])
-                if not torch.isfinite(sums[0]):
-                    raise NonFiniteLoss(f"epoch {epoch}: the loss is not finite ({sums[0].item()})")
-                optimiser.step()
+                sums, reg = _gate_step(model, batch, original[b], log_alpha, optimiser, config, pad_id, epoch)
                 tracker.advance()
                 share = batch.rows / len(records)
                 totals["forget_ce"] += sums[3].item() * share
                 totals["forget_term"] += sums[1].item() * share
                 totals["kl"] += sums[2].item() * share
                 totals["l0"] += reg.item() * share
-            if not all(torch.isfinite(la).all() for la in log_alpha):
-                raise NeumuterError(f"epoch {epoch}: the gates are not finite any more; try a smaller --lr")
-            with torch.no_grad():
-                gates = [deterministic_gate(la) for la in log_alpha]
-                closed = sum(int((g < 0.5).sum()) for g in gates) / sum(g.numel() for g in gates)
-            last = dict(epoch=epoch, **{k: round(v, 5) for k, v in totals.items()}, closed=closed)
-            line = (f"epoch {epoch:3d}  forget CE {totals['forget_ce']:.3f}  neighbour KL {totals['kl']:.4f}  "
-                    f"L0 {totals['l0']:.4f}  gates < 0.5: {100 * closed:.2f}%  ({time.perf_counter() - started:.1f}s)")
-            tracker.advance(0, line, f"epoch {epoch}: CE {totals['forget_ce']:.3f}, KL {totals['kl']:.4f}, "
-                                     f"gates < 0.5: {100 * closed:.1f}%")
+            last = _end_of_epoch(epoch, log_alpha, totals, started, tracker)
             if check is not None and (epoch % config.check_every == 0 or epoch == config.epochs):
                 for i in range(len(current)):
                     current[i] = torch.ones(layers[i].neurons)
@@ -279,6 +232,74 @@ def localize(
     return LocalizeResult(
         log_alpha=final, losses=last, epochs_run=epoch, stopped_early=stopped,
         seconds=time.perf_counter() - started, pruned=pruned)
+
+
+def _forget_batches(model, tokenizer, records: Sequence[dict], config: LocalizeConfig, targets, pad_id: int, device,
+                    generator: torch.Generator, progress) -> list[_Batch]:
+    """The records' forget texts and neighbours as token ids, checked, in the seeded order of
+    training, cut into this process's share of each optimiser step's batch."""
+    forget_ids = encode(tokenizer, [r["text"] for r in records], config.max_length)
+    neighbour_ids = [encode(tokenizer, r["neighbors"], config.max_length) for r in records]
+    for ids, record in zip(forget_ids, records):
+        if len(ids) < 2:
+            raise NeumuterError(f"forget text {record.get('id', record['text'][:30])!r} has fewer than 2 tokens")
+    longest = max(len(ids) for ids in [*forget_ids, *(n for group in neighbour_ids for n in group)])
+    check_context(model, longest, "a forget text or neighbour (use a smaller {max_length})")
+
+    order = torch.randperm(len(records), generator=generator).tolist()
+    world = distributed.world()
+    if world.size > config.batch_size and progress:
+        progress(f"warning: batches of {config.batch_size} forget texts split over {world.size} processes: "
+                 f"{world.size - config.batch_size} of them have nothing to do (raise the batch size)")
+    return [_batch(order[start:start + config.batch_size], forget_ids, neighbour_ids, targets, pad_id, device)
+            for start in range(0, len(order), config.batch_size)]
+
+
+def _gate_step(model, batch: _Batch, original, log_alpha: list[torch.Tensor], optimiser, config: LocalizeConfig,
+               pad_id: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step of the gates on one batch (the gate values already drawn); returns the
+    batch's (loss, forget term, KL, CE) summed over the processes, and the L0 term."""
+    world = distributed.world()
+    reg = l0_term(log_alpha, config.beta)
+    term = kl = ce = reg.new_zeros(())
+    if batch.forget is not None:
+        (f_ids, f_mask), (n_ids, n_mask) = batch.forget, batch.neighbours
+        both = _concat(f_ids, f_mask, n_ids, n_mask, pad_id)
+        logits = model(input_ids=both[0], attention_mask=both[1]).logits
+        f_logits = logits[: f_ids.shape[0], : f_ids.shape[1]]
+        n_logits = logits[f_ids.shape[0]:, : n_ids.shape[1]]
+        term, ce = forget_loss(f_logits, f_ids, f_mask, config, batch.target)
+        kl = neighbour_kl(n_logits, n_mask, original)
+    # this process's share of the batch's means (1 in one process); the L0 term once
+    term, kl, ce = term * batch.forget_share, kl * batch.neighbour_share, ce * batch.forget_share
+    loss = term + config.kl_weight * kl + (config.l0_weight * reg if world.main else 0.0)
+    optimiser.zero_grad(set_to_none=True)
+    if loss.requires_grad:
+        loss.backward()
+    sums = torch.stack([loss.detach(), term.detach(), kl.detach(), ce.detach()])
+    if world.size > 1:
+        for la in log_alpha:
+            if la.grad is None:
+                la.grad = torch.zeros_like(la)
+        distributed.all_reduce_sum([*(la.grad for la in log_alpha), sums])
+    if not torch.isfinite(sums[0]):
+        raise NonFiniteLoss(f"epoch {epoch}: the loss is not finite ({sums[0].item()})")
+    optimiser.step()
+    return sums, reg
+
+
+def _end_of_epoch(epoch: int, log_alpha: list[torch.Tensor], totals: dict, started: float, tracker) -> dict:
+    """Refuse gates that are no longer finite, report the epoch, and return its losses."""
+    if not all(torch.isfinite(la).all() for la in log_alpha):
+        raise NeumuterError(f"epoch {epoch}: the gates are not finite any more; try a smaller --lr")
+    with torch.no_grad():
+        gates = [deterministic_gate(la) for la in log_alpha]
+        closed = sum(int((g < 0.5).sum()) for g in gates) / sum(g.numel() for g in gates)
+    line = (f"epoch {epoch:3d}  forget CE {totals['forget_ce']:.3f}  neighbour KL {totals['kl']:.4f}  "
+            f"L0 {totals['l0']:.4f}  gates < 0.5: {100 * closed:.2f}%  ({time.perf_counter() - started:.1f}s)")
+    tracker.advance(0, line, f"epoch {epoch}: CE {totals['forget_ce']:.3f}, KL {totals['kl']:.4f}, "
+                             f"gates < 0.5: {100 * closed:.1f}%")
+    return dict(epoch=epoch, **{k: round(v, 5) for k, v in totals.items()}, closed=closed)
 
 
 def keep_most_closed(log_alpha: dict[int, torch.Tensor], k: int) -> dict[int, torch.Tensor]:
