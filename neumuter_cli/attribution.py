@@ -108,10 +108,29 @@ def localize_by_attribution(model, tokenizer, forget_ids: Sequence[Sequence[int]
         raise NeumuterError(f"max_per_text must be >= 1, not {max_per_text}")
     started = time.perf_counter()
     pad_id = padding_id(tokenizer)
-    device = input_device(model)
     widths = [layer.neurons for layer in layers]
-    total = sum(widths)
-    max_per_text = min(max_per_text, total)
+    max_per_text = min(max_per_text, sum(widths))
+    scores = _scores(model, layers, forget_ids, neighbour_ids, pad_id, batch_size, contrast, score)
+    say(f"attribution: {len(forget_ids)} texts ranked over {sum(widths)} neurons "
+        f"({time.perf_counter() - started:.1f}s)")
+    # ranking[t] = neuron indices (layers concatenated) of text t, most important first; ties by index
+    ranking = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :max_per_text]
+    passes = _Passes(model, layers, forget_ids, pad_id, limits, batch_size)
+    high, reached, probes = _shortest_prefixes(passes, ranking, max_per_text, started, say)
+    chosen, probes = _union(passes, ranking, high, max_per_text, probes, say)
+    from .gates import initial_log_alpha
+
+    flat = torch.where(chosen, torch.tensor(CLOSED_LOG_ALPHA), torch.tensor(initial_log_alpha()))
+    log_alpha = {layer.index: part.clone() for layer, part in zip(layers, torch.split(flat, widths))}
+    say(f"attribution: {int(chosen.sum())} neurons in the union of {len(forget_ids)} prefixes "
+        f"({sum(not r for r in reached)} texts not at their stopping point within {max_per_text} neurons)")
+    return AttributionResult(log_alpha, high, reached, probes, time.perf_counter() - started)
+
+
+def _scores(model, layers, forget_ids, neighbour_ids, pad_id: int, batch_size: int, contrast: float,
+            score: str) -> torch.Tensor:
+    """(texts, neurons): how each text ranks the neurons (``score``: attribution.SCORES), less
+    ``contrast`` times its neighbours' mean attribution."""
     scores, active = attribution(model, layers, forget_ids, pad_id, batch_size, activations=True)
     flat = [ids for group in neighbour_ids for ids in group]
     if score not in SCORES:
@@ -132,30 +151,44 @@ def localize_by_attribution(model, tokenizer, forget_ids: Sequence[Sequence[int]
         scores = specific if score == "specific" else scores.clamp(min=0) * specific
     if not torch.isfinite(scores).all():
         raise NeumuterError("the attribution is not finite (the model gives non-finite losses)")
-    say(f"attribution: {len(forget_ids)} texts ranked over {total} neurons ({time.perf_counter() - started:.1f}s)")
-    # ranking[t] = neuron indices (layers concatenated) of text t, most important first; ties by index
-    ranking = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :max_per_text]
+    return scores
 
-    ids, mask = (t.to(device) for t in pad(forget_ids, pad_id))
 
-    def passes(closed_in_row) -> list[bool]:
-        """Whether each text is at its stopping point with the neurons ``closed_in_row(t)`` at 0."""
+class _Passes:
+    """Whether each forget text is at its stopping point with some neurons at 0: one batched
+    teacher-forced pass, each row carrying its own scales."""
+
+    def __init__(self, model, layers, forget_ids, pad_id: int, limits: Sequence[float], batch_size: int):
+        self.model, self.layers, self.limits, self.batch_size = model, layers, limits, batch_size
+        self.widths = [layer.neurons for layer in layers]
+        self.texts = len(forget_ids)
+        self.device = input_device(model)
+        self.ids, self.mask = (t.to(self.device) for t in pad(forget_ids, pad_id))
+
+    def __call__(self, closed_in_row) -> list[bool]:
+        """``closed_in_row(t)``: the neurons (layers concatenated) closed for text t."""
         passed = []
-        for start in range(0, len(forget_ids), batch_size):
-            rows = list(range(start, min(start + batch_size, len(forget_ids))))
-            flat = torch.ones(len(rows), total)
+        for start in range(0, self.texts, self.batch_size):
+            rows = list(range(start, min(start + self.batch_size, self.texts)))
+            flat = torch.ones(len(rows), sum(self.widths))
             for r, t in enumerate(rows):
                 flat[r, closed_in_row(t)] = 0.0
-            scales = [part.to(device) for part in torch.split(flat, widths, dim=1)]
-            width = int(mask[rows].sum(1).max())
-            values = row_ma(model, layers, ids[rows, :width], mask[rows, :width], scales)
-            passed.extend(v <= limits[t] + 1e-9 for v, t in zip(values, rows))
+            scales = [part.to(self.device) for part in torch.split(flat, self.widths, dim=1)]
+            width = int(self.mask[rows].sum(1).max())
+            values = row_ma(self.model, self.layers, self.ids[rows, :width], self.mask[rows, :width], scales)
+            passed.extend(v <= self.limits[t] + 1e-9 for v, t in zip(values, rows))
         return passed
 
+
+def _shortest_prefixes(passes: _Passes, ranking: torch.Tensor, max_per_text: int, started: float, say
+                       ) -> tuple[list[int], list[bool], int]:
+    """Per text, by bisection over all texts at once, the shortest prefix of its ranking that
+    brings it to its stopping point (``max_per_text`` when none does): (prefixes, reached,
+    probes)."""
     def probe(prefix: list[int]) -> list[bool]:
         return passes(lambda t: ranking[t, :prefix[t]])
 
-    n = len(forget_ids)
+    n = passes.texts
     low, high = [0] * n, [max_per_text] * n     # invariant: prefix low fails, prefix high passes
     probes = 0
     at_zero = probe([0] * n)
@@ -179,15 +212,21 @@ def localize_by_attribution(model, tokenizer, forget_ids: Sequence[Sequence[int]
                     low[t] = middle[t]
         say(f"  bisection {probes}: prefixes {min(high)}..{max(high)} neurons per text "
             f"({time.perf_counter() - started:.1f}s)")
+    return high, reached, probes
 
+
+def _union(passes: _Passes, ranking: torch.Tensor, high: list[int], max_per_text: int, probes: int, say
+           ) -> tuple[torch.Tensor, int]:
+    """The union of the texts' prefixes (a bool per neuron), grown where it fails a text: the
+    prefixes interact, a text that passed alone can fail beside the others' neurons (the memories
+    were learnt together), so such a text's prefix grows until the union passes. ``high`` grows
+    in place; returns the union and the probes counted so far."""
     def union(prefix: list[int]) -> torch.Tensor:
-        chosen = torch.zeros(total, dtype=torch.bool)
-        for t in range(n):
+        chosen = torch.zeros(sum(passes.widths), dtype=torch.bool)
+        for t in range(passes.texts):
             chosen[ranking[t, :prefix[t]]] = True
         return chosen
 
-    # the prefixes interact: a text that passed alone can fail beside the others' neurons (the
-    # memories were learnt together); such a text's prefix grows until the union passes
     chosen = union(high)
     for _ in range(UNION_ROUNDS):
         failing = [t for t, ok in enumerate(passes(lambda t: chosen)) if not ok and high[t] < max_per_text]
@@ -199,10 +238,4 @@ def localize_by_attribution(model, tokenizer, forget_ids: Sequence[Sequence[int]
         chosen = union(high)
         say(f"  union: {len(failing)} texts above their stopping point beside the others; their prefixes grow "
             f"({int(chosen.sum())} neurons)")
-    from .gates import initial_log_alpha
-
-    flat = torch.where(chosen, torch.tensor(CLOSED_LOG_ALPHA), torch.tensor(initial_log_alpha()))
-    log_alpha = {layer.index: part.clone() for layer, part in zip(layers, torch.split(flat, widths))}
-    say(f"attribution: {int(chosen.sum())} neurons in the union of {n} prefixes "
-        f"({sum(not r for r in reached)} texts not at their stopping point within {max_per_text} neurons)")
-    return AttributionResult(log_alpha, high, reached, probes, time.perf_counter() - started)
+    return chosen, probes
