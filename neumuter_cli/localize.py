@@ -291,6 +291,7 @@ def _gate_step(model, batch: _Batch, original, log_alpha: list[torch.Tensor], op
 def _end_of_epoch(epoch: int, log_alpha: list[torch.Tensor], totals: dict, started: float, tracker) -> dict:
     """Refuse gates that are no longer finite, report the epoch, and return its losses."""
     if not all(torch.isfinite(la).all() for la in log_alpha):
+        # the flag named as the CLI's: callers of the library test this very message
         raise NeumuterError(f"epoch {epoch}: the gates are not finite any more; try a smaller --lr")
     with torch.no_grad():
         gates = [deterministic_gate(la) for la in log_alpha]
@@ -383,7 +384,8 @@ def _concat(f_ids, f_mask, n_ids, n_mask, pad_id):
             torch.cat([widen(f_mask, 0), widen(n_mask, 0)]))
 
 
-__all__ = ["FORGET_TERMS", "LocalizeConfig", "LocalizeResult", "localize", "forget_loss", "neighbour_kl"]
+__all__ = ["FORGET_TERMS", "LocalizeConfig", "LocalizeResult", "StopRule", "localize", "forget_loss", "neighbour_kl",
+           "forgetting_check", "run_localize"]
 
 
 # ---------------------------------------------------------------- the stage: records in, mask out
