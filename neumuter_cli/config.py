@@ -38,6 +38,7 @@ class LocalizeConfig:
     max_per_text: int = 460          # attribution: the longest prefix of a text's ranking that is tried
     contrast: float = 0.0            # attribution: weight of the neighbours' attribution subtracted
     score: str = "gradient"          # attribution: gradient | specific | both (attribution.SCORES)
+    shrink_rounds: int = 0           # attribution: rounds of cutting each prefix to what it needs beside the others
 
 
 @dataclass
