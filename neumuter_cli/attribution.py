@@ -114,8 +114,16 @@ def rank_neurons(model, layers: Sequence[FFNLayer], forget_ids, neighbour_ids, p
         # neighbours: a neuron that every text uses ranks low however large its gradient
         context = torch.cat([active, nb_active]) if flat else active
         others = (context.sum(0, keepdim=True) - active) / max(1, context.shape[0] - 1)
-        specific = active / (others + 1e-6)
-        scores = specific if score == "specific" else scores.clamp(min=0) * specific
+        if score == "specific-smoothed":
+            # a neuron nearly silent everywhere would rank high on noise: add its layer's mean
+            # activation on the others below the line
+            widths = [layer.neurons for layer in layers]
+            floor = torch.cat([part.mean(1, keepdim=True).expand_as(part)
+                               for part in torch.split(others, widths, dim=1)], dim=1)
+            scores = active / (others + floor + 1e-6)
+        else:
+            specific = active / (others + 1e-6)
+            scores = specific if score == "specific" else scores.clamp(min=0) * specific
     if not torch.isfinite(scores).all():
         raise NeumuterError("the attribution is not finite (the model gives non-finite losses)")
     return scores

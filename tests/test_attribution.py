@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from helpers import PEOPLE, UNSEEN, tiny_model, train_memorizer
 from neumuter_cli.artifacts import load_artifact
-from neumuter_cli.attribution import PrefixSearch, attribution, localize_by_attribution, row_ma
+from neumuter_cli.attribution import PrefixSearch, attribution, localize_by_attribution, rank_neurons, row_ma
 from neumuter_cli.cli import cli
 from neumuter_cli.models import find_ffn_layers, gated, load_model
 
@@ -39,6 +39,26 @@ def test_batched_attribution_equals_one_text_at_a_time():
     assert batched.shape == (3, sum(layer.neurons for layer in layers))
     for row, ids in zip(batched, texts):
         torch.testing.assert_close(row, slow_attribution(model, layers, ids), rtol=1e-4, atol=1e-6)
+
+
+def test_the_smoothed_score_adds_each_layers_mean_activation_on_the_others_below_the_line():
+    model = tiny_model("llama")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers = find_ffn_layers(model)
+    texts, neighbours = [[5, 9, 11, 3], [4, 8, 1, 2], [6, 6, 10, 12]], [[[7, 3, 2]], [[9, 9, 4]], [[1, 5, 8, 8]]]
+    _, active = attribution(model, layers, texts, 0, activations=True)
+    _, nb_active = attribution(model, layers, [n for group in neighbours for n in group], 0, activations=True)
+    scores = rank_neurons(model, layers, texts, neighbours, 0, 0.0, "specific-smoothed", 8)
+    everything = torch.cat([active, nb_active])
+    start = 0
+    for layer in layers:
+        for t in range(3):
+            columns = slice(start, start + layer.neurons)
+            others = (everything[:, columns].sum(0) - active[t, columns]) / (len(everything) - 1)
+            expected = active[t, columns] / (others + others.mean() + 1e-6)
+            torch.testing.assert_close(scores[t, columns], expected)
+        start += layer.neurons
 
 
 def test_each_prefix_is_the_shortest_that_reaches_its_limit(memorizer):
@@ -110,7 +130,7 @@ def test_shrink_rounds_never_leave_a_text_above_its_limit(memorizer):
         assert row_ma(model, layers, x, torch.ones_like(x), scales)[0] <= limits[t]
 
 
-@pytest.mark.parametrize("score", ["gradient", "specific"])
+@pytest.mark.parametrize("score", ["gradient", "specific", "specific-smoothed"])
 def test_the_command_writes_a_mask_that_select_turns_into_exactly_the_union(memorizer, tmp_path, score):
     nb = tmp_path / "nb.jsonl"
     nb.write_text("".join(json.dumps({"text": t, "neighbors": [UNSEEN[0]]}) + "\n" for t in PEOPLE[:2]))
