@@ -90,51 +90,13 @@ def row_ma(model, layers, ids, mask, scales) -> list[float]:
     return (hits.sum(1) / weight.sum(1).clamp(min=1)).tolist()     # exact ratios, as memorization_accuracy
 
 
-def localize_by_attribution(model, tokenizer, forget_ids: Sequence[Sequence[int]],
-                            neighbour_ids: Sequence[Sequence[Sequence[int]]], layers: Sequence[FFNLayer],
-                            limits: Sequence[float], max_per_text: int, contrast: float = 0.0,
-                            score: str = "gradient", batch_size: int = 8,
-                            progress: Callable[[str], None] | None = None) -> AttributionResult:
-    """Per-text attribution rankings and their smallest passing prefixes (module docstring).
-
-    ``limits``: one MA per text, its stopping point. ``contrast``: weight of the neighbours'
-    mean attribution subtracted from the text's."""
-    say = progress or (lambda message: None)
-    if not forget_ids:
-        raise NeumuterError("no forget records")
-    if len(limits) != len(forget_ids):
-        raise NeumuterError(f"{len(limits)} limits for {len(forget_ids)} forget texts")
-    if max_per_text < 1:
-        raise NeumuterError(f"max_per_text must be >= 1, not {max_per_text}")
-    started = time.perf_counter()
-    pad_id = padding_id(tokenizer)
-    widths = [layer.neurons for layer in layers]
-    max_per_text = min(max_per_text, sum(widths))
-    scores = _scores(model, layers, forget_ids, neighbour_ids, pad_id, batch_size, contrast, score)
-    say(f"attribution: {len(forget_ids)} texts ranked over {sum(widths)} neurons "
-        f"({time.perf_counter() - started:.1f}s)")
-    # ranking[t] = neuron indices (layers concatenated) of text t, most important first; ties by index
-    ranking = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :max_per_text]
-    passes = _Passes(model, layers, forget_ids, pad_id, limits, batch_size)
-    high, reached, probes = _shortest_prefixes(passes, ranking, max_per_text, started, say)
-    chosen, probes = _union(passes, ranking, high, max_per_text, probes, say)
-    from .gates import initial_log_alpha
-
-    flat = torch.where(chosen, torch.tensor(CLOSED_LOG_ALPHA), torch.tensor(initial_log_alpha()))
-    log_alpha = {layer.index: part.clone() for layer, part in zip(layers, torch.split(flat, widths))}
-    say(f"attribution: {int(chosen.sum())} neurons in the union of {len(forget_ids)} prefixes "
-        f"({sum(not r for r in reached)} texts not at their stopping point within {max_per_text} neurons)")
-    return AttributionResult(log_alpha, high, reached, probes, time.perf_counter() - started)
-
-
-def _scores(model, layers, forget_ids, neighbour_ids, pad_id: int, batch_size: int, contrast: float,
-            score: str) -> torch.Tensor:
-    """(texts, neurons): how each text ranks the neurons (``score``: attribution.SCORES), less
-    ``contrast`` times its neighbours' mean attribution."""
-    scores, active = attribution(model, layers, forget_ids, pad_id, batch_size, activations=True)
-    flat = [ids for group in neighbour_ids for ids in group]
+def rank_neurons(model, layers: Sequence[FFNLayer], forget_ids, neighbour_ids, pad_id: int, contrast: float,
+                 score: str, batch_size: int) -> torch.Tensor:
+    """(texts, neurons): each text's score of every neuron (layers concatenated), higher first."""
     if score not in SCORES:
         raise NeumuterError(f"unknown score {score!r} (choose {', '.join(SCORES)})")
+    scores, active = attribution(model, layers, forget_ids, pad_id, batch_size, activations=True)
+    flat = [ids for group in neighbour_ids for ids in group]
     if flat and (contrast or score != "gradient"):
         owner = torch.tensor([t for t, group in enumerate(neighbour_ids) for _ in group])
         nb, nb_active = attribution(model, layers, flat, pad_id, batch_size, activations=True)
@@ -147,95 +109,177 @@ def _scores(model, layers, forget_ids, neighbour_ids, pad_id: int, batch_size: i
         # neighbours: a neuron that every text uses ranks low however large its gradient
         context = torch.cat([active, nb_active]) if flat else active
         others = (context.sum(0, keepdim=True) - active) / max(1, context.shape[0] - 1)
-        specific = active / (others + 1e-6)
-        scores = specific if score == "specific" else scores.clamp(min=0) * specific
+        if score == "specific-smoothed":
+            # a neuron nearly silent everywhere would rank high on noise: add its layer's mean
+            # activation on the others below the line
+            widths = [layer.neurons for layer in layers]
+            floor = torch.cat([part.mean(1, keepdim=True).expand_as(part)
+                               for part in torch.split(others, widths, dim=1)], dim=1)
+            scores = active / (others + floor + 1e-6)
+        else:
+            specific = active / (others + 1e-6)
+            scores = specific if score == "specific" else scores.clamp(min=0) * specific
     if not torch.isfinite(scores).all():
         raise NeumuterError("the attribution is not finite (the model gives non-finite losses)")
     return scores
 
 
-class _Passes:
-    """Whether each forget text is at its stopping point with some neurons at 0: one batched
-    teacher-forced pass, each row carrying its own scales."""
+def stopping_check(model, layers, forget_ids, pad_id: int, limits, batch_size: int):
+    """A function of ``closed_in_row`` (text -> indices of the neurons closed in its row) that
+    says whether each text is at its stopping point: batched teacher-forced passes in which
+    each row carries its own closed neurons."""
+    device = input_device(model)
+    widths = [layer.neurons for layer in layers]
+    total = sum(widths)
+    ids, mask = (t.to(device) for t in pad(forget_ids, pad_id))
 
-    def __init__(self, model, layers, forget_ids, pad_id: int, limits: Sequence[float], batch_size: int):
-        self.model, self.layers, self.limits, self.batch_size = model, layers, limits, batch_size
-        self.widths = [layer.neurons for layer in layers]
-        self.texts = len(forget_ids)
-        self.device = input_device(model)
-        self.ids, self.mask = (t.to(self.device) for t in pad(forget_ids, pad_id))
-
-    def __call__(self, closed_in_row) -> list[bool]:
-        """``closed_in_row(t)``: the neurons (layers concatenated) closed for text t."""
+    def passes(closed_in_row) -> list[bool]:
         passed = []
-        for start in range(0, self.texts, self.batch_size):
-            rows = list(range(start, min(start + self.batch_size, self.texts)))
-            flat = torch.ones(len(rows), sum(self.widths))
+        for start in range(0, len(forget_ids), batch_size):
+            rows = list(range(start, min(start + batch_size, len(forget_ids))))
+            flat = torch.ones(len(rows), total)
             for r, t in enumerate(rows):
                 flat[r, closed_in_row(t)] = 0.0
-            scales = [part.to(self.device) for part in torch.split(flat, self.widths, dim=1)]
-            width = int(self.mask[rows].sum(1).max())
-            values = row_ma(self.model, self.layers, self.ids[rows, :width], self.mask[rows, :width], scales)
-            passed.extend(v <= self.limits[t] + 1e-9 for v, t in zip(values, rows))
+            scales = [part.to(device) for part in torch.split(flat, widths, dim=1)]
+            width = int(mask[rows].sum(1).max())
+            values = row_ma(model, layers, ids[rows, :width], mask[rows, :width], scales)
+            passed.extend(v <= limits[t] + 1e-9 for v, t in zip(values, rows))
         return passed
 
-
-def _shortest_prefixes(passes: _Passes, ranking: torch.Tensor, max_per_text: int, started: float, say
-                       ) -> tuple[list[int], list[bool], int]:
-    """Per text, by bisection over all texts at once, the shortest prefix of its ranking that
-    brings it to its stopping point (``max_per_text`` when none does): (prefixes, reached,
-    probes)."""
-    def probe(prefix: list[int]) -> list[bool]:
-        return passes(lambda t: ranking[t, :prefix[t]])
-
-    n = passes.texts
-    low, high = [0] * n, [max_per_text] * n     # invariant: prefix low fails, prefix high passes
-    probes = 0
-    at_zero = probe([0] * n)
-    at_max = probe([max_per_text] * n)
-    probes += 2
-    reached = list(at_max)
-    for t in range(n):
-        if at_zero[t]:
-            high[t] = 0
-        elif not at_max[t]:
-            low[t] = high[t] = max_per_text
-    while any(h - lo > 1 for lo, h in zip(low, high)):
-        middle = [(lo + h) // 2 if h - lo > 1 else h for lo, h in zip(low, high)]
-        passed = probe(middle)
-        probes += 1
-        for t in range(n):
-            if high[t] - low[t] > 1:
-                if passed[t]:
-                    high[t] = middle[t]
-                else:
-                    low[t] = middle[t]
-        say(f"  bisection {probes}: prefixes {min(high)}..{max(high)} neurons per text "
-            f"({time.perf_counter() - started:.1f}s)")
-    return high, reached, probes
+    return passes
 
 
-def _union(passes: _Passes, ranking: torch.Tensor, high: list[int], max_per_text: int, probes: int, say
-           ) -> tuple[torch.Tensor, int]:
-    """The union of the texts' prefixes (a bool per neuron), grown where it fails a text: the
-    prefixes interact, a text that passed alone can fail beside the others' neurons (the memories
-    were learnt together), so such a text's prefix grows until the union passes. ``high`` grows
-    in place; returns the union and the probes counted so far."""
-    def union(prefix: list[int]) -> torch.Tensor:
-        chosen = torch.zeros(sum(passes.widths), dtype=torch.bool)
-        for t in range(passes.texts):
-            chosen[ranking[t, :prefix[t]]] = True
-        return chosen
+class PrefixSearch:
+    """Prefixes of each text's ranking (``ranking[t]``: neuron indices, most important first),
+    judged by ``check`` (:func:`stopping_check`), which counts as one probe per call."""
 
-    chosen = union(high)
-    for _ in range(UNION_ROUNDS):
-        failing = [t for t, ok in enumerate(passes(lambda t: chosen)) if not ok and high[t] < max_per_text]
-        probes += 1
-        if not failing:
+    def __init__(self, ranking: torch.Tensor, total: int, check, say: Callable[[str], None] = lambda m: None,
+                 started: float | None = None):
+        self.ranking, self.total, self.check, self.say = ranking, total, check, say
+        self.started = time.perf_counter() if started is None else started
+        self.n, self.longest = ranking.shape
+        self.probes = 0
+
+    def passes(self, closed_in_row) -> list[bool]:
+        """Whether each text is at its stopping point with the neurons ``closed_in_row(t)`` at 0."""
+        self.probes += 1
+        return self.check(closed_in_row)
+
+    def alone(self, prefix: list[int]) -> list[bool]:
+        """Each text with only its own prefix closed."""
+        return self.passes(lambda t: self.ranking[t, :prefix[t]])
+
+    def smallest(self, check, low: list[int], high: list[int], label: str | None = None) -> list[int]:
+        """Per text, the smallest prefix in [low, high] at which ``check`` passes, by one batched
+        bisection (high is taken to pass; a text whose low equals its high stays there)."""
+        low, high = list(low), list(high)
+        for t, ok in enumerate(check([0] * self.n)):
+            if ok:
+                low[t] = high[t] = 0
+        while any(h - lo > 1 for lo, h in zip(low, high)):
+            middle = [(lo + h) // 2 if h - lo > 1 else h for lo, h in zip(low, high)]
+            passed = check(middle)
+            for t in range(self.n):
+                if high[t] - low[t] > 1:
+                    if passed[t]:
+                        high[t] = middle[t]
+                    else:
+                        low[t] = middle[t]
+            if label:
+                self.say(f"  {label} {self.probes}: prefixes {min(high)}..{max(high)} neurons per text "
+                         f"({time.perf_counter() - self.started:.1f}s)")
+        return high
+
+    def members(self, prefix: list[int]) -> torch.Tensor:
+        """(texts, neurons): whether the neuron is in the text's prefix."""
+        member = torch.zeros(self.n, self.total, dtype=torch.bool)
+        for t in range(self.n):
+            member[t, self.ranking[t, :prefix[t]]] = True
+        return member
+
+    def grow(self, prefix: list[int]) -> tuple[torch.Tensor, bool]:
+        """The prefixes interact: a text that passed alone can fail beside the others' neurons
+        (the memories were learnt together); such a text's prefix grows (in place) until the
+        union passes. Returns the union and whether every text passes beside it."""
+        chosen = self.members(prefix).any(0)
+        for _ in range(UNION_ROUNDS):
+            verdicts = self.passes(lambda t: chosen)
+            if all(verdicts):
+                return chosen, True
+            failing = [t for t, ok in enumerate(verdicts) if not ok and prefix[t] < self.longest]
+            if not failing:
+                break
+            for t in failing:
+                prefix[t] = min(self.longest, max(prefix[t] + 1, math.ceil(prefix[t] * 1.25)))
+            chosen = self.members(prefix).any(0)
+            self.say(f"  union: {len(failing)} texts above their stopping point beside the others; their "
+                     f"prefixes grow ({int(chosen.sum())} neurons)")
+        return chosen, False
+
+    def shrink(self, prefix: list[int]) -> list[int]:
+        """Each text's smallest prefix that passes beside the other texts' neurons (the union
+        forgets each text further than its own prefix did)."""
+        member = self.members(prefix)
+        others = (member.sum(0, keepdim=True) - member.int()) > 0
+
+        def beside_others(k: list[int]) -> list[bool]:
+            def closed(t):
+                row = others[t].clone()
+                row[self.ranking[t, :k[t]]] = True
+                return row
+            return self.passes(closed)
+
+        return self.smallest(beside_others, [0] * self.n, prefix)
+
+
+def localize_by_attribution(model, tokenizer, forget_ids: Sequence[Sequence[int]],
+                            neighbour_ids: Sequence[Sequence[Sequence[int]]], layers: Sequence[FFNLayer],
+                            limits: Sequence[float], max_per_text: int, contrast: float = 0.0,
+                            score: str = "gradient", batch_size: int = 8, shrink_rounds: int = 0,
+                            progress: Callable[[str], None] | None = None) -> AttributionResult:
+    """Per-text attribution rankings and their smallest passing prefixes (module docstring).
+
+    ``limits``: one MA per text, its stopping point. ``contrast``: weight of the neighbours'
+    mean attribution subtracted from the text's. ``shrink_rounds``: rounds in which each text's
+    prefix shrinks to what it needs beside the others' neurons, the union still passing."""
+    say = progress or (lambda message: None)
+    if not forget_ids:
+        raise NeumuterError("no forget records")
+    if len(limits) != len(forget_ids):
+        raise NeumuterError(f"{len(limits)} limits for {len(forget_ids)} forget texts")
+    if max_per_text < 1:
+        raise NeumuterError(f"max_per_text must be >= 1, not {max_per_text}")
+    if shrink_rounds < 0:
+        raise NeumuterError(f"shrink_rounds must be >= 0, not {shrink_rounds}")
+    started = time.perf_counter()
+    pad_id = padding_id(tokenizer)
+    total = sum(layer.neurons for layer in layers)
+    max_per_text = min(max_per_text, total)
+    scores = rank_neurons(model, layers, forget_ids, neighbour_ids, pad_id, contrast, score, batch_size)
+    say(f"attribution: {len(forget_ids)} texts ranked over {total} neurons ({time.perf_counter() - started:.1f}s)")
+    # ranking[t] = neuron indices (layers concatenated) of text t, most important first; ties by index
+    ranking = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :max_per_text]
+    check = stopping_check(model, layers, forget_ids, pad_id, limits, batch_size)
+    search = PrefixSearch(ranking, total, check, say, started)
+    n = len(forget_ids)
+    reached = search.alone([max_per_text] * n)
+    high = search.smallest(search.alone, [0 if ok else max_per_text for ok in reached], [max_per_text] * n,
+                           "bisection")
+    chosen, whole = search.grow(high)
+    for _ in range(shrink_rounds if whole else 0):
+        smaller = search.shrink(high)
+        if smaller == high:
             break
-        for t in failing:
-            high[t] = min(max_per_text, max(high[t] + 1, math.ceil(high[t] * 1.25)))
-        chosen = union(high)
-        say(f"  union: {len(failing)} texts above their stopping point beside the others; their prefixes grow "
-            f"({int(chosen.sum())} neurons)")
-    return chosen, probes
+        candidate, whole = search.grow(smaller)
+        if not whole or candidate.sum() >= chosen.sum():
+            break
+        high, chosen = smaller, candidate
+        say(f"  shrink: {int(chosen.sum())} neurons once each text keeps what it needs beside the others")
+    from .gates import initial_log_alpha
+
+    flat = torch.where(chosen, torch.tensor(CLOSED_LOG_ALPHA), torch.tensor(initial_log_alpha()))
+    widths = [layer.neurons for layer in layers]
+    log_alpha = {layer.index: part.clone() for layer, part in zip(layers, torch.split(flat, widths))}
+    say(f"attribution: {int(chosen.sum())} neurons in the union of {n} prefixes "
+        f"({sum(not r for r in reached)} texts not at their stopping point within {max_per_text} neurons)")
+    return AttributionResult(log_alpha, high, reached, search.probes, time.perf_counter() - started)

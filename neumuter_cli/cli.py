@@ -858,8 +858,14 @@ def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, b
               help="attribution: subtract this times the neighbours' attribution from the text's.")
 @click.option("--score", type=click.Choice(ATTRIBUTION_SCORES), default=DEFAULTS.score, show_default=True,
               help="attribution: how a text ranks the neurons. gradient: -dCE/ds; specific: the neuron's mean "
-                   "|activation| on the text over its mean on the other forget texts and the neighbours; both: "
+                   "|activation| on the text over its mean on the other forget texts and the neighbours; "
+                   "specific-smoothed: the same with the layer's mean activation on those added below the "
+                   "line, so neurons silent everywhere do not rank high on noise; both: "
                    "the positive gradient times that ratio.")
+@click.option("--shrink-rounds", type=click.IntRange(0), default=DEFAULTS.shrink_rounds, show_default=True,
+              help="attribution: rounds in which each text's prefix is cut to the shortest that still reaches "
+                   "the stop beside the other texts' neurons (the union forgets each text further than its own "
+                   "prefix did), while every text still passes.")
 @click.option("--prune/--no-prune", default=DEFAULTS.prune, show_default=True,
               help="When the early stop fires, keep only the smallest set of most-closed gates that still "
                    "passes the check (bisection, a pass over the forget texts per probe) and reopen the rest.")

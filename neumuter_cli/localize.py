@@ -532,7 +532,8 @@ def _by_attribution(model, tokenizer, records, layers, config: LocalizeConfig, l
         if config.contrast or config.score != "gradient" else []
     per_text = limits["ma"] if isinstance(limits["ma"], (list, tuple)) else [limits["ma"]] * len(records)
     found = localize_by_attribution(model, tokenizer, forget_ids, neighbour_ids, layers, per_text,
-                                    config.max_per_text, config.contrast, config.score, progress=progress)
+                                    config.max_per_text, config.contrast, config.score,
+                                    shrink_rounds=config.shrink_rounds, progress=progress)
     check({b: deterministic_gate(la) for b, la in found.log_alpha.items()})
     return LocalizeResult(log_alpha=found.log_alpha, losses={}, epochs_run=0, stopped_early=False,
                           seconds=found.seconds,

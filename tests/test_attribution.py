@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from helpers import PEOPLE, UNSEEN, tiny_model, train_memorizer
 from neumuter_cli.artifacts import load_artifact
-from neumuter_cli.attribution import attribution, localize_by_attribution, row_ma
+from neumuter_cli.attribution import PrefixSearch, attribution, localize_by_attribution, rank_neurons, row_ma
 from neumuter_cli.cli import cli
 from neumuter_cli.models import find_ffn_layers, gated, load_model
 
@@ -41,6 +41,26 @@ def test_batched_attribution_equals_one_text_at_a_time():
         torch.testing.assert_close(row, slow_attribution(model, layers, ids), rtol=1e-4, atol=1e-6)
 
 
+def test_the_smoothed_score_adds_each_layers_mean_activation_on_the_others_below_the_line():
+    model = tiny_model("llama")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers = find_ffn_layers(model)
+    texts, neighbours = [[5, 9, 11, 3], [4, 8, 1, 2], [6, 6, 10, 12]], [[[7, 3, 2]], [[9, 9, 4]], [[1, 5, 8, 8]]]
+    _, active = attribution(model, layers, texts, 0, activations=True)
+    _, nb_active = attribution(model, layers, [n for group in neighbours for n in group], 0, activations=True)
+    scores = rank_neurons(model, layers, texts, neighbours, 0, 0.0, "specific-smoothed", 8)
+    everything = torch.cat([active, nb_active])
+    start = 0
+    for layer in layers:
+        for t in range(3):
+            columns = slice(start, start + layer.neurons)
+            others = (everything[:, columns].sum(0) - active[t, columns]) / (len(everything) - 1)
+            expected = active[t, columns] / (others + others.mean() + 1e-6)
+            torch.testing.assert_close(scores[t, columns], expected)
+        start += layer.neurons
+
+
 def test_each_prefix_is_the_shortest_that_reaches_its_limit(memorizer):
     model, tokenizer = load_model(memorizer, device="cpu")
     layers = find_ffn_layers(model)
@@ -67,7 +87,50 @@ def test_each_prefix_is_the_shortest_that_reaches_its_limit(memorizer):
     assert set(torch.nonzero(union).flatten().tolist()) == expected
 
 
-@pytest.mark.parametrize("score", ["gradient", "specific"])
+def test_shrinking_cuts_what_a_text_gets_from_the_others():
+    # two texts that share neurons 2 and 5: each passes with 3 of its own set closed; alone
+    # each needs a prefix of 3, and the union of those holds 5 neurons where 3 suffice
+    needs = [{0, 1, 2, 5, 6}, {5, 2, 6, 0}]
+    ranking = torch.tensor([[0, 1, 2, 3, 4, 7], [5, 2, 6, 7, 8, 9]])
+
+    def check(closed_in_row):
+        verdicts = []
+        for t in range(2):
+            closed = torch.zeros(10, dtype=torch.bool)
+            closed[closed_in_row(t)] = True           # an index tensor or a boolean row
+            verdicts.append(len(needs[t] & set(closed.nonzero().flatten().tolist())) >= 3)
+        return verdicts
+
+    search = PrefixSearch(ranking, 10, check)
+    alone = search.smallest(search.alone, [0, 0], [6, 6])
+    assert alone == [3, 3]
+    union, whole = search.grow(list(alone))
+    assert whole and set(union.nonzero().flatten().tolist()) == {0, 1, 2, 5, 6}
+    smaller = search.shrink(alone)
+    assert smaller == [0, 1]                   # text 0 is forgotten by text 1's neurons alone
+    cut, whole = search.grow(smaller)          # together they are not: the prefixes grow back
+    assert whole and smaller == [1, 2] and set(cut.nonzero().flatten().tolist()) == {0, 2, 5}
+    assert all(check(lambda t: cut))
+
+
+def test_shrink_rounds_never_leave_a_text_above_its_limit(memorizer):
+    model, tokenizer = load_model(memorizer, device="cpu")
+    layers = find_ffn_layers(model)
+    ids = [tokenizer(t).input_ids for t in PEOPLE[:4]]
+    limits = [0.7, 0.5, 0.6, 0.8]
+    plain = localize_by_attribution(model, tokenizer, ids, [], layers, limits, max_per_text=512)
+    cut = localize_by_attribution(model, tokenizer, ids, [], layers, limits, max_per_text=512, shrink_rounds=2)
+    closed = torch.cat([cut.log_alpha[layer.index] for layer in layers]) < 0
+    plain_closed = torch.cat([plain.log_alpha[layer.index] for layer in layers]) < 0
+    assert 0 < int(closed.sum()) <= int(plain_closed.sum()) and cut.probes > plain.probes
+    widths = [layer.neurons for layer in layers]
+    scales = list(torch.split((~closed).float()[None], widths, dim=1))
+    for t, text in enumerate(ids):
+        x = torch.tensor([text])
+        assert row_ma(model, layers, x, torch.ones_like(x), scales)[0] <= limits[t]
+
+
+@pytest.mark.parametrize("score", ["gradient", "specific", "specific-smoothed"])
 def test_the_command_writes_a_mask_that_select_turns_into_exactly_the_union(memorizer, tmp_path, score):
     nb = tmp_path / "nb.jsonl"
     nb.write_text("".join(json.dumps({"text": t, "neighbors": [UNSEEN[0]]}) + "\n" for t in PEOPLE[:2]))
