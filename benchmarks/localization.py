@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -40,7 +39,6 @@ from controls import (Fixture, Reference, Target, activation_rows, against_refer
                       measure_model, modified_count, random_rows, read_scales, scaled, scales_row)
 from neumuter_cli import NeumuterError  # noqa: E402
 from neumuter_cli.artifacts import MASK_KIND, SCALES_KIND, read_artifact  # noqa: E402
-from neumuter_cli.measure import teacher_forced  # noqa: E402
 from neumuter_cli.config import TOLERANCE  # noqa: E402
 from neumuter_cli.models import load_model  # noqa: E402
 from neumuter_cli.records import read_records  # noqa: E402
