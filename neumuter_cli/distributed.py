@@ -280,14 +280,12 @@ def report_failure(message: str, exit_code: int) -> str:
 def finish() -> None:
     """The last check-in of a split command: raises :class:`PeerFailed` if another process
     failed after the last collective; then the process group is closed."""
-    global _enabled
     if not _enabled:
         return
     try:
         _before_collective()
     finally:
-        _enabled = False
-    close()
+        close()
 
 
 def close() -> None:
