@@ -197,11 +197,7 @@ def localize(
     started = time.perf_counter()
     original = original_distribution(model, [batch.neighbours for batch in batches], config.kl_top_k)
 
-    log_alpha = [torch.full((layer.neurons,), initial_log_alpha(), device=device, requires_grad=True)
-                 for layer in layers]
-    if config.optimizer not in OPTIMIZERS:
-        raise NeumuterError(f"unknown optimizer {config.optimizer!r} (choose {', '.join(OPTIMIZERS)})")
-    optimiser = (SharedAdam if config.optimizer == "shared-adam" else torch.optim.Adam)(log_alpha, lr=config.lr)
+    log_alpha, optimiser = _gates_and_optimiser(layers, config, device)
     current: list[torch.Tensor] = [torch.ones(layer.neurons) for layer in layers]
     trainable = None if changes is None else [changes[layer.index].changed.to(device) for layer in layers]
     hooks = gated(layers, lambda i: current[i]) if changes is None else \
@@ -267,6 +263,15 @@ def _forget_batches(model, tokenizer, records: Sequence[dict], config: LocalizeC
                  f"{world.size - config.batch_size} of them have nothing to do (raise the batch size)")
     return [_batch(order[start:start + config.batch_size], forget_ids, neighbour_ids, targets, pad_id, device)
             for start in range(0, len(order), config.batch_size)]
+
+
+def _gates_and_optimiser(layers: Sequence[FFNLayer], config: LocalizeConfig, device):
+    """One log_alpha per neuron of ``layers``, every gate open, and their optimiser."""
+    log_alpha = [torch.full((layer.neurons,), initial_log_alpha(), device=device, requires_grad=True)
+                 for layer in layers]
+    if config.optimizer not in OPTIMIZERS:
+        raise NeumuterError(f"unknown optimizer {config.optimizer!r} (choose {', '.join(OPTIMIZERS)})")
+    return log_alpha, (SharedAdam if config.optimizer == "shared-adam" else torch.optim.Adam)(log_alpha, lr=config.lr)
 
 
 def _only(trainable: list[torch.Tensor] | None, i: int, gate: torch.Tensor) -> torch.Tensor:
