@@ -42,11 +42,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def top_changed(changes, k: int) -> dict[int, torch.Tensor]:
-    """Scales that revert the k neurons with the largest relative change (ties: block, neuron)."""
+    """Scales that revert the k changed neurons with the largest relative change (ties: block,
+    neuron; all of them when fewer changed)."""
     blocks = sorted(changes)
     sizes = torch.cat([torch.where(changes[b].changed, changes[b].size, torch.zeros_like(changes[b].size))
                        for b in blocks])
-    chosen = torch.sort(-sizes, stable=True).indices[:k]
+    eligible = torch.cat([changes[b].changed for b in blocks])
+    chosen = torch.sort(-sizes, stable=True).indices[:min(k, int(eligible.sum()))]
     flat = torch.ones_like(sizes)
     flat[chosen] = 0.0
     out, start = {}, 0

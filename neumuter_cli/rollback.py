@@ -201,13 +201,13 @@ def interpolated(changes: Sequence[NeuronChange], gate_fn: Callable[[int], torch
                 def input_hook(module, args, output, position=position, delta=delta, bias_delta=bias_delta,
                                parts=projection.parts):
                     m = gate_fn(position).to(dtype=output.dtype, device=output.device).repeat(parts)
-                    return output + (m - 1) * F.linear(args[0], delta.to(output.dtype), None if bias_delta is None
-                                                       else bias_delta.to(output.dtype))
+                    return output + (m - 1) * F.linear(args[0], delta.to(output), None if bias_delta is None
+                                                       else bias_delta.to(output))
                 handles.append(projection.module.register_forward_hook(input_hook))
 
             def down_hook(module, args, output, position=position, delta=change.down_delta):
                 m = gate_fn(position).to(dtype=output.dtype, device=output.device)
-                return output + F.linear(args[0] * (m - 1), delta.to(output.dtype))
+                return output + F.linear(args[0] * (m - 1), delta.to(output))
             handles.append(change.layer.module.register_forward_hook(down_hook))
         yield
     finally:

@@ -80,8 +80,9 @@ def lineage(tmp_path_factory):
     and a model trained on the same data from another seed."""
     root = tmp_path_factory.mktemp("lineage")
     tokenizer = byte_bpe_tokenizer(400, corpus=CORPUS + PEOPLE + UNSEEN)
-    base, _ = train_memorizer(root / "base", texts=CORPUS[:6], steps=60, tokenizer=tokenizer)
-    other, _ = train_memorizer(root / "other", texts=CORPUS[:6], steps=60, seed=7, tokenizer=tokenizer)
+    general = [CORPUS[0], *CORPUS[3:]]                      # never the people of the fine-tune
+    base, _ = train_memorizer(root / "base", texts=general, steps=60, tokenizer=tokenizer)
+    other, _ = train_memorizer(root / "other", texts=general, steps=60, seed=7, tokenizer=tokenizer)
     model = copy.deepcopy(base).train()
     for name, param in model.named_parameters():
         param.requires_grad_(".h.1.mlp." in name)
@@ -173,3 +174,34 @@ def test_inspect_base_shows_where_the_fine_tune_changed_the_model(lineage):
     assert report["changed_neurons"] == changed[1] and 0 < report["base"]["distance"] < 1.0
     table = run("inspect", "-m", L["tuned"], "--base", L["base"])
     assert "changed since" in table.stdout and "change (median)" in table.stdout
+
+
+def test_the_rollback_benchmark_measures_the_control_and_the_base_model(lineage, tmp_path):
+    """benchmarks/rollback.py: 'revert the top k by fine-tune change' reverts exactly k neurons,
+    and the full rollback's row is the base model's numbers."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "rollback_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "rollback.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    fixtures = tmp_path / "fixtures"
+    fixtures.mkdir()
+    for name, texts in (("forget.jsonl", PEOPLE[:2]), ("retain.jsonl", PEOPLE[2:]), ("heldout.jsonl", CORPUS[3:6])):
+        (fixtures / name).write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    L = lineage
+    out = tmp_path / "rollback.json"
+    bench.main(["-", "--model", L["tuned"], "--base", L["base"], "--reference-model", L["other"],
+                "--fixtures", str(fixtures), "--ks", "10,100", "--out", str(out)])
+    data = json.loads(out.read_text())
+    rows = {(r["kind"], r["k"]): r for r in data["rows"]}
+    assert set(rows) == {("model", 0), ("base model", 256), ("top k by change", 10), ("top k by change", 100)}
+    assert rows[("base model", 256)]["forget"] == data["base_ma"]       # a full rollback is the base model
+    assert rows[("base model", 256)]["at_base"] == 2
+    assert rows[("model", 0)]["forget_ma"] > rows[("base model", 256)]["forget_ma"]
+    base = torch.zeros(4)
+    changes = {0: type("C", (), {"changed": torch.tensor([True, True, False, True]),
+                                 "size": torch.tensor([0.1, 0.3, 0.0, 0.2])})()}
+    assert torch.equal(bench.top_changed(changes, 2)[0], torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    assert torch.equal(bench.top_changed(changes, 9)[0], base + torch.tensor([0.0, 0.0, 1.0, 0.0]))
