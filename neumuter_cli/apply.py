@@ -12,7 +12,7 @@ import torch
 from . import NeumuterError, __version__
 from .artifacts import SCALES_KIND, check_kind, check_output_dir, previous_records, read_artifact, save_checkpoint
 from .config import LoadOptions
-from .errors import FingerprintMismatch, SettingsMessage
+from .errors import ConflictingSettings, FingerprintMismatch, SettingsMessage
 from .models import FFNLayer, describe, find_ffn_layers, fold_scales
 
 
@@ -63,10 +63,48 @@ def apply_scales(model, layers: Sequence[FFNLayer], scales_by_block: dict[int, t
     return {layer.index: int((scale != 1.0).sum()) for layer, scale in zip(chosen, scales)}
 
 
+def check_mode(meta: dict, with_base: bool, name: str = "scales") -> dict | None:
+    """Refuse a scales file made in the other mode: rolling back toward a base model (its
+    metadata names the base) when no base is given, or scaling when one is. Returns the base's
+    record from the metadata."""
+    made_toward = meta.get("base")
+    if made_toward is not None and not (isinstance(made_toward, dict) and isinstance(made_toward.get("fingerprint"),
+                                                                                     str)):
+        raise NeumuterError(f"{name}: its \"base\" metadata is not a base model's record")
+    if made_toward is not None and not with_base:
+        raise ConflictingSettings("{name} rolls neurons back toward the base model {made_for!s}: give it as {base}",
+                              name=name, made_for=made_toward.get("model", "?"))
+    if made_toward is None and with_base:
+        raise ConflictingSettings("{name} scales neurons (it was made without {base}): apply it without {base}, or "
+                              "localize and select again with {base}", name=name)
+    return made_toward
+
+
+def check_base(meta: dict, base, name: str = "scales", base_name: str | None = None) -> dict | None:
+    """Refuse a scales file made in the other mode (:func:`check_mode`), or toward another base
+    model than the loaded ``base`` (None: no base given). Returns the base's record."""
+    from .rollback import base_record
+
+    made_toward = check_mode(meta, base is not None, name)
+    if base is None:
+        return None
+    given = base_record(base, base_name or "BASE")
+    if made_toward.get("fingerprint") != given["fingerprint"]:
+        raise FingerprintMismatch(
+            made_toward.get("fingerprint") if isinstance(made_toward.get("fingerprint"), str) else None,
+            given["fingerprint"],
+            "{name} rolls back toward the base model {made_for_model!s} (fingerprint {made_for}), but {base} "
+            "{given_model} has fingerprint {given}: apply with the base model given to localize",
+            name=name, made_for_model=made_toward.get("model", "?"), made_for=made_toward.get("fingerprint"),
+            given_model=given["model"], given=given["fingerprint"])
+    return given
+
+
 def apply_scales_file(model, tokenizer, tensors: dict[str, torch.Tensor], meta: dict, out_dir: str,
                       scales_sha256: str | None = None, force: bool = False, name: str = "scales",
-                      allow_any_scale: bool = False, protected: Sequence[str | None] = ()) -> dict:
-    """The stage: check the scales against ``model``, fold them, save the checkpoint.
+                      allow_any_scale: bool = False, protected: Sequence[str | None] = (), base=None) -> dict:
+    """The stage: check the scales against ``model``, fold them (with ``base``, a loaded base
+    model: move each neuron to W_base + m · (W − W_base)), save the checkpoint.
     Returns the record written to ``neumuter.json``."""
     from .select import scales_by_block
 
@@ -76,9 +114,13 @@ def apply_scales_file(model, tokenizer, tensors: dict[str, torch.Tensor], meta: 
     source = check_fingerprint(meta, model, layers, name)
     if meta.get("neurons") != source["neurons"]:
         raise NeumuterError(f"{name}: neuron counts {meta.get('neurons')} do not match the model's {source['neurons']}")
+    base_info = check_base(meta, base, name, getattr(base, "neumuter_source", None))
     protected = (*protected, str(source["model"]))
     check_output_dir(out_dir, force, protected)   # before the fold: nothing changes when the output is refused
-    scaled = apply_scales(model, layers, scales, allow_any_scale)
+    if base is None:
+        scaled = apply_scales(model, layers, scales, allow_any_scale)
+    else:
+        scaled = _roll_back(model, base, layers, scales)
     record = {
         "tool_version": __version__,
         "source_model": source["model"],
@@ -92,6 +134,8 @@ def apply_scales_file(model, tokenizer, tensors: dict[str, torch.Tensor], meta: 
         "epsilon": meta.get("epsilon"),
         "neurons_scaled": sum(scaled.values()),
         "neurons_scaled_per_layer": {str(b): n for b, n in scaled.items()},
+        "mode": "scale" if base is None else "rollback",
+        "base": base_info,
         "modules": {str(b): source["modules"][b] for b in scaled},
         "total_neurons": sum(source["neurons"]),
         "forget_sha256": meta.get("forget_sha256"),
@@ -99,6 +143,20 @@ def apply_scales_file(model, tokenizer, tensors: dict[str, torch.Tensor], meta: 
     }
     save_checkpoint(model, tokenizer, out_dir, record, force, protected)
     return record
+
+
+def _roll_back(model, base, layers: Sequence[FFNLayer], scales: dict[int, torch.Tensor]) -> dict[int, int]:
+    """Check ``base`` is the model's ancestor and every scale is in [0, 1] (an interpolation
+    between the two models), then fold."""
+    from .rollback import check_ancestor, fold
+
+    check_ancestor(model, base, str(getattr(model, "neumuter_source", "the model")),
+                   f"base model {getattr(base, 'neumuter_source', '')}".strip())
+    for block, scale in scales.items():
+        if not torch.isfinite(scale).all() or ((scale < 0) | (scale > 1)).any():
+            raise NeumuterError(f"block {block}: a rollback scale outside [0, 1] (W_base + m (W - W_base) "
+                                "interpolates between the two models)")
+    return fold(model, base, scales)
 
 
 def checkpoint_dtype(model: str) -> str | None:
@@ -118,7 +176,8 @@ def checkpoint_dtype(model: str) -> str | None:
 
 
 def run_apply(model: str, scales_path: str, output: str, force: bool = False, allow_any_scale: bool = False,
-              load: LoadOptions | None = None, progress: Callable[[str], None] | None = None) -> dict:
+              load: LoadOptions | None = None, progress: Callable[[str], None] | None = None,
+              base: str | None = None) -> dict:
     """The `apply` stage from paths: check the output folder, read the scales file, load the
     model (with dtype auto, in the dtype its checkpoint is stored in), fold and save. Returns the
     record written to ``neumuter.json``. Scales that do not match a model loaded in another
@@ -126,17 +185,27 @@ def run_apply(model: str, scales_path: str, output: str, force: bool = False, al
     from .models import load_model
 
     load = load or LoadOptions()
-    check_output_dir(output, force, protected=(model, scales_path))
+    check_output_dir(output, force, protected=(model, scales_path, base))
     artifact = read_artifact(scales_path, kind=SCALES_KIND)
     stored = checkpoint_dtype(model)
     as_loaded = replace(load, dtype=stored or "auto") if load.dtype == "auto" else load
     if progress:
         progress(f"loading {model}")
+    check_mode(artifact.metadata, base is not None, artifact.name)    # before any model loads
     lm, tokenizer = load_model(model, **asdict(as_loaded))
+    base_model = None
+    if base is not None:
+        from .models import check_same_tokenizer
+
+        if progress:
+            progress(f"loading {base} (the base model)")
+        base_model, base_tokenizer = load_model(base, **asdict(as_loaded))
+        check_same_tokenizer(tokenizer, base_tokenizer, model, f"base model {base}")
     try:
         return apply_scales_file(lm, tokenizer, artifact.tensors, artifact.metadata, output,
                                  scales_sha256=artifact.sha256, force=force, name=artifact.name,
-                                 allow_any_scale=allow_any_scale, protected=(model, scales_path))
+                                 allow_any_scale=allow_any_scale, protected=(model, scales_path, base),
+                                 base=base_model)
     except FingerprintMismatch as exc:
         asked = load.dtype
         if stored is not None and asked not in ("auto", stored, "float32"):    # float32 holds any half value

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import os
 import signal
@@ -416,21 +417,35 @@ def progress(message: str) -> None:
 
 @cli.command()
 @model_options
+@click.option("--base", default=None, metavar="NAME_OR_PATH",
+              help="The checkpoint the model was fine-tuned from: show, per block, how many FFN neurons the "
+                   "fine-tune changed and by how much (the neurons `localize --base` can roll back).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
+              help="table: for reading; json: one object with every number, for scripts.")
 @quiet_option
-def inspect(model, load):
+def inspect(model, load, base, fmt):
     """Show each decoder block's FFN down-projection and its neuron count.
 
-    Use the block numbers with `localize --layers`.
+    Use the block numbers with `localize --layers`. With --base, also where the fine-tune
+    changed the model: per block, the FFN neurons whose weights (input rows or down-projection
+    column) differ from BASE's, their share, and the size of each neuron's change relative to
+    its weights in BASE (median and largest).
     """
-    from .models import find_ffn_layers
+    from .inspection import inspect_rows, run_inspect
 
-    lm, _ = load_lm(model, load)
-    layers = find_ffn_layers(lm)
-    rows = [[layer.index, layer.path, layer.neurons, layer.orientation] for layer in layers]
-    total = sum(layer.neurons for layer in layers)
-    click.echo(tabulate(rows, headers=["block", "down-projection", "neurons", "weight"]))
-    click.echo(f"\n{len(layers)} blocks, {total} FFN neurons ({lm.config.model_type}, "
-               f"{str(next(lm.parameters()).dtype).replace('torch.', '')})")
+    follow_transformers()
+    report = run_inspect(model, load, base, reporter())
+    if fmt == "json":
+        click.echo(json.dumps(report, indent=2))
+        return
+    rows, headers = inspect_rows(report)
+    click.echo(tabulate(rows, headers=headers))
+    line = f"\n{len(rows)} blocks, {report['total_neurons']} FFN neurons ({report['architecture']}, {report['dtype']})"
+    if base is not None:
+        changed = report["changed_neurons"]
+        line += (f"; {changed} ({100 * changed / report['total_neurons']:.1f} %) changed since {base} "
+                 f"(weights {report['base']['distance']:.3f} apart)")
+    click.echo(line)
 
 
 @cli.command("select")
@@ -496,8 +511,12 @@ def select_cmd(mask, output, energy, threshold, top_fraction):
 @click.option("--allow-any-scale", is_flag=True, default=False,
               help="Fold scales outside [0, 1] too (above 1 amplifies a neuron, below 0 flips it); "
                    "without it such a scales file is refused (select writes gate values in [0, 1]).")
+@click.option("--base", default=None, metavar="NAME_OR_PATH",
+              help="The base model the scales were made with (`localize --base`): each selected neuron becomes "
+                   "W_base + m (W - W_base), exactly (m = 0: BASE's weights bit for bit). Required for such "
+                   "scales, refused for the others.")
 @quiet_option
-def apply_cmd(scales, model, load, output, force, allow_any_scale):
+def apply_cmd(scales, model, load, output, force, allow_any_scale, base):
     """Fold a scales file into the model and save an ordinary checkpoint.
 
     Each selected neuron's scale multiplies its column of the FFN down-projection (a row for
@@ -516,11 +535,12 @@ def apply_cmd(scales, model, load, output, force, allow_any_scale):
     from .apply import run_apply
 
     follow_transformers()
-    record = run_apply(model, scales, output, force, allow_any_scale, load, reporter())
+    record = run_apply(model, scales, output, force, allow_any_scale, load, reporter(), base=base)
+    verb = "scaled" if base is None else "rolled back"
     rows = [[b, record["modules"][b], n] for b, n in record["neurons_scaled_per_layer"].items()]
-    progress(tabulate(rows, headers=["block", "down-projection", "neurons scaled"]))
-    progress(f"{record['neurons_scaled']} of {record['total_neurons']} FFN neurons scaled; "
-             f"checkpoint written to {output}")
+    progress(tabulate(rows, headers=["block", "down-projection", f"neurons {verb}"]))
+    progress(f"{record['neurons_scaled']} of {record['total_neurons']} FFN neurons {verb}"
+             f"{'' if base is None else ' toward ' + base}; checkpoint written to {output}")
 
 
 def _el_sizes(ctx, param, values):
@@ -862,8 +882,9 @@ def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, b
 
 #: `localize --help` in sections (NeumuterCommand.option_sections)
 LOCALIZE_SECTIONS = (
-    ("Input, output and the model", ("output", "model", "device", "dtype", "device_map", "max_memory", "trust_remote_code", "layers", "max_length")),
-    ("When to stop (recommended: --reference-model)",
+    ("Input, output and the model", ("output", "model", "base", "device", "dtype", "device_map", "max_memory",
+                                     "trust_remote_code", "layers", "max_length")),
+    ("When to stop (recommended: --base or --reference-model)",
      ("reference_model", "tolerance", "reference_path", "reference_limit", "stop_ma", "stop_el", "check_every",
       "epochs", "prune")),
     ("Method", ("method",)),
@@ -901,10 +922,18 @@ LOCALIZE_SECTIONS = (
 @click.option("--target-ma", type=FiniteFloat(0, 1), default=None,
               help="With --forget-term hinge, a forget text whose MA (under the training gates) is at "
                    "or below this stops pulling, so no more is broken than needed [default: each text's "
-                   "reference MA with --reference-model, half the MA threshold with --reference/--stop-ma, "
+                   "reference MA with --reference-model or --base, half the MA threshold with --reference/--stop-ma, "
                    "else 0].")
+@click.option("--base", default=None, metavar="NAME_OR_PATH",
+              help="The checkpoint the model was fine-tuned from (same architecture and tokenizer). Each gate "
+                   "then moves its neuron between BASE's weights and the model's, W(m) = W_base + m (W - W_base) "
+                   "(m = 0 reverts it), instead of scaling it: only what the fine-tune added is removed. Only the "
+                   "neurons the fine-tune changed get gates, in the blocks it changed unless --layers says; "
+                   "BASE is also the reference model unless --reference-model, --reference or --stop-ma is given. "
+                   "Apply the result with `apply --base BASE`.")
 @click.option("--layers", default=None, metavar="SPEC",
-              help="Blocks to gate, e.g. 10-16,21 (default: all; see `neumuter inspect`).")
+              help="Blocks to gate, e.g. 10-16,21 (default: all; with --base, those the fine-tune changed; see "
+                   "`neumuter inspect`).")
 @click.option("--max-length", type=click.IntRange(2), default=DEFAULTS.max_length, show_default=True,
               help="Tokens of each text (and neighbour) used.")
 @click.option("--batch-size", type=click.IntRange(1), default=DEFAULTS.batch_size, show_default=True,
@@ -962,8 +991,8 @@ LOCALIZE_SECTIONS = (
               help="When the early stop fires, keep only the smallest set of most-closed gates that still "
                    "passes the check (bisection, a pass over the forget texts per probe) and reopen the rest.")
 @quiet_option
-def localize_cmd(input_path, output, layers, reference_path, reference_limit, reference_model, tolerance, stop_ma,
-                 stop_el, target_ma, model, load, **training):
+def localize_cmd(input_path, output, base, layers, reference_path, reference_limit, reference_model, tolerance,
+                 stop_ma, stop_el, target_ma, model, load, **training):
     """Train one gate per FFN neuron so that the forget texts become unlikely.
 
     INPUT holds records with "text" and "neighbors" (from `neumuter neighbors`). Every model
@@ -990,7 +1019,7 @@ def localize_cmd(input_path, output, layers, reference_path, reference_limit, re
                        if reference_path is not None and stop_ma is None else None)
     stop = StopRule(reference_model, tolerance, reference_texts, reference_limit, stop_ma, stop_el, target_ma, load)
     lm, tokenizer = load_lm(model, load)
-    run = run_localize(lm, tokenizer, records, LocalizeConfig(**training), layers, stop, reporter())
+    run = run_localize(lm, tokenizer, records, LocalizeConfig(**training), layers, stop, reporter(), base=base)
     if distributed.is_main():
         save_artifact(run.tensors, run.metadata, output)
     report_localized(run)

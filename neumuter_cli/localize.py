@@ -20,9 +20,10 @@ import torch.nn.functional as F
 
 from . import NeumuterError, distributed
 from .config import FORGET_TERMS, LOCALIZE_METHODS, OPTIMIZERS, TOLERANCE, LocalizeConfig, StopRule
-from .errors import NonFiniteLoss, NonFiniteOutput
+from .errors import ConflictingSettings, NonFiniteLoss, NonFiniteOutput
 from .gates import GAMMA, ZETA, deterministic_gate, initial_log_alpha, l0_term, training_gate
 from .models import FFNLayer, gated, input_device, scaled
+from .rollback import interpolated, rolled_back
 from .progress import steps
 from .records import finite_number
 from .select import DEFAULT_RULE, select_neurons
@@ -173,13 +174,18 @@ def localize(
     check: Callable[[dict[int, torch.Tensor]], bool] | None = None,
     progress: Callable[[str], None] | None = None,
     targets: Sequence[float] | None = None,
+    changes: dict | None = None,
 ) -> LocalizeResult:
     """Train gates on ``layers`` so that the records' ``text`` becomes unlikely while the
     model's output on their ``neighbors`` stays the same.
 
     ``check(gates_by_block)`` (deterministic gate values) is called every
     ``config.check_every`` epochs; training stops when it returns True. ``targets`` (one MA per
-    record) are the hinge's per-text stopping points in place of ``config.target_ma``."""
+    record) are the hinge's per-text stopping points in place of ``config.target_ma``.
+
+    ``changes`` (``rollback.neuron_changes`` of every block in ``layers``): each gate moves its
+    neuron between the base model's weights (0) and the model's (1) instead of scaling it;
+    neurons the fine-tune left alone have no gate (theirs stays at 1 and outside the L0 term)."""
     check_config(config)
     if not records:
         raise NeumuterError("no forget records")
@@ -191,24 +197,24 @@ def localize(
     started = time.perf_counter()
     original = original_distribution(model, [batch.neighbours for batch in batches], config.kl_top_k)
 
-    log_alpha = [torch.full((layer.neurons,), initial_log_alpha(), device=device, requires_grad=True)
-                 for layer in layers]
-    if config.optimizer not in OPTIMIZERS:
-        raise NeumuterError(f"unknown optimizer {config.optimizer!r} (choose {', '.join(OPTIMIZERS)})")
-    optimiser = (SharedAdam if config.optimizer == "shared-adam" else torch.optim.Adam)(log_alpha, lr=config.lr)
+    log_alpha, optimiser = _gates_and_optimiser(layers, config, device)
     current: list[torch.Tensor] = [torch.ones(layer.neurons) for layer in layers]
+    trainable = None if changes is None else [changes[layer.index].changed.to(device) for layer in layers]
+    hooks = gated(layers, lambda i: current[i]) if changes is None else \
+        interpolated([changes[layer.index] for layer in layers], lambda i: current[i])
     stopped = done = False
     epoch = 0
     last = {}
-    with gated(layers, lambda i: current[i]), \
+    with hooks, \
             steps(progress, config.epochs * len(batches), "localize", "step") as tracker:
         for epoch in range(1, config.epochs + 1):
             totals = {"forget_ce": 0.0, "forget_term": 0.0, "kl": 0.0, "l0": 0.0}
             for b, batch in enumerate(batches):
                 # every process draws the noise of every gate from the same generator: the same gates
                 for i, la in enumerate(log_alpha):
-                    current[i] = training_gate(la, config.beta, generator, config.straight_through)
-                sums, reg = _gate_step(model, batch, original[b], log_alpha, optimiser, config, pad_id, epoch)
+                    current[i] = _only(trainable, i, training_gate(la, config.beta, generator, config.straight_through))
+                sums, reg = _gate_step(model, batch, original[b], log_alpha, optimiser, config, pad_id, epoch,
+                                       trainable)
                 tracker.advance()
                 share = batch.rows / len(records)
                 totals["forget_ce"] += sums[3].item() * share
@@ -220,12 +226,16 @@ def localize(
                 for i in range(len(current)):
                     current[i] = torch.ones(layers[i].neurons)
                 with torch.no_grad():
-                    done = check({layer.index: deterministic_gate(la.detach()) for layer, la in zip(layers, log_alpha)})
+                    done = check({layer.index: _only(trainable, i, deterministic_gate(la.detach()))
+                                  for i, (layer, la) in enumerate(zip(layers, log_alpha))})
                 if done:
                     stopped = epoch < config.epochs
                     tracker.done(epoch * len(batches))
                     break
     final = {layer.index: la.detach().to("cpu", torch.float32) for layer, la in zip(layers, log_alpha)}
+    if trainable is not None:       # a neuron without a gate is written as an open one
+        final = {b: torch.where(trainable[i].cpu(), la, torch.full_like(la, initial_log_alpha()))
+                 for i, (b, la) in enumerate(final.items())}
     pruned = None
     if check is not None and done and config.prune:
         final, pruned = smallest_passing_set(final, check, progress)
@@ -255,12 +265,28 @@ def _forget_batches(model, tokenizer, records: Sequence[dict], config: LocalizeC
             for start in range(0, len(order), config.batch_size)]
 
 
+def _gates_and_optimiser(layers: Sequence[FFNLayer], config: LocalizeConfig, device):
+    """One log_alpha per neuron of ``layers``, every gate open, and their optimiser."""
+    log_alpha = [torch.full((layer.neurons,), initial_log_alpha(), device=device, requires_grad=True)
+                 for layer in layers]
+    if config.optimizer not in OPTIMIZERS:
+        raise NeumuterError(f"unknown optimizer {config.optimizer!r} (choose {', '.join(OPTIMIZERS)})")
+    return log_alpha, (SharedAdam if config.optimizer == "shared-adam" else torch.optim.Adam)(log_alpha, lr=config.lr)
+
+
+def _only(trainable: list[torch.Tensor] | None, i: int, gate: torch.Tensor) -> torch.Tensor:
+    """The gate values of the ``i``-th layer, 1 for its neurons without a gate."""
+    return gate if trainable is None else torch.where(trainable[i], gate, torch.ones_like(gate))
+
+
 def _gate_step(model, batch: _Batch, original, log_alpha: list[torch.Tensor], optimiser, config: LocalizeConfig,
-               pad_id: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+               pad_id: int, epoch: int, trainable: list[torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimiser step of the gates on one batch (the gate values already drawn); returns the
-    batch's (loss, forget term, KL, CE) summed over the processes, and the L0 term."""
+    batch's (loss, forget term, KL, CE) summed over the processes, and the L0 term (over the
+    ``trainable`` neurons alone, when given)."""
     world = distributed.world()
-    reg = l0_term(log_alpha, config.beta)
+    reg = l0_term(log_alpha if trainable is None else [la[t] for la, t in zip(log_alpha, trainable)], config.beta)
     term = kl = ce = reg.new_zeros(())
     if batch.forget is not None:
         (f_ids, f_mask), (n_ids, n_mask) = batch.forget, batch.neighbours
@@ -420,9 +446,9 @@ def mask_artifact(model, layers_all: Sequence[FFNLayer], result: LocalizeResult,
 
 def forgetting_check(model, tokenizer, records: Sequence[dict], layers_all: Sequence[FFNLayer],
                      limits: dict, max_length: int, el_n: int = 10, rule: tuple[str, float] = DEFAULT_RULE,
-                     progress: Callable[[str], None] | None = None):
+                     progress: Callable[[str], None] | None = None, changes: dict | None = None):
     """A ``check`` for :func:`localize`: select neurons with ``rule`` (as `select` will), scale
-    them, and say whether every forget text is at or below the thresholds ``limits``
+    them (with ``changes``: move them toward the base model), and say whether every forget text is at or below the thresholds ``limits``
     (``{"ma": ..., "el_10": ...}``; eq. 17). ``limits["ma"]`` may also be a list with one limit
     per record (the reference model's MA on that text + a tolerance). MA is checked first;
     EL_n only once MA passes.
@@ -437,7 +463,8 @@ def forgetting_check(model, tokenizer, records: Sequence[dict], layers_all: Sequ
 
     def check(gates_by_block: dict[int, torch.Tensor]) -> bool:
         scales = select_neurons({b: g.cpu() for b, g in gates_by_block.items()}, *rule)
-        with scaled(model, scales, layers_all), _naming(records, "forget text", "the gated model"):
+        muted = scaled(model, scales, layers_all) if changes is None else rolled_back(model, changes, scales)
+        with muted, _naming(records, "forget text", "the gated model"):
             ma = memorization_accuracy(model, ids)
             above = sum(value > limit for value, limit in zip(ma, ma_limits))
             el_above = None
@@ -481,20 +508,34 @@ class LocalizeRun:
 
 
 def run_localize(model, tokenizer, records: Sequence[dict], config: LocalizeConfig, layers: str | None = None,
-                 stop: StopRule | None = None, progress: Callable[[str], None] | None = None) -> LocalizeRun:
+                 stop: StopRule | None = None, progress: Callable[[str], None] | None = None,
+                 base: str | None = None) -> LocalizeRun:
     """The `localize` stage: gates on the blocks ``layers`` (SPEC like "10-16,21"; None: all),
     stopped by ``stop`` (its reference model, if any, is loaded here, used and freed before
-    training); returns the mask file's content."""
+    training); returns the mask file's content.
+
+    ``base`` (a checkpoint the model was fine-tuned from, loaded as ``stop.load`` says): each
+    gate rolls its neuron back toward it instead of scaling it (rollback.py). Only the neurons
+    the fine-tune changed are gated (of ``layers``, default: the blocks it changed), and the
+    base model is the reference model unless ``stop`` names another or a threshold."""
     from .models import find_ffn_layers, parse_layers
 
     stop = stop or StopRule()
     say = progress or (lambda message: None)
     torch.manual_seed(config.seed)
     layers_all = find_ffn_layers(model)
-    chosen = [layers_all[i] for i in parse_layers(layers, len(layers_all))]
+    changes, base_info, limits = None, None, None
+    if base is not None:
+        if config.method != "gates":
+            raise ConflictingSettings("{base} rolls back with trained gates: use {method} gates")
+        changes, base_info, limits = _load_base(model, tokenizer, records, base, layers, layers_all, stop,
+                                                config.max_length, say)
+        chosen = [layers_all[b] for b in sorted(changes)]
+    else:
+        chosen = [layers_all[i] for i in parse_layers(layers, len(layers_all))]
     targets = None
-    if stop.reference_model is not None:
-        limits = _reference_model_limits(model, tokenizer, records, stop, config.max_length, say)
+    if limits is not None or stop.reference_model is not None:
+        limits = limits or _reference_model_limits(model, tokenizer, records, stop, config.max_length, say)
         targets = limits["reference_ma"] if stop.target_ma is None else None
     else:
         limits = _generic_limits(model, tokenizer, stop, config.max_length, say)
@@ -504,16 +545,23 @@ def run_localize(model, tokenizer, records: Sequence[dict], config: LocalizeConf
         config.target_ma = limits["ma"] / 2
     check = None
     if limits is not None:
-        check = forgetting_check(model, tokenizer, records, layers_all, limits, config.max_length, progress=progress)
+        check = forgetting_check(model, tokenizer, records, layers_all, limits, config.max_length, progress=progress,
+                                 changes=changes)
+    gates = sum(layer.neurons for layer in chosen) if changes is None else \
+        sum(int(change.changed.sum()) for change in changes.values())
+    mode = "scaling neurons (the paper)" if changes is None else f"rolling neurons back toward {base}"
     say(f"localize: {len(records)} forget texts, {sum(len(r['neighbors']) for r in records)} neighbours, "
-        f"{sum(layer.neurons for layer in chosen)} gates in {len(chosen)} blocks")
+        f"{gates} gates in {len(chosen)} blocks, {mode}")
     if config.method == "attribution":
         result = _by_attribution(model, tokenizer, records, chosen, config, limits, check, progress)
     elif config.method == "gates":
-        result = localize(model, tokenizer, records, chosen, config, check=check, progress=progress, targets=targets)
+        result = localize(model, tokenizer, records, chosen, config, check=check, progress=progress, targets=targets,
+                          changes=changes)
     else:
         raise NeumuterError(f"unknown method {config.method!r} (choose {', '.join(LOCALIZE_METHODS)})")
     tensors, metadata = mask_artifact(model, layers_all, result, config, records, stop=limits)
+    if base_info is not None:
+        metadata["base"] = base_info
     return LocalizeRun(tensors, metadata, result, check.last if check is not None else None)
 
 
@@ -555,27 +603,87 @@ def _naming(records: Sequence[dict], what: str, model: str):
     return naming()
 
 
+def _load_base(model, tokenizer, records, base: str, layers: str | None, layers_all, stop: StopRule,
+               max_length: int, say) -> tuple[dict, dict, dict | None]:
+    """Load the base model once: check it is the model's ancestor, keep what the fine-tune
+    changed in the blocks ``layers`` (None: every block it changed), and, when ``stop`` names
+    no other yardstick, take the base model's MA on each forget text as the stopping points.
+    Returns (changes by block, the base's record for the mask, limits or None)."""
+    from .models import check_same_tokenizer, load_model, parse_layers
+    from .reference import same_checkpoint
+    from .rollback import base_record, check_ancestor, neuron_changes
+
+    name = getattr(model, "neumuter_source", "the model")
+    if isinstance(name, str) and same_checkpoint(name, base):
+        raise NeumuterError(f"--base {base} is the model itself: there is nothing to roll back")
+    say(f"loading {base} (the base model)")
+    base_model, base_tokenizer = load_model(base, **asdict(stop.load))
+    check_same_tokenizer(tokenizer, base_tokenizer, name, f"base model {base}", [r["text"] for r in records])
+    distance = check_ancestor(model, base_model, name, f"base model {base}")
+    picked = [layers_all[i] for i in parse_layers(layers, len(layers_all))]
+    changes = {b: c for b, c in neuron_changes(model, base_model, picked).items() if bool(c.changed.any())}
+    if not changes:
+        raise NeumuterError(f"the FFN neurons of {'every block' if layers is None else 'blocks ' + layers} equal "
+                            f"those of {base}: there is nothing to roll back")
+    changed = sum(int(c.changed.sum()) for c in changes.values())
+    say(f"base model {base}: {changed} of {sum(layer.neurons for layer in picked)} FFN neurons changed by the "
+        f"fine-tune, in blocks {_spans(sorted(changes))} (weights {distance:.3f} apart)")
+    info = base_record(base_model, base)
+    limits = None
+    if stop.reference_model is None and stop.reference_texts is None and stop.stop_ma is None:
+        limits = _reference_limits_from(model, tokenizer, records, base_model, base_tokenizer,
+                                        f"base model {base}", stop, max_length, say)
+    elif stop.reference_model is not None and same_checkpoint(stop.reference_model, base):
+        limits = _reference_limits_from(model, tokenizer, records, base_model, base_tokenizer,
+                                        f"reference model {base}", stop, max_length, say)
+    del base_model
+    return changes, info, limits
+
+
+def _spans(blocks: list[int]) -> str:
+    """[20, 21, 22, 25] → "20-22,25"."""
+    spans, start = [], None
+    for i, block in enumerate(blocks):
+        if start is None:
+            start = block
+        if i + 1 == len(blocks) or blocks[i + 1] != block + 1:
+            spans.append(str(start) if start == block else f"{start}-{block}")
+            start = None
+    return ",".join(spans)
+
+
 def _reference_model_limits(model, tokenizer, records, stop: StopRule, max_length: int, say) -> dict:
-    from .reference import (check_not_edited_from, check_not_itself, check_not_made_from, refuse_self_reference,
-                            same_checkpoint)
-    from .models import check_same_tokenizer, fingerprints, load_model
+    from .reference import check_not_made_from, refuse_self_reference, same_checkpoint
+    from .models import fingerprints, load_model
 
     name = getattr(model, "neumuter_source", "the model")
     what = f"reference model {stop.reference_model}"
     if isinstance(name, str) and same_checkpoint(name, stop.reference_model):
         refuse_self_reference(f"{what} is the checkpoint {name}")
-    own = fingerprints(model, rounded=True)
-    check_not_made_from(name, own["exact"], what, stop.reference_model)
+    check_not_made_from(name, fingerprints(model)["exact"], what, stop.reference_model)
     say(f"loading {stop.reference_model}")
     reference, reference_tokenizer = load_model(stop.reference_model, **asdict(stop.load))
+    limits = _reference_limits_from(model, tokenizer, records, reference, reference_tokenizer, what, stop,
+                                    max_length, say)
+    del reference
+    return limits
+
+
+def _reference_limits_from(model, tokenizer, records, reference, reference_tokenizer, what: str, stop: StopRule,
+                           max_length: int, say) -> dict:
+    """Each forget text's MA under the loaded ``reference`` + the tolerance, after the checks that
+    it is not the model under another name and tokenizes as the model does."""
+    from .reference import check_not_edited_from, check_not_itself
+    from .models import check_same_tokenizer, fingerprints
+
+    name = getattr(model, "neumuter_source", "the model")
     check_same_tokenizer(tokenizer, reference_tokenizer, name, what, [r["text"] for r in records])
-    theirs = fingerprints(reference, rounded=True)
+    own, theirs = fingerprints(model, rounded=True), fingerprints(reference, rounded=True)
     check_not_itself(name, own, what, theirs)
     if isinstance(name, str):
         check_not_edited_from(name, name, what, theirs["exact"])
     with _naming(records, "forget text", what):
         limits = reference_model_limits(reference, tokenizer, records, max_length, stop.tolerance)
-    del reference
     ref = limits["reference_ma"]
     say(f"reference model: forget MA {sum(ref) / len(ref):.4f} (min {min(ref):.4f}, max {max(ref):.4f}); "
         f"early stop when every forget text is at or below its reference MA + {stop.tolerance:g}")

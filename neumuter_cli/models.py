@@ -289,7 +289,7 @@ def _check_loaded_whole(model: str, lm: nn.Module, info: dict, stored: dict[str,
                             "describe these weights")
     if unexpected:
         raise NeumuterError(f"cannot load {model}: the checkpoint holds {listed(unexpected)}, which this model "
-                            f"({_model_type(lm)}) has no place for: the config does not describe these weights")
+                            f"({model_type(lm)}) has no place for: the config does not describe these weights")
     errors = info.get("error_msgs") or ()
     if errors:
         raise NeumuterError(f"cannot load {model}: {first_line(RuntimeError(errors[0]))}")
@@ -380,7 +380,7 @@ def check_causal_lm(model: nn.Module) -> None:
     inputs that differ only in their last 4 tokens must give the same logits on the first 4,
     up to rounding (one forward pass; a causal model gives them bit for bit)."""
     config = getattr(model, "config", None)
-    kind = _model_type(model)
+    kind = model_type(model)
     if getattr(config, "is_encoder_decoder", False):
         raise NeumuterError(f"model type {kind!r} ({type(model).__name__}) is an encoder-decoder model, "
                             "not a causal decoder LM: neumuter needs a decoder-only causal LM")
@@ -452,11 +452,11 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
             if best is None or len(module) > len(best[1]):
                 best = (name, module)
     if best is None:
-        raise NeumuterError(f"cannot find the decoder blocks of model type {_model_type(model)!r}")
+        raise NeumuterError(f"cannot find the decoder blocks of model type {model_type(model)!r}")
     return best
 
 
-def _model_type(model: nn.Module) -> str:
+def model_type(model: nn.Module) -> str:
     config = getattr(model, "config", None)
     return getattr(config, "model_type", type(model).__name__)
 
@@ -499,7 +499,7 @@ def find_ffn_layers(model: nn.Module) -> list[FFNLayer]:
     it alone would leave the routed experts untouched."""
     hidden = model.get_input_embeddings().embedding_dim
     blocks_path, blocks = decoder_blocks(model)
-    kind = _model_type(model)
+    kind = model_type(model)
     experts = _experts_in_config(model)
     if experts:
         raise NeumuterError(f"model type {kind!r} is not supported: its FFNs are mixtures of experts ({experts}); "
@@ -715,7 +715,7 @@ def describe(model: nn.Module, layers: Sequence[FFNLayer]) -> dict:
     """Provenance shared by every artifact: where the model came from and what it is."""
     return {
         "model": getattr(model, "neumuter_source", getattr(getattr(model, "config", None), "_name_or_path", "")),
-        "architecture": _model_type(model),
+        "architecture": model_type(model),
         "fingerprint": fingerprint(model),
         "modules": [layer.path for layer in layers],
         "neurons": [layer.neurons for layer in layers],

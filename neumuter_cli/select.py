@@ -39,7 +39,7 @@ RULES = ("energy", "threshold", "top-fraction")
 DEFAULT_RULE = ("energy", 0.05)
 
 _PROVENANCE = ("model", "architecture", "fingerprint", "modules", "neurons", "layers",
-               "hyperparameters", "forget_sha256", "losses")
+               "hyperparameters", "forget_sha256", "losses", "base")
 
 
 # ---------------------------------------------------------------- the tensors of a mask or scales file

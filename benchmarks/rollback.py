@@ -1,0 +1,206 @@
+"""Rollback on a fine-tuned model: the trade-off curve of a `localize --base` mask beside the
+control with no training ("revert the k neurons the fine-tune changed most"), and the base
+model itself (a full rollback), all measured the same way.
+
+At each k, the k neurons are moved to their base weights (the mask's: its k most-closed gates
+at their gate values, as `localize --prune` keeps them; the control's: the k largest relative
+changes ‖Δw‖ / ‖w_base‖, reverted fully), by hooks (the numbers `apply --base` writes). Each
+row: forget MA, forget texts at the base model's MA + tolerance and at the reference model's,
+KS p of the forget losses against each, retained MA, held-out perplexity.
+
+usage (the SmolLM2 fixture, built by its build.py into mem/, ref/ and base/):
+  python benchmarks/rollback.py MASK --model mem --base base --reference-model ref \\
+      --fixtures FIXTURES --ks 1536,3072,6144,9216 --out docs/figures/rollback.json
+MASK may be - for the control alone. The figure goes beside the JSON (needs matplotlib).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+from scipy.stats import ks_2samp
+from tabulate import tabulate
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from neumuter_cli.artifacts import MASK_KIND, read_artifact  # noqa: E402
+from neumuter_cli.config import TOLERANCE  # noqa: E402
+from neumuter_cli.gates import deterministic_gate  # noqa: E402
+from neumuter_cli.localize import keep_most_closed  # noqa: E402
+from neumuter_cli.measure import memorization_accuracy, perplexity, teacher_forced  # noqa: E402
+from neumuter_cli.models import load_model  # noqa: E402
+from neumuter_cli.records import read_records  # noqa: E402
+from neumuter_cli.rollback import check_ancestor, neuron_changes, rolled_back  # noqa: E402
+from neumuter_cli.select import mask_log_alpha  # noqa: E402
+from neumuter_cli.text import encode  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def top_changed(changes, k: int) -> dict[int, torch.Tensor]:
+    """Scales that revert the k neurons with the largest relative change (ties: block, neuron)."""
+    blocks = sorted(changes)
+    sizes = torch.cat([torch.where(changes[b].changed, changes[b].size, torch.zeros_like(changes[b].size))
+                       for b in blocks])
+    chosen = torch.sort(-sizes, stable=True).indices[:k]
+    flat = torch.ones_like(sizes)
+    flat[chosen] = 0.0
+    out, start = {}, 0
+    for b in blocks:
+        out[b] = flat[start:start + changes[b].size.numel()]
+        start += changes[b].size.numel()
+    return out
+
+
+def mask_top(log_alpha: dict[int, torch.Tensor], k: int) -> dict[int, torch.Tensor]:
+    return {b: deterministic_gate(v) for b, v in keep_most_closed(log_alpha, k).items()}
+
+
+def yardstick(path: str, forget) -> tuple[list[float], list[float]]:
+    model, _ = load_model(path, device="cpu")
+    measured = teacher_forced(model, forget)
+    return [tf.ma(x) for tf, x in zip(measured, forget)], [tf.loss for tf in measured]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("mask", help="a `localize --base` mask, or - for the control alone")
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--base", required=True)
+    ap.add_argument("--reference-model", required=True)
+    ap.add_argument("--fixtures", default=os.path.join(HERE, "..", "..", "shared", "fixtures"))
+    ap.add_argument("--forget", default="forget.jsonl")
+    ap.add_argument("--ks", default="1536,3072,6144,9216")
+    ap.add_argument("--tolerance", type=float, default=TOLERANCE)
+    ap.add_argument("--heldout-limit", type=int, default=None)
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args(argv)
+    say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    texts = lambda name: [r["text"] for r in read_records(os.path.join(a.fixtures, name))]  # noqa: E731
+
+    model, tok = load_model(a.model, device="cpu")
+    forget = encode(tok, texts(a.forget), 200)
+    retain = encode(tok, texts("retain.jsonl"), 200)
+    heldout = texts("heldout.jsonl")[: a.heldout_limit]
+    base_ma, base_loss = yardstick(a.base, forget)
+    ref_ma, ref_loss = yardstick(a.reference_model, forget)
+    base, _ = load_model(a.base, device="cpu")
+    distance = check_ancestor(model, base)
+    changes = {b: c for b, c in neuron_changes(model, base).items() if c.changed.any()}
+    changed = sum(int(c.changed.sum()) for c in changes.values())
+    del base
+    log_alpha = None
+    if a.mask != "-":
+        artifact = read_artifact(a.mask, MASK_KIND)
+        log_alpha = mask_log_alpha(artifact.tensors, artifact.metadata, a.mask)
+
+    def measure(scales: dict[int, torch.Tensor]) -> dict:
+        with rolled_back(model, changes, scales):
+            tfs = teacher_forced(model, forget)
+            ma = [tf.ma(x) for tf, x in zip(tfs, forget)]
+            losses = [tf.loss for tf in tfs]
+            return {
+                "forget_ma": sum(ma) / len(ma), "forget": ma,
+                "at_base": sum(m <= r + a.tolerance for m, r in zip(ma, base_ma)),
+                "over_base": sum(m < r - a.tolerance for m, r in zip(ma, base_ma)),
+                "at_reference": sum(m <= r + a.tolerance for m, r in zip(ma, ref_ma)),
+                "ks_p_base": float(ks_2samp(losses, base_loss).pvalue),
+                "ks_p_reference": float(ks_2samp(losses, ref_loss).pvalue),
+                "retained_ma": sum(memorization_accuracy(model, retain)) / len(retain),
+                "perplexity": perplexity(model, tok, heldout, window=256)["perplexity"],
+            }
+
+    started = time.perf_counter()
+    rows = []
+
+    def row(kind: str, k: int, scales):
+        rows.append({"kind": kind, "k": k, **measure(scales)})
+        r = rows[-1]
+        say(f"{kind} k {k}: forget {r['forget_ma']:.3f} ({r['at_base']}/{len(forget)} at base), retained "
+            f"{r['retained_ma']:.3f}, perplexity {r['perplexity']:.2f} ({time.perf_counter() - started:.0f}s)")
+
+    row("model", 0, {})
+    row("base model", changed, {b: torch.zeros_like(c.size) for b, c in changes.items()})
+    ks = [int(x) for x in a.ks.split(",")]
+    if log_alpha is not None:
+        moved = sum(int((deterministic_gate(v) < 1).sum()) for v in log_alpha.values())
+        for k in sorted({*[k for k in ks if k < moved], moved}):
+            row("--base mask", k, mask_top(log_alpha, k))
+    for k in ks:
+        row("top k by change", k, top_changed(changes, k))
+    n = len(forget)
+    table = [[r["kind"], r["k"], f"{r['forget_ma']:.3f}", f"{r['at_base']}/{n} ({r['over_base']} over)",
+              f"{r['ks_p_base']:.3g}", f"{r['at_reference']}/{n}", f"{r['ks_p_reference']:.3g}",
+              f"{r['retained_ma']:.3f}", f"{r['perplexity']:.2f}"] for r in rows]
+    print(f"base model: forget MA {sum(base_ma) / n:.3f}; reference model: {sum(ref_ma) / n:.3f}; "
+          f"{changed} FFN neurons changed by the fine-tune (weights {distance:.3f} apart)")
+    print(tabulate(table, headers=["rows", "neurons", "forget MA", "at base + tol", "KS p (base)", "at ref + tol",
+                                   "KS p (ref)", "retained MA", "perplexity"]))
+    data = {"mask": a.mask and os.path.basename(a.mask), "changed": changed, "base_ma": base_ma,
+            "reference_ma": ref_ma, "tolerance": a.tolerance, "rows": rows}
+    with open(a.out, "w") as handle:
+        json.dump(data, handle, indent=2)
+    draw(data, os.path.splitext(a.out)[0] + ".png", f"{os.path.basename(os.path.normpath(a.model))}")
+
+
+def draw(data: dict, path: str, model: str) -> None:
+    """Forget and retained MA, and perplexity, by neurons rolled back, for each ranking."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no figure: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+        return
+    rows = data["rows"]
+    first = rows[0]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    total = 46080
+    fig.suptitle(f"Rollback toward the base model on {model} (SmolLM2-135M fine-tuned on 192 benchmark texts): "
+                 f"{len(data['base_ma'])} forget texts", fontsize=10)
+    styles = {"--base mask": ("o-", "tab:green"), "top k by change": ("s--", "tab:gray")}
+    for kind, (marker, color) in styles.items():
+        points = [first] + [r for r in rows if r["kind"] == kind]
+        if len(points) < 2:
+            continue
+        ks = [r["k"] for r in points]
+        left.plot(ks, [r["forget_ma"] for r in points], marker, color=color, label=f"forget MA, {kind}")
+        left.plot(ks, [r["retained_ma"] for r in points], marker, color=color, alpha=0.45,
+                  label=f"retained MA, {kind}")
+        right.plot(ks, [r["perplexity"] for r in points], marker, color=color, label=kind)
+    full = next(r for r in rows if r["kind"] == "base model")
+    left.plot([full["k"]], [full["forget_ma"]], "*", color="tab:blue", markersize=12, label="base model (forget)")
+    left.plot([full["k"]], [full["retained_ma"]], "*", color="tab:blue", alpha=0.45, markersize=12,
+              label="base model (retained)")
+    right.plot([full["k"]], [full["perplexity"]], "*", color="tab:blue", markersize=12, label="base model")
+    base_mean = sum(data["base_ma"]) / len(data["base_ma"])
+    ref_mean = sum(data["reference_ma"]) / len(data["reference_ma"])
+    left.axhline(base_mean + data["tolerance"], color="tab:blue", linestyle=":", linewidth=1,
+                 label="base model's forget MA + 0.05 (target)")
+    left.axhline(ref_mean, color="tab:red", linestyle=":", linewidth=1, label="reference model's forget MA")
+    left.axhline(0.60, color="0.4", linestyle="-.", linewidth=1, label="retained MA target 0.60")
+    right.axhline(full["perplexity"] * 1.05, color="tab:blue", linestyle=":", linewidth=1,
+                  label="base model + 5 % (target)")
+    for ax in (left, right):
+        ax.set_xscale("symlog", linthresh=1000)
+        ticks = sorted({r["k"] for r in rows})
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([f"{k:,}\n{100 * k / total:.1f} %" for k in ticks], fontsize=7)
+        ax.set_xlabel("FFN neurons rolled back (and share of the 46,080)")
+        ax.grid(alpha=0.3)
+    left.set_ylabel("mean MA (share of tokens)")
+    left.set_ylim(0, 1.05)
+    right.set_ylabel("held-out perplexity")
+    left.legend(fontsize=7, loc="lower left")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"figure: {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

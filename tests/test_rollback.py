@@ -1,0 +1,175 @@
+"""Rollback toward a base model (`--base`): the interpolation W(m) = W_base + m (W − W_base) of
+each FFN neuron, its hooks and its fold, the ancestry check, and the commands that use them."""
+import copy
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+
+from helpers import CORPUS, PEOPLE, UNSEEN, byte_bpe_tokenizer, tiny_model, train_memorizer
+from neumuter_cli.cli import cli
+from neumuter_cli.models import find_ffn_layers
+from neumuter_cli.rollback import NotAnAncestor, check_ancestor, fold, input_projections, neuron_changes, rolled_back
+
+
+def fine_tuned(base, blocks=(1,), scale=0.005, seed=1):
+    """A copy of ``base`` whose FFN weights in ``blocks`` moved a little (a fine-tune)."""
+    model = copy.deepcopy(base)
+    generator = torch.Generator().manual_seed(seed)
+    layers = find_ffn_layers(model)
+    with torch.no_grad():
+        for block in blocks:
+            layer = layers[block]
+            for module in [layer.module] + [p.module for p in input_projections(model, layer)]:
+                for name in ("weight", "bias"):
+                    tensor = getattr(module, name, None)
+                    if tensor is not None:
+                        tensor.add_(scale * torch.randn(tensor.shape, generator=generator))
+    return model
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neo", "gpt_neox", "phi3"])
+def test_the_hooks_give_what_the_fold_writes_and_zero_is_the_base_bit_for_bit(arch):
+    base = tiny_model(arch, seed=0)
+    model = fine_tuned(base)
+    changes = neuron_changes(model, base)
+    assert [b for b, c in changes.items() if c.changed.any()] == [1]
+    neurons = find_ffn_layers(model)[1].neurons
+    scales = {1: torch.rand(neurons, generator=torch.Generator().manual_seed(3))}
+    scales[1][:5] = 0.0
+    scales[1][5:10] = 1.0
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(4))
+    with rolled_back(model, {1: changes[1]}, scales):
+        hooked = logits(model, ids)
+    folded = copy.deepcopy(model)
+    assert fold(folded, base, scales) == {1: neurons - 5}
+    torch.testing.assert_close(logits(folded, ids), hooked, rtol=1e-4, atol=1e-5)
+    down, base_down = find_ffn_layers(folded)[1], find_ffn_layers(base)[1]
+    columns = (lambda w: w) if down.conv1d else (lambda w: w.t())
+    assert torch.equal(columns(down.module.weight)[:5], columns(base_down.module.weight)[:5])
+    assert torch.equal(columns(down.module.weight)[5:10], columns(find_ffn_layers(model)[1].module.weight)[5:10])
+    every_zero = copy.deepcopy(model)
+    fold(every_zero, base, {1: torch.zeros(neurons)})
+    down_bias = find_ffn_layers(model)[1].path + ".bias"   # no neuron's: it stays the model's
+    for key, tensor in every_zero.state_dict().items():
+        expected = model if key == down_bias else base
+        assert torch.equal(tensor, expected.state_dict()[key]), key
+
+
+def test_a_model_trained_from_another_initialisation_is_not_an_ancestor():
+    base = tiny_model("llama", seed=0)
+    assert check_ancestor(fine_tuned(base), base) < 0.2      # accepted
+    with pytest.raises(NotAnAncestor, match=r"weights are 1\.4\d apart .* do not correspond"):
+        check_ancestor(tiny_model("llama", seed=1), base)
+    with pytest.raises(NotAnAncestor, match="'gpt2' model and the model a 'llama'"):
+        check_ancestor(tiny_model("llama"), tiny_model("gpt2"))
+
+
+# ---------------------------------------------------------------- the commands on a real fine-tune
+
+@pytest.fixture(scope="module")
+def lineage(tmp_path_factory):
+    """A base model trained on general text, its fine-tune on PEOPLE in the FFN of block 1 only,
+    and a model trained on the same data from another seed."""
+    root = tmp_path_factory.mktemp("lineage")
+    tokenizer = byte_bpe_tokenizer(400, corpus=CORPUS + PEOPLE + UNSEEN)
+    base, _ = train_memorizer(root / "base", texts=CORPUS[:6], steps=60, tokenizer=tokenizer)
+    other, _ = train_memorizer(root / "other", texts=CORPUS[:6], steps=60, seed=7, tokenizer=tokenizer)
+    model = copy.deepcopy(base).train()
+    for name, param in model.named_parameters():
+        param.requires_grad_(".h.1.mlp." in name)
+    ids = [torch.tensor(tokenizer(t).input_ids) for t in PEOPLE]
+    width = max(len(x) for x in ids)
+    input_ids = torch.stack([torch.nn.functional.pad(x, (0, width - len(x)), value=0) for x in ids])
+    mask = torch.stack([torch.nn.functional.pad(torch.ones_like(x), (0, width - len(x))) for x in ids])
+    labels = input_ids.masked_fill(mask == 0, -100)
+    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(150):
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    model.eval()
+    model.save_pretrained(root / "tuned")
+    tokenizer.save_pretrained(root / "tuned")
+    forget = root / "forget.jsonl"
+    forget.write_text("".join(json.dumps({"id": f"p{i}", "text": t, "neighbors": [UNSEEN[i % 2]]}) + "\n"
+                              for i, t in enumerate(PEOPLE[:2])))
+    return {k: str(root / k) for k in ("base", "other", "tuned")} | {"forget": str(forget), "root": root}
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_localize_select_apply_with_base_roll_back_only_the_changed_neurons(lineage, tmp_path):
+    L = lineage
+    mask, scales, out = tmp_path / "mask.safetensors", tmp_path / "scales.safetensors", tmp_path / "muted"
+    result = run("localize", L["forget"], "-m", L["tuned"], "--base", L["base"], "--epochs", 30, "--lr", 0.5,
+                 "-o", mask)
+    assert result.exit_code == 0, result.output
+    assert "rolling neurons back toward" in result.output
+    assert "in blocks 1 (weights" in result.output          # only block 1 changed, so only it is gated
+    with safe_open(str(mask), "pt") as handle:
+        meta = json.loads(handle.metadata()["neumuter"]) if "neumuter" in handle.metadata() else handle.metadata()
+        assert sorted(handle.keys()) == ["log_alpha.1"]
+    assert "base" in json.dumps(meta)
+    assert run("select", mask, "-o", scales, "--top-fraction", 0.5).exit_code == 0
+    result = run("apply", scales, "-m", L["tuned"], "--base", L["base"], "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "rolled back toward" in result.output
+    record = json.loads((out / "neumuter.json").read_text())
+    assert record["mode"] == "rollback" and record["base"]["model"] == L["base"]
+
+
+def test_apply_refuses_the_wrong_mode_and_another_base(lineage, tmp_path):
+    L = lineage
+    mask, scales = tmp_path / "mask.safetensors", tmp_path / "scales.safetensors"
+    assert run("localize", L["forget"], "-m", L["tuned"], "--base", L["base"], "--epochs", 2, "-o", mask).exit_code == 0
+    assert run("select", mask, "-o", scales, "--top-fraction", 0.5).exit_code == 0
+    result = run("apply", scales, "-m", L["tuned"], "-o", tmp_path / "a")
+    assert result.exit_code == 2
+    assert "rolls neurons back toward the base model" in result.output and "--base" in result.output
+    result = run("apply", scales, "-m", L["tuned"], "--base", L["tuned"], "-o", tmp_path / "b")
+    assert result.exit_code == 3
+    assert "rolls back toward the base model" in result.output and "apply with the base model given to localize" \
+        in result.output
+    plain_mask, plain_scales = tmp_path / "plain.safetensors", tmp_path / "plain-scales.safetensors"
+    assert run("localize", L["forget"], "-m", L["tuned"], "--epochs", 2, "-o", plain_mask).exit_code == 0
+    assert run("select", plain_mask, "-o", plain_scales, "--top-fraction", 0.5).exit_code == 0
+    result = run("apply", plain_scales, "-m", L["tuned"], "--base", L["base"], "-o", tmp_path / "c")
+    assert result.exit_code == 2
+    assert "scales neurons (it was made without --base)" in result.output
+    assert not any((tmp_path / d).exists() for d in "abc")
+
+
+def test_localize_refuses_a_base_that_is_not_an_ancestor_or_is_the_model(lineage, tmp_path):
+    L = lineage
+    result = run("localize", L["forget"], "-m", L["tuned"], "--base", L["other"], "-o", tmp_path / "m")
+    assert result.exit_code == 3
+    assert "is not an ancestor of" in result.output and "weights are 1.4" in result.output
+    result = run("localize", L["forget"], "-m", L["tuned"], "--base", L["tuned"], "-o", tmp_path / "m")
+    assert result.exit_code == 3 and "is the model itself" in result.output
+    result = run("localize", L["forget"], "-m", L["tuned"], "--base", L["base"], "--method", "attribution",
+                 "-o", tmp_path / "m")
+    assert result.exit_code == 2 and "--base rolls back with trained gates: use --method gates" in result.output
+    assert not (tmp_path / "m").exists()
+
+
+def test_inspect_base_shows_where_the_fine_tune_changed_the_model(lineage):
+    L = lineage
+    result = run("inspect", "-m", L["tuned"], "--base", L["base"], "--format", "json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    changed = {row["block"]: row["changed"] for row in report["blocks"]}
+    assert changed[0] == 0 and changed[1] == report["blocks"][1]["neurons"]
+    assert report["changed_neurons"] == changed[1] and 0 < report["base"]["distance"] < 1.0
+    table = run("inspect", "-m", L["tuned"], "--base", L["base"])
+    assert "changed since" in table.stdout and "change (median)" in table.stdout
