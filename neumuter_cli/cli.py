@@ -294,26 +294,28 @@ def quiet_option(func):
 @click.version_option(__version__, prog_name="neumuter")
 @quiet_option
 def cli():
-    """Make a causal language model forget specific training texts, and measure it.
+    """Make a fine-tuned causal language model forget specific training texts, and measure it.
 
     localize finds FFN neurons that carry the forget texts (NeuMuter: one trainable
-    Hard-Concrete gate per neuron), and select and apply scale them, folded into the weights:
-    the result is an ordinary checkpoint. On the models measured so far the neurons found
-    also carry texts that were not to be forgotten: measure the cost before you rely on it
-    (docs/results.md). measure, relearn and quantize check any causal LM, whatever removed
-    the memory. The stages read and write plain files and pipe into each other:
+    Hard-Concrete gate per neuron); select and apply then roll them back to the model before
+    your fine-tune (--base) or, with no such model, scale them as the paper does, folded into
+    the weights: the result is an ordinary checkpoint. On the models measured so far the
+    neurons found also carry texts that were not to be forgotten: measure the cost before you
+    rely on it (docs/results.md). measure, relearn and quantize check any causal LM, whatever
+    removed the memory. The stages read and write plain files and pipe into each other:
 
     \b
       neumuter neighbors forget.jsonl --mlm MLM > nb.jsonl
-      neumuter localize nb.jsonl --model LM --reference-model BASE > mask.safetensors
+      neumuter localize nb.jsonl --model LM --base BASE > mask.safetensors
       neumuter select mask.safetensors > scales.safetensors
-      neumuter apply scales.safetensors --model LM -o muted/
+      neumuter apply scales.safetensors --model LM --base BASE -o muted/
       neumuter measure forget.jsonl --model muted/ --reference-model BASE --check
 
-    BASE is a model that never saw the forget texts (the model before your fine-tune):
-    forgotten means "no better remembered than by BASE". Without one, --reference
-    unseen.jsonl uses the paper's generic threshold (eq. 17). MA, EL_n, forgotten,
-    over-forgotten, forget quality, MIA AUC and PrivLeak: docs/glossary.md.
+    BASE is the model LM was fine-tuned from: it never saw the forget texts, and forgotten
+    means "no better remembered than by BASE". Without an ancestor, leave --base out and give
+    localize --reference-model REF, any model that never saw the texts; without any such
+    model, --reference unseen.jsonl uses the paper's generic threshold (eq. 17). MA, EL_n,
+    forgotten, over-forgotten, forget quality, MIA AUC and PrivLeak: docs/glossary.md.
 
     Data goes to stdout or -o; progress and summaries go to stderr. Outputs are written
     atomically: an error or an interrupt leaves no partial file behind.
