@@ -674,7 +674,7 @@ def measure_cmd(allow_over_forgotten, fmt, output, plot_path, **options):
         summary gives the share within 0.5. Measuring the reference set is the
         slow part: save it once with `measure UNSEEN.jsonl --format json -o
         ref.json` and pass --thresholds ref.json afterwards.
-      --reference-model / --reference-scores (forgotten like never seen): per
+      --reference-model / --reference-scores (against a never-seen model): per
         record "ref_ma", "ref_el_N", "ref_loss" under a model that never saw
         the records; "forgotten" when MA <= ref_ma + --tolerance and EL_n <=
         ref_el_N + --tolerance for every n; "over_forgotten" when MA < ref_ma -
