@@ -580,6 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Exit status as neumuter's commands: 0 success, 2 a usage error (a bad option), 3 any
+    other error (missing data, a model that does not load), each as one "Error: ..." line."""
     args = build_parser().parse_args(argv)
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     try:
@@ -592,6 +594,10 @@ def main(argv=None) -> int:
             raise NeumuterError("--wiki-windows must be 0 (skip) or more")
         if not tasks and not args.wiki_windows:
             raise NeumuterError("nothing to measure: --tasks is empty and --wiki-windows is 0")
+    except NeumuterError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 2
+    try:
         data = TaskData.locate(args.data, say)
         data.prefetch(tasks, wiki=args.wiki_windows > 0)   # a missing file fails before the model loads
         from neumuter_cli.models import load_model
@@ -601,8 +607,8 @@ def main(argv=None) -> int:
         result = downstream_accuracy(model, tokenizer, tasks, args.limit or None, data, batch_size=args.batch_size,
                                      wiki_windows=args.wiki_windows, wiki_window=args.wiki_window, progress=say)
     except NeumuterError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        print(f"Error: {exc}", file=sys.stderr)
+        return 3
     result = {"model": args.model, **result}
     print(json.dumps(result, indent=2) if args.json else render_table(result))
     return 0

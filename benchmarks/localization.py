@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     ap.add_argument("--out", help="also write the JSON to this file")
     ap.add_argument("--plot", help="write a figure (recall vs neurons, utility) to this PNG")
+    ap.add_argument("--label", default="neumuter", help="the scales file's row: the command that made it")
+    ap.add_argument("--description", help="the model and data set, for the figure's title")
     ap.add_argument("--from-json", metavar="FILE", help="measure nothing: draw --plot from the JSON of an earlier "
                     "run (--out)")
     return ap
@@ -180,7 +182,10 @@ def run(args) -> dict:
         for row in activation_rows(fx, target, blocks, args.max_neurons,
                                    modified_count(scales) if scales is not None else None, say):
             rows.append(row)
-    result = {"injected": os.path.abspath(args.injected), "n_forget": len(forget), "n_retain": len(retain),
+    result = {"injected": os.path.basename(os.path.normpath(args.injected)), "n_forget": len(forget),
+              "n_retain": len(retain), "label": args.label, "description": args.description,
+              "total_neurons": sum(layer.neurons for layer in fx.layers),
+              "targets": {"recall": 0.9, "perplexity_change": 1.0},
               "injected_forget_neurons": sum(map(len, forget_neurons)), "rows": rows,
               "seconds": round(time.perf_counter() - started, 1)}
     by_control = {r["control"]: r for r in rows}
@@ -200,17 +205,24 @@ def run(args) -> dict:
 
 
 def plot(result: dict, path: str) -> None:
+    """The figure of a result: every row that modified neurons, and the rows of
+    ``recall_only_rows`` (systems scored on the same instance another way: their recall and
+    precision are drawn, their perplexity is not)."""
     from neumuter_cli.plots import plot_localization
 
-    def plotted(row):
-        return {"system": row["method"], "modulated": row["modified"], "recall": row.get("recall"),
+    def plotted(row, ppl=True):
+        name = result.get("label", "neumuter") if row["method"] == "neumuter" else row["method"]
+        return {"system": name, "modulated": row["modified"], "recall": row.get("recall"),
                 "precision": row.get("precision"), "forgotten": round(row["at_reference"]),
                 "n_forget": result["n_forget"], "retained_ma_before": result["retained_ma_before"],
                 "retained_ma_after": row["retained_ma"], "ppl_before": result["ppl_before"],
-                "ppl_after": row["perplexity"]}
-    plot_localization([plotted(r) for r in result["rows"] if r.get("modified")], path,
-                      f"INJ on SmolLM2-135M: {result['n_forget']} forget, {result['n_retain']} retained injected texts "
-                      "(perplexity change against the injected model)")
+                "ppl_after": row["perplexity"] if ppl else None}
+    rows = [plotted(r) for r in result["rows"] if r.get("modified")]
+    rows += [plotted(r, ppl=False) for r in result.get("recall_only_rows", [])]
+    what = result.get("description") or f"INJ instance {result['injected']} on SmolLM2-135M"
+    plot_localization(rows, path, f"{what}: {result['n_forget']} forget and {result['n_retain']} retained injected "
+                      "texts\n(perplexity change against the injected model)", result.get("total_neurons"),
+                      result.get("targets"))
 
 
 def table(result: dict) -> str:

@@ -5,12 +5,14 @@ level, the neurons, the retained MA and the held-out perplexity.
 For each k in --ks the scales are the kept gates' deterministic values (as `select` writes
 them), applied as gates on the FFN down-projections (the same numbers as folding them in).
 
-The figure (forget and retained MA, and the perplexity change, by neurons kept) goes beside
-the JSON as tradeoff.png (--plot FILE.png elsewhere, --no-plot none; needs matplotlib).
+The figure (forget and retained MA, and the perplexity change, by neurons kept, with the
+targets as dotted lines) goes beside the JSON as tradeoff.png (--plot FILE.png elsewhere,
+--no-plot none; needs matplotlib). --from-json JSON --plot FILE.png redraws it from an earlier
+run's JSON without loading a model.
 
-usage (the SmolLM2 fixture):
-  python benchmarks/tradeoff.py MASK --model /tmp/smol/mem --reference-model /tmp/smol/ref \\
-      --fixtures ../shared/fixtures --ks 115,230,460,920,1840,3680 --out tradeoff.json
+usage (the SmolLM2 fixture, docs/results.md says how to build it):
+  python benchmarks/tradeoff.py MASK --model MEM --reference-model REF --fixtures FIXTURES \\
+      --ks 115,230,460,920,1840,3680 --description "SmolLM2 fixture, 32 forget texts" --out tradeoff.json
 """
 from __future__ import annotations
 
@@ -45,11 +47,33 @@ def kept_gates(log_alpha: dict[int, torch.Tensor], k: int) -> dict[int, torch.Te
     return {b: deterministic_gate(v) for b, v in keep_most_closed(log_alpha, k).items()}
 
 
+def title(data: dict) -> str:
+    """The figure's title: the model and data set (``description``) and what the curve is."""
+    what = data.get("description") or data.get("model", "the model")
+    return f"{what}\nthe mask of {data['moved']:,} neurons cut to its k most-closed gates"
+
+
+def redraw(json_path: str, plot: str | None) -> None:
+    if not plot:
+        raise SystemExit("tradeoff.py: --from-json needs --plot FILE.png")
+    with open(json_path, encoding="utf-8") as handle:
+        data = json.load(handle)
+    benchmark_figure(plot_tradeoff, data, plot, title(data), "tradeoff.py")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("mask")
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--reference-model", required=True)
+    ap.add_argument("mask", nargs="?")
+    ap.add_argument("--model")
+    ap.add_argument("--reference-model")
+    ap.add_argument("--description", help="the model and data set, for the figure's title (default: the model's "
+                                          "folder name)")
+    ap.add_argument("--target-neurons", type=int, default=460, help="the most neurons wanted (drawn; default 460, "
+                                                                    "1 %% of SmolLM2-135M's)")
+    ap.add_argument("--target-retained-ma", type=float, default=0.85, help="drawn; default 0.85")
+    ap.add_argument("--target-perplexity", type=float, default=3.0, help="the largest perplexity change wanted, "
+                                                                         "in %% (drawn; default 3)")
+    ap.add_argument("--from-json", metavar="JSON", help="measure nothing: redraw --plot from this JSON")
     ap.add_argument("--fixtures", default=os.path.join(HERE, "..", "..", "shared", "fixtures"))
     ap.add_argument("--ks", default="115,230,460,920,1840,3680")
     ap.add_argument("--tolerance", type=float, default=TOLERANCE)
@@ -61,6 +85,10 @@ def main(argv=None):
     a = ap.parse_args(argv)
     plot = figure_path(a.out, a.plot, a.no_plot)
     check_figure_path(plot)
+    if a.from_json:
+        return redraw(a.from_json, plot)
+    if not (a.mask and a.model and a.reference_model):
+        ap.error("give MASK, --model and --reference-model (or --from-json)")
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     texts = lambda name: [r["text"] for r in read_records(os.path.join(a.fixtures, name))]  # noqa: E731
 
@@ -107,13 +135,15 @@ def main(argv=None):
              for r in rows]
     print(f"reference model: forget MA {sum(ref_ma) / len(ref_ma):.3f}; mask: {moved} gates moved")
     print(tabulate(table, headers=["neurons kept", "forget MA", "at ref + tol", "KS p", "retained MA", "perplexity"]))
-    data = {"mask": a.mask, "moved": moved, "reference_ma": ref_ma, "rows": rows}
+    data = {"mask": os.path.basename(a.mask), "moved": moved, "reference_ma": ref_ma, "rows": rows,
+            "description": a.description or f"{os.path.basename(os.path.normpath(a.model))}, {len(forget)} forget texts",
+            "total_neurons": sum(layer.neurons for layer in layers),
+            "targets": {"neurons": a.target_neurons, "retained_ma": a.target_retained_ma,
+                        "perplexity_change": a.target_perplexity}}
     if a.out:
         with open(a.out, "w") as handle:
             json.dump(data, handle, indent=2)
-    benchmark_figure(plot_tradeoff, data, plot, f"{os.path.basename(os.path.normpath(a.model))} on "
-                     f"{len(forget)} forget texts: keeping the k most-closed gates of {os.path.basename(a.mask)}",
-                     "tradeoff.py")
+    benchmark_figure(plot_tradeoff, data, plot, title(data), "tradeoff.py")
 
 
 if __name__ == "__main__":

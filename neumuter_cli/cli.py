@@ -73,6 +73,34 @@ class NeumuterCommand(ParseErrorsOnRankZero, click.Command):
     or ConflictingSettings is a usage error (exit status 2), except a device this machine does
     not have (3); any other SettingsMessage is an error (3)."""
 
+    def __init__(self, *args, sections: tuple[tuple[str, tuple[str, ...]], ...] = (), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sections = sections
+        for param in self.params:
+            one_metavar_style(param)
+            default_as_written(param)
+
+    def option_sections(self, ctx) -> list[tuple[str, list[tuple[click.Option, str, str]]]]:
+        """--help's options under their headings: [(heading, [(option, names, help)])]. A command
+        without ``sections`` has one, "Options"; options no section names go under "Other options",
+        and --quiet and --help last, under "General"."""
+        records = [(param, *record) for param in self.get_params(ctx)
+                   if isinstance(param, click.Option) and (record := param.get_help_record(ctx)) is not None]
+        if not self.sections:
+            return [("Options", records)]
+        place = {name: (heading, k) for heading, names in self.sections for k, name in enumerate(names)}
+        found: dict[str, list] = {heading: [] for heading, _ in self.sections}
+        found.update({"Other options": [], "General": []})
+        for record in sorted(records, key=lambda record: place.get(record[0].name, ("", 0))[1]):
+            general = record[0].name == "quiet" or "--help" in record[0].opts
+            found["General" if general else place.get(record[0].name, ("Other options",))[0]].append(record)
+        return [(heading, rows) for heading, rows in found.items() if rows]
+
+    def format_options(self, ctx, formatter):
+        for heading, rows in self.option_sections(ctx):
+            with formatter.section(heading):
+                formatter.write_dl([(names, help_) for _, names, help_ in rows])
+
     def invoke(self, ctx):
         if self.name in DATA_PARALLEL:
             distributed.enable()
@@ -104,6 +132,33 @@ class NeumuterCommand(ParseErrorsOnRankZero, click.Command):
     def word(self, setting: str) -> str:
         """How a message names the library parameter ``setting``: its flag, else its own name."""
         return self.flag(setting) or setting
+
+
+#: click's own names of a value's type: every option names its value instead (N, X, FILE...)
+CLICK_METAVARS = ("INTEGER", "INTEGER RANGE", "FLOAT", "FLOAT RANGE", "TEXT", "PATH", "FILENAME", "FINITE")
+
+
+def one_metavar_style(param: click.Parameter) -> None:
+    """One metavar style for every command: a number option that names no metavar of its own
+    shows N (an integer) or X (a real number), never click's INTEGER RANGE or FLOAT."""
+    if not isinstance(param, click.Option) or param.is_flag or param.metavar is not None:
+        return
+    if isinstance(param.type, (click.types.IntParamType, click.IntRange)):
+        param.metavar = "N"
+    elif isinstance(param.type, (click.types.FloatParamType, click.FloatRange)):
+        param.metavar = "X"
+
+
+def default_as_written(param: click.Parameter) -> None:
+    """An option whose ``show_default`` is a string (``"1/3"``) shows it as written, not in
+    click's parentheses."""
+    if not isinstance(param, click.Option) or not isinstance(param.show_default, str):
+        return
+    extra = param.get_help_extra
+
+    def written(ctx):
+        return {**extra(ctx), "default": param.show_default}
+    param.get_help_extra = written
 
 
 class Terminated(SystemExit):
@@ -229,7 +284,7 @@ def _set_quiet(ctx, param, value):
 
 
 def quiet_option(func):
-    """--quiet, on the group and on the commands that report progress (either place works)."""
+    """--quiet, on the group and on every command (either place works)."""
     return click.option("--quiet", "-q", is_flag=True, expose_value=False, callback=_set_quiet,
                         help="No progress on stderr: no bars, no progress or summary lines "
                              "(warnings and errors are still shown).")(func)
@@ -239,22 +294,28 @@ def quiet_option(func):
 @click.version_option(__version__, prog_name="neumuter")
 @quiet_option
 def cli():
-    """Make a causal language model forget specific training texts.
+    """Make a fine-tuned causal language model forget specific training texts, and measure it.
 
-    NeuMuter trains one Hard-Concrete gate per FFN neuron to find the few neurons that hold
-    the memory of the forget texts, then scales exactly those neurons, folded into the
-    weights. The stages read and write plain files and pipe into each other:
+    localize finds FFN neurons that carry the forget texts (NeuMuter: one trainable
+    Hard-Concrete gate per neuron); select and apply then roll them back to the model before
+    your fine-tune (--base) or, with no such model, scale them as the paper does, folded into
+    the weights: the result is an ordinary checkpoint. On the models measured so far the
+    neurons found also carry texts that were not to be forgotten: measure the cost before you
+    rely on it (docs/results.md). measure, relearn and quantize check any causal LM, whatever
+    removed the memory. The stages read and write plain files and pipe into each other:
 
     \b
       neumuter neighbors forget.jsonl --mlm MLM > nb.jsonl
-      neumuter localize nb.jsonl --model LM --reference-model BASE > mask.safetensors
+      neumuter localize nb.jsonl --model LM --base BASE > mask.safetensors
       neumuter select mask.safetensors > scales.safetensors
-      neumuter apply scales.safetensors --model LM -o muted/
+      neumuter apply scales.safetensors --model LM --base BASE -o muted/
       neumuter measure forget.jsonl --model muted/ --reference-model BASE --check
 
-    BASE is a model that never saw the forget texts (the model before your fine-tune):
-    forgotten means "no better remembered than by BASE". Without one, --reference
-    unseen.jsonl uses the paper's generic threshold (eq. 17).
+    BASE is the model LM was fine-tuned from: it never saw the forget texts, and forgotten
+    means "no better remembered than by BASE". Without an ancestor, leave --base out and give
+    localize --reference-model REF, any model that never saw the texts; without any such
+    model, --reference unseen.jsonl uses the paper's generic threshold (eq. 17). MA, EL_n,
+    forgotten, over-forgotten, forget quality, MIA AUC and PrivLeak: docs/glossary.md.
 
     Data goes to stdout or -o; progress and summaries go to stderr. Outputs are written
     atomically: an error or an interrupt leaves no partial file behind.
@@ -402,6 +463,7 @@ def inspect(model, load, base, fmt):
 @click.option("--top-fraction", type=FiniteFloat(0, 1, min_open=True), default=None, metavar="F",
               help="Select the floor(F x N) lowest gate values of all N masked neurons "
                    "(ties broken by block, then neuron index).")
+@quiet_option
 def select_cmd(mask, output, energy, threshold, top_fraction):
     """Choose the neurons to mute from a mask file and write their scale factors.
 
@@ -455,6 +517,7 @@ def select_cmd(mask, output, energy, threshold, top_fraction):
               help="The base model the scales were made with (`localize --base`): each selected neuron becomes "
                    "W_base + m (W - W_base), exactly (m = 0: BASE's weights bit for bit). Required for such "
                    "scales, refused for the others.")
+@quiet_option
 def apply_cmd(scales, model, load, output, force, allow_any_scale, base):
     """Fold a scales file into the model and save an ordinary checkpoint.
 
@@ -506,7 +569,20 @@ def _png_path(ctx, param, value):
     return value
 
 
-@cli.command("measure")
+#: `measure --help` in sections (NeumuterCommand.option_sections)
+MEASURE_SECTIONS = (
+    ("The model", ("model", "device", "dtype", "device_map", "max_memory", "trust_remote_code", "quantize")),
+    ("Is it forgotten? One yardstick (docs/glossary.md)",
+     ("reference_model", "reference_scores_path", "tolerance", "reference_path", "thresholds_path",
+      "quantize_reference", "check", "allow_over_forgotten")),
+    ("Membership inference", ("holdout_path",)),
+    ("What is measured", ("max_length", "el_ns", "ppl_path", "ppl_window", "ppl_stride", "generations",
+                          "prefix_tokens", "new_tokens", "batch_size")),
+    ("Output", ("output", "fmt", "plot_path")),
+)
+
+
+@cli.command("measure", sections=MEASURE_SECTIONS)
 @click.argument("input_path", default=MEASURE_DEFAULTS.input_path, metavar="[INPUT|-]")
 @model_options
 @click.option("--max-length", type=click.IntRange(2), default=MEASURE_DEFAULTS.max_length, show_default=True,
@@ -598,7 +674,7 @@ def measure_cmd(allow_over_forgotten, fmt, output, plot_path, **options):
         summary gives the share within 0.5. Measuring the reference set is the
         slow part: save it once with `measure UNSEEN.jsonl --format json -o
         ref.json` and pass --thresholds ref.json afterwards.
-      --reference-model / --reference-scores (forgotten like never seen): per
+      --reference-model / --reference-scores (against a never-seen model): per
         record "ref_ma", "ref_el_N", "ref_loss" under a model that never saw
         the records; "forgotten" when MA <= ref_ma + --tolerance and EL_n <=
         ref_el_N + --tolerance for every n; "over_forgotten" when MA < ref_ma -
@@ -806,7 +882,22 @@ def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, b
     progress(f"neighbors: {writer.rewrites} tokens rewritten in {writer.calls} MLM calls")
 
 
-@cli.command("localize")
+#: `localize --help` in sections (NeumuterCommand.option_sections)
+LOCALIZE_SECTIONS = (
+    ("Input, output and the model", ("output", "model", "base", "device", "dtype", "device_map", "max_memory",
+                                     "trust_remote_code", "layers", "max_length")),
+    ("When to stop (recommended: --base or --reference-model)",
+     ("reference_model", "tolerance", "reference_path", "reference_limit", "stop_ma", "stop_el", "check_every",
+      "epochs", "prune")),
+    ("Method", ("method",)),
+    ("Training the gates (--method gates)",
+     ("lr", "kl_weight", "l0_weight", "beta", "forget_term", "max_forget_loss", "margin", "target_ma", "optimizer",
+      "batch_size", "kl_top_k", "seed")),
+    ("Ranking the neurons (--method attribution)", ("score", "max_per_text", "contrast", "shrink_rounds")),
+)
+
+
+@cli.command("localize", sections=LOCALIZE_SECTIONS)
 @click.argument("input_path", default="-", metavar="[INPUT|-]")
 @model_options
 @click.option("--output", "-o", default="-", show_default=True, metavar="MASK|-",
@@ -820,7 +911,7 @@ def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, b
 @click.option("--eta", "l0_weight", type=FiniteFloat(0), default=DEFAULTS.l0_weight,
               show_default=True, help="Weight of the L0 term R(M) (eq. 13's eta).")
 @click.option("--beta", type=FiniteFloat(0, min_open=True), default=DEFAULTS.beta,
-              show_default=True, help="Hard-Concrete temperature.")
+              show_default="1/3", help="Hard-Concrete temperature.")
 @click.option("--forget-term", type=click.Choice(FORGET_TERMS), default=DEFAULTS.forget_term,
               show_default=True,
               help="hinge: push each still-correct forget token below the best other token by "
@@ -832,8 +923,9 @@ def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, b
               help="Margin of --forget-term hinge, in logits.")
 @click.option("--target-ma", type=FiniteFloat(0, 1), default=None,
               help="With --forget-term hinge, a forget text whose MA (under the training gates) is at "
-                   "or below this stops pulling, so no more is broken than needed [default: half the "
-                   "MA threshold with --reference/--stop-ma, else 0].")
+                   "or below this stops pulling, so no more is broken than needed [default: each text's "
+                   "reference MA with --reference-model or --base, half the MA threshold with --reference/--stop-ma, "
+                   "else 0].")
 @click.option("--base", default=None, metavar="NAME_OR_PATH",
               help="The checkpoint the model was fine-tuned from (same architecture and tokenizer). Each gate "
                    "then moves its neuron between BASE's weights and the model's, W(m) = W_base + m (W - W_base) "
@@ -853,7 +945,7 @@ def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, b
               help="Keep the original distribution as its top-k log-probs plus one bucket for the "
                    "rest of the vocabulary (0: the full vocabulary).")
 @click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True, help="Seed of the gate noise.")
-@click.option("--reference", "reference_path", default=None, metavar="JSONL",
+@click.option("--reference", "reference_path", default=None, metavar="UNSEEN.jsonl",
               help="Texts the model never saw: their average MA is eq. 17's MA threshold, and "
                    "training stops as soon as every forget text is at or below it with the "
                    "neurons that `select` (default rule) would choose; checked every "
@@ -878,19 +970,21 @@ def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, b
                    "code); shared-adam: one step size for all gates, so gates move in proportion to their "
                    "gradients and only the ones that matter most close.")
 @click.option("--method", type=click.Choice(LOCALIZE_METHODS), default=DEFAULTS.method, show_default=True,
-              help="gates: train a Hard-Concrete gate per neuron (the paper). attribution: rank the neurons per "
-                   "text by -dCE/ds at s = 1 and keep, per text, the shortest prefix that reaches the stop "
-                   "(needs --reference-model, --reference or --stop-ma; no epochs).")
+              help="gates: train a Hard-Concrete gate per neuron (the paper). attribution: each text ranks the "
+                   "neurons by --score and keeps the shortest prefix of its ranking that reaches the stop; the "
+                   "mask is the union (needs --reference-model, --reference or --stop-ma; no epochs).")
 @click.option("--max-per-text", type=click.IntRange(1), default=DEFAULTS.max_per_text, show_default=True,
               help="attribution: the most neurons one text may take.")
 @click.option("--contrast", type=FiniteFloat(0), default=DEFAULTS.contrast, show_default=True,
-              help="attribution: subtract this times the neighbours' attribution from the text's.")
+              help="attribution with --score gradient or both: subtract this times the neighbours' gradient "
+                   "from the text's.")
 @click.option("--score", type=click.Choice(ATTRIBUTION_SCORES), default=DEFAULTS.score, show_default=True,
-              help="attribution: how a text ranks the neurons. gradient: -dCE/ds; specific: the neuron's mean "
-                   "|activation| on the text over its mean on the other forget texts and the neighbours; "
-                   "specific-smoothed: the same with the layer's mean activation on those added below the "
-                   "line, so neurons silent everywhere do not rank high on noise; both: "
-                   "the positive gradient times that ratio.")
+              help="attribution: how a text ranks the neurons. specific-smoothed (the best measured, "
+                   "docs/results.md): the neuron's mean |activation| on the text over its mean on the other "
+                   "forget texts and the neighbours plus its layer's mean there, so neurons silent everywhere "
+                   "do not rank high on noise; specific: the same ratio without the layer's mean; gradient: "
+                   "-dCE/ds at s = 1 (it ranks neurons every text needs first); both: the positive gradient "
+                   "times the specific ratio.")
 @click.option("--shrink-rounds", type=click.IntRange(0), default=DEFAULTS.shrink_rounds, show_default=True,
               help="attribution: rounds in which each text's prefix is cut to the shortest that still reaches "
                    "the stop beside the other texts' neurons (the union forgets each text further than its own "
@@ -967,7 +1061,9 @@ def report_localized(run) -> None:
               help="Cut every text to its first N tokens.")
 @click.option("--seed", type=int, default=RELEARN_DEFAULTS.seed, show_default=True,
               help="Seed of the data order: the same seed gives the same weights.")
-@click.option("--force", is_flag=True, default=False, help="Replace DIR if it exists and is not empty.")
+@click.option("--force", is_flag=True, default=False,
+              help="Replace DIR when it holds a previous neumuter checkpoint (and nothing else). A folder "
+                   "holding anything else is never replaced.")
 @quiet_option
 def relearn_cmd(input_path, model, load, output, steps, lr, batch_size, layers, first_halves, max_length, seed,
                 force):
@@ -1015,6 +1111,7 @@ def relearn_cmd(input_path, model, load, output, steps, lr, batch_size, layers, 
               help="Checkpoint directory to write (save_pretrained + tokenizer + neumuter.json).")
 @click.option("--force", is_flag=True, default=False,
               help="Replace DIR if it holds a previous neumuter checkpoint (and nothing else).")
+@quiet_option
 def quantize_cmd(model, load, qtype, output, force):
     """Write the model as llama.cpp would run it: every block weight quantised and back.
 

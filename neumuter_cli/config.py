@@ -11,7 +11,7 @@ from .errors import ConflictingSettings
 
 FORGET_TERMS = ("hinge", "bounded", "ascent")
 LOCALIZE_METHODS = ("gates", "attribution")
-ATTRIBUTION_SCORES = ("gradient", "specific", "specific-smoothed", "both")
+ATTRIBUTION_SCORES = ("specific-smoothed", "specific", "gradient", "both")
 OPTIMIZERS = ("shared-adam", "adam")
 
 #: the llama.cpp block formats `measure --quantize` offers: name -> gguf GGMLQuantizationType member
@@ -59,7 +59,7 @@ class LocalizeConfig:
     method: str = "gates"            # gates: train Hard-Concrete gates | attribution: per-text rankings (attribution.py)
     max_per_text: int = 460          # attribution: the longest prefix of a text's ranking that is tried
     contrast: float = 0.0            # attribution: weight of the neighbours' attribution subtracted
-    score: str = "gradient"          # attribution: gradient | specific | specific-smoothed | both (attribution.SCORES)
+    score: str = "specific-smoothed"  # attribution: specific-smoothed | specific | gradient | both (attribution.SCORES)
     shrink_rounds: int = 0           # attribution: rounds of cutting each prefix to what it needs beside the others
 
 

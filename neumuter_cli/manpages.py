@@ -6,8 +6,9 @@ longer exist); ``--check`` only reports whether the pages in the folder are up t
 
 Every text comes from click: the docstring (click's rules: paragraphs split at blank lines,
 a paragraph whose first line is ``\\b`` is kept as written), each option's help record
-(the same string ``--help`` prints, with its ``[default: ...]`` and ``[required]`` notes)
-and the usage pieces of the synopsis.
+(the same string ``--help`` prints, with its ``[default: ...]`` and ``[required]`` notes),
+the headings ``--help`` puts the options under (one ``.SS`` each) and the usage pieces of
+the synopsis.
 """
 from __future__ import annotations
 
@@ -120,6 +121,13 @@ def option_records(command: click.Command, ctx: click.Context) -> list[tuple[cli
     return records
 
 
+def option_sections(command: click.Command, ctx: click.Context) -> list[tuple[str, list[tuple[click.Option, str, str]]]]:
+    """The options under the headings ``--help`` gives them (a command's ``option_sections``),
+    or all of them under "Options"."""
+    sections = getattr(command, "option_sections", None)
+    return sections(ctx) if sections is not None else [("Options", option_records(command, ctx))]
+
+
 def option_tag(param: click.Option, names: str) -> str:
     """``-m, --model NAME`` with the option names in bold and the metavar in italics."""
     known = set(param.opts) | set(param.secondary_opts)
@@ -163,11 +171,14 @@ def render_page(command: click.Command, ctx: click.Context, see_also: list[str])
     text = help_text(command)
     if text:
         lines += [".SH DESCRIPTION", *render_text(text)]
-    records = option_records(command, ctx)
-    if records:
+    sections = [(heading, rows) for heading, rows in option_sections(command, ctx) if rows]
+    if sections:
         lines.append(".SH OPTIONS")
-        for param, names, help_ in records:
-            lines += [".TP", option_tag(param, names), *render_text(help_, separator=".IP")]
+        for heading, rows in sections:
+            if len(sections) > 1:
+                lines.append(".SS " + escape(heading))
+            for param, names, help_ in rows:
+                lines += [".TP", option_tag(param, names), *render_text(help_, separator=".IP")]
     if isinstance(command, click.Group):
         lines.append(".SH COMMANDS")
         for sub_name in command.list_commands(ctx):

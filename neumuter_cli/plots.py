@@ -63,9 +63,9 @@ def _figure(panels: int, title: str):
     return fig, list(axes[0])
 
 
-def _legend_below(ax, columns: int = 2) -> None:
-    """The legend under the panel, where it hides no point."""
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=columns, frameon=False)
+def _legend_below(ax, columns: int = 2, offset: float = -0.13) -> None:
+    """The legend under the panel (``offset``: its top, in axes heights), where it hides no point."""
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, offset), ncol=columns, frameon=False)
 
 
 # ---------------------------------------------------------------- measure --plot
@@ -165,10 +165,13 @@ def _roc_panel(ax, scores: dict, summary: dict) -> None:
 def plot_tradeoff(data: dict, path: str, title: str) -> None:
     """benchmarks/tradeoff.py: forget and retained MA, and the perplexity change, against the
     number of the mask's most-closed gates kept. ``data``: its JSON (``rows`` of ``k``,
-    ``forget_ma``, ``at_reference``, ``retained_ma``, ``perplexity``; ``reference_ma``)."""
+    ``forget_ma``, ``at_reference``, ``retained_ma``, ``perplexity``; ``reference_ma``; and,
+    when given, ``total_neurons`` (the ticks then give the share of the model's FFN neurons)
+    and ``targets`` (``neurons``, ``retained_ma``, ``perplexity_change``: drawn as dotted lines))."""
     rows = sorted(data["rows"], key=lambda r: r["k"])
     base = next((r for r in rows if r["k"] == 0), rows[0])
     ks = [r["k"] for r in rows]
+    total, targets = data.get("total_neurons"), data.get("targets") or {}
     linthresh = min([k for k in ks if k > 0] or [1])   # 0 (the model itself) on a log-like axis
     fig, (left, right) = _figure(2, title)
     left.plot(ks, [r["forget_ma"] for r in rows], "o-", color=KEPT, label="forget texts")
@@ -177,36 +180,47 @@ def plot_tradeoff(data: dict, path: str, title: str) -> None:
     if reference:
         left.axhline(sum(reference) / len(reference), **REFERENCE_STYLE,
                      label="forget texts under the reference model (mean)")
+    if targets.get("retained_ma") is not None:
+        left.axhline(targets["retained_ma"], color=NEUTRAL, linestyle=":", linewidth=1.4,
+                     label=f"target: retained MA >= {targets['retained_ma']:g}")
     count = len(reference) if reference else None
     for r in rows:
         if count:
             left.annotate(f"{r['at_reference']}/{count}", (r["k"], r["forget_ma"]), textcoords="offset points",
                           xytext=(0, -13), ha="center", fontsize=7, color=KEPT)
-    _neurons_axis(left, ks, linthresh)
-    left.set_xlabel("neurons kept (most-closed gates of the mask)")
+    change = [100 * (r["perplexity"] / base["perplexity"] - 1) for r in rows]
+    right.plot(ks, change, "o-", color=NEUTRAL, label="held-out perplexity")
+    right.axhline(0, color="0.6", linewidth=1)
+    if targets.get("perplexity_change") is not None:
+        right.axhline(targets["perplexity_change"], color=NEUTRAL, linestyle=":", linewidth=1.4,
+                      label=f"target: at most {targets['perplexity_change']:+g} %")
+    for ax in (left, right):
+        if targets.get("neurons"):
+            share = f" ({100 * targets['neurons'] / total:.2g} %)" if total else ""
+            ax.axvline(targets["neurons"], color="0.3", linestyle=":", linewidth=1.4,
+                       label=f"target: at most {targets['neurons']:,} neurons{share}")
+        _neurons_axis(ax, ks, linthresh, total)
+        ax.grid(alpha=0.3)
     left.set_ylabel("mean MA (share of tokens)")
     left.set_ylim(0, 1.05)
-    left.set_title("forgetting and what it costs, by neurons kept\n(n/N: forget texts at the reference + tolerance)",
-                   fontsize=9)
-    left.grid(alpha=0.3)
-    _legend_below(left, columns=2)
-    change = [100 * (r["perplexity"] / base["perplexity"] - 1) for r in rows]
-    right.plot(ks, change, "o-", color=NEUTRAL)
-    right.axhline(0, color="0.6", linewidth=1)
-    _neurons_axis(right, ks, linthresh)
-    right.set_xlabel("neurons kept (most-closed gates of the mask)")
+    left.set_title("forgetting and what it costs, by neurons kept\n(n/N: forget texts at most the reference "
+                   "model's MA + the tolerance)", fontsize=9)
     right.set_ylabel(f"held-out perplexity change (%; before: {base['perplexity']:.2f})")
     right.set_title("held-out perplexity, by neurons kept", fontsize=10)
-    right.grid(alpha=0.3)
+    _legend_below(left, columns=2, offset=-0.2)
+    _legend_below(right, columns=2, offset=-0.2)
     save(fig, path)
 
 
-def _neurons_axis(ax, ks: Sequence[int], linthresh: float) -> None:
-    """Log-like x axis with 0 on it, ticked at the measured counts."""
+def _neurons_axis(ax, ks: Sequence[int], linthresh: float, total: int | None = None) -> None:
+    """Log-like x axis with 0 on it, ticked at the measured counts (and their share of ``total``)."""
     ax.set_xscale("symlog", linthresh=linthresh)
     ax.set_xlim(-0.3 * linthresh, max(ks) * 1.6)
-    ax.set_xticks(ks, [f"{k:,}" for k in ks], rotation=45 if len(ks) > 6 else 0, fontsize=8)
+    labels = [f"{k:,}" + (f"\n{100 * k / total:.2g} %" if total and k else "") for k in ks]
+    ax.set_xticks(ks, labels, fontsize=8)
     ax.minorticks_off()
+    ax.set_xlabel("neurons kept (the mask's most-closed gates)"
+                  + (f"\nand their share of the {total:,} FFN neurons" if total else ""))
 
 
 def plot_controls(data: dict, path: str, title: str) -> None:
@@ -279,12 +293,16 @@ LOCALIZATION_KEYS = ("system", "modulated", "recall", "precision", "forgotten", 
                      "retained_ma_after", "ppl_before", "ppl_after")
 
 
-def plot_localization(rows: Sequence[dict], path: str, title: str) -> None:
+def plot_localization(rows: Sequence[dict], path: str, title: str, total_neurons: int | None = None,
+                      targets: dict | None = None) -> None:
     """Localisation across systems: recall against neurons modulated (log scale), and retained
     MA against the perplexity change (an arrow from before to after each system's edit).
     ``rows``: one dict per system with every key of :data:`LOCALIZATION_KEYS`; ``recall`` and
     ``precision`` may be None for a system whose neurons were not scored against the injected
-    ones (it is then drawn in the second panel only)."""
+    ones (it is then drawn in the second panel only), ``ppl_after`` None for one whose
+    perplexity was measured another way (first panel only). ``total_neurons``: the model's FFN
+    neurons (the ticks then give the share); ``targets``: ``recall`` and ``perplexity_change``
+    (percent), drawn as dotted lines."""
     if not rows:
         raise NeumuterError("plot_localization: no rows to draw")
     for row in rows:
@@ -292,53 +310,73 @@ def plot_localization(rows: Sequence[dict], path: str, title: str) -> None:
         if missing:
             raise NeumuterError(f"plot_localization: row {row.get('system', '?')!r} has no {', '.join(missing)}")
         numbers = [row[key] for key in ("modulated", "ppl_before", "ppl_after", "retained_ma_before",
-                                        "retained_ma_after")] + [row[key] for key in ("recall", "precision")
-                                                                 if row[key] is not None]
+                                        "retained_ma_after", "recall", "precision") if row[key] is not None]
         if not all(math.isfinite(value) for value in numbers):
             raise NeumuterError(f"plot_localization: {row['system']} has a number that is not finite")
+    targets = targets or {}
     fig, (left, right) = _figure(2, title)
-    palette = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000")
-    for k, row in enumerate(rows):
-        colour = palette[k % len(palette)]
-        if row["recall"] is not None:
-            precision = "-" if row["precision"] is None else f"{row['precision']:.2f}"
-            left.scatter(row["modulated"], row["recall"], s=60, color=colour, edgecolor="black", linewidth=0.5,
-                         zorder=3, label=f"{row['system']}: precision {precision}, "
-                                         f"forgot {row['forgotten']}/{row['n_forget']}")
-        change = 100 * (row["ppl_after"] / row["ppl_before"] - 1)
-        right.annotate("", xy=(change, row["retained_ma_after"]), xytext=(0, row["retained_ma_before"]),
-                       arrowprops=dict(arrowstyle="->", color=colour, linewidth=1.4))
-        right.scatter([change], [row["retained_ma_after"]], s=50, color=colour, edgecolor="black", linewidth=0.5,
-                      zorder=3, label=f"{row['system']} (forgot {row['forgotten']}/{row['n_forget']})")
-    befores = {row["retained_ma_before"] for row in rows}
-    right.scatter([0] * len(befores), sorted(befores), s=40, marker="D", facecolor="white", edgecolor="black",
-                  zorder=3, label="before")
-    left.set_xscale("log")
-    counts = [row["modulated"] for row in rows if row["recall"] is not None]
-    if counts:      # at least a decade wide, so the log axis has plain labelled ticks
-        low, high = min(counts), max(counts)
-        left.set_xlim(low / 2, max(high * 2, low * 10))
-    from matplotlib.ticker import NullFormatter
-
-    left.xaxis.set_minor_formatter(NullFormatter())
-    left.set_xlabel("neurons modulated (log scale)")
-    left.set_ylabel("recall (per forget text, share of its neurons modulated)")
-    left.set_ylim(-0.02, 1.02)
-    left.set_title("does it find the neurons that hold the memory?", fontsize=10)
-    left.grid(alpha=0.3, which="both")
-    _legend_below(left, columns=1)
-    right.axvline(0, color="0.6", linewidth=1)
-    right.set_xlabel("held-out perplexity change (%)")
-    right.set_ylabel("retained MA (share of tokens)")
-    right.set_ylim(-0.02, 1.02)
-    lowest = min(0.0, *(100 * (r["ppl_after"] / r["ppl_before"] - 1) for r in rows))
-    highest = max(1.0, *(100 * (r["ppl_after"] / r["ppl_before"] - 1) for r in rows))
-    margin = 0.08 * (highest - lowest)
-    right.set_xlim(lowest - margin, highest + margin)
-    right.set_title("and at what cost to the rest?", fontsize=10)
-    right.grid(alpha=0.3)
-    _legend_below(right, columns=2)
+    palette = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")
+    colours = {row["system"]: palette[k % len(palette)] for k, row in enumerate(rows)}
+    _recall_panel(left, [row for row in rows if row["recall"] is not None], colours, total_neurons, targets)
+    _cost_panel(right, [row for row in rows if row["ppl_after"] is not None], colours, targets)
     save(fig, path)
+
+
+def _recall_panel(ax, rows: Sequence[dict], colours: dict, total: int | None, targets: dict) -> None:
+    for row in rows:
+        precision = "-" if row["precision"] is None else f"{row['precision']:.3f}"
+        ax.scatter(row["modulated"], row["recall"], s=60, color=colours[row["system"]], edgecolor="black",
+                   linewidth=0.5, zorder=3, label=f"{row['system']}: {row['modulated']:,} neurons, recall "
+                                                  f"{row['recall']:.2f}, precision {precision}, forgot "
+                                                  f"{row['forgotten']}/{row['n_forget']}")
+    if targets.get("recall") is not None:
+        ax.axhline(targets["recall"], color="0.3", linestyle=":", linewidth=1.4,
+                   label=f"target: recall >= {targets['recall']:g}")
+    ax.set_xscale("log")
+    counts = [row["modulated"] for row in rows] or [1]
+    low, high = min(counts) / 1.6, max(counts) * 1.6
+    ax.set_xlim(low, high)
+    ticks = [t for t in (10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000) if low <= t <= high]
+    ax.set_xticks(ticks, [f"{t:,}" + (f"\n{100 * t / total:.2g} %" if total else "") for t in ticks], fontsize=8)
+    ax.minorticks_off()
+    ax.set_xlabel("neurons modulated (log scale)" + (f"\nand their share of the {total:,} FFN neurons" if total else ""))
+    ax.set_ylabel("recall (per forget text, share of its neurons modulated)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("does it find the neurons that hold the memory?", fontsize=10)
+    ax.grid(alpha=0.3)
+    _legend_below(ax, columns=1, offset=-0.2 if total else -0.13)
+
+
+def _cost_panel(ax, rows: Sequence[dict], colours: dict, targets: dict) -> None:
+    changes = {row["system"]: 100 * (row["ppl_after"] / row["ppl_before"] - 1) for row in rows}
+    for row in rows:
+        colour, change = colours[row["system"]], changes[row["system"]]
+        ax.annotate("", xy=(change, row["retained_ma_after"]), xytext=(0, row["retained_ma_before"]),
+                    arrowprops=dict(arrowstyle="->", color=colour, linewidth=1.4))
+        ax.scatter([change], [row["retained_ma_after"]], s=50, color=colour, edgecolor="black", linewidth=0.5,
+                   zorder=3, label=f"{row['system']} ({change:+.0f} %, forgot {row['forgotten']}/{row['n_forget']})")
+    befores = {row["retained_ma_before"] for row in rows}
+    ax.scatter([0] * len(befores), sorted(befores), s=40, marker="D", facecolor="white", edgecolor="black",
+               zorder=3, label="before")
+    if targets.get("perplexity_change") is not None:
+        ax.axvline(targets["perplexity_change"], color="0.3", linestyle=":", linewidth=1.4,
+                   label=f"target: perplexity at most {targets['perplexity_change']:+g} %")
+    ax.axvline(0, color="0.6", linewidth=1)
+    spread = max([abs(c) for c in changes.values()] + [1.0])
+    if spread > 100:                   # a change of a few % beside one of hundreds: both in sight
+        ax.set_xscale("symlog", linthresh=10)
+        ticks = [t for t in (-100, -10, 0, 10, 100, 1000, 10000) if -spread * 2 <= t <= spread * 2]
+        ax.set_xticks(ticks, [f"{t:+,}" if t else "0" for t in ticks])
+        ax.minorticks_off()
+    lowest, highest = min(0.0, *changes.values()), max(1.0, *changes.values())
+    right_end = 10 ** math.ceil(math.log10(highest)) * 1.2 if spread > 100 else highest * 1.1 + 2
+    ax.set_xlim(lowest - 0.08 * abs(lowest) - 2, right_end)
+    ax.set_xlabel("held-out perplexity change (%" + (", symmetric log scale)" if spread > 100 else ")"))
+    ax.set_ylabel("retained MA (share of tokens)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("and at what cost to the rest?", fontsize=10)
+    ax.grid(alpha=0.3)
+    _legend_below(ax, columns=1)
 
 
 # ---------------------------------------------------------------- the benchmarks' figure files

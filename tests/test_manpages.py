@@ -133,7 +133,7 @@ def test_groff_renders_the_pages_without_warnings(pages, tmp_path):
         assert run.returncode == 0 and run.stderr == "", (name, run.stderr)
         rendered[name] = run.stdout
     top = rendered["neumuter.1"]
-    assert "neumuter localize nb.jsonl --model LM --reference-model BASE > mask.safetensors" in top   # \b block, '-' as typed
+    assert "neumuter localize nb.jsonl --model LM --base BASE > mask.safetensors" in top   # \b block, '-' as typed
     assert "Data goes to stdout or -o; progress and summaries go to stderr." in top
     assert "neumuter-select(1)" in top
     toy = _toy()

@@ -151,7 +151,9 @@ LOCALIZATION_ROWS = [   # made-up numbers: the shape benchmarks/localization.py 
 def test_plot_localization_two_panels(tmp_path):
     out = tmp_path / "localization.png"
     unscored = {**LOCALIZATION_ROWS[2], "system": "activation control", "recall": None, "precision": None}
-    plot_localization(LOCALIZATION_ROWS + [unscored], str(out), "made-up model on made-up texts")
+    elsewhere = {**LOCALIZATION_ROWS[0], "system": "scored elsewhere", "ppl_after": None}     # first panel only
+    plot_localization(LOCALIZATION_ROWS + [unscored, elsewhere], str(out), "made-up model on made-up texts",
+                      total_neurons=46080, targets={"recall": 0.9, "perplexity_change": 1.0})
     width, height = png_size(out)
     assert width > 1.8 * height and os.listdir(tmp_path) == ["localization.png"]
     without = {key: value for key, value in LOCALIZATION_ROWS[0].items() if key != "ppl_before"}
@@ -167,11 +169,32 @@ def test_plot_localization_two_panels(tmp_path):
         plot_localization(LOCALIZATION_ROWS, str(tmp_path / "missing" / "x.png"), "x")
 
 
+def test_the_committed_figures_redraw_from_their_json(tmp_path):
+    """docs/figures/*.png are drawn from the JSON beside them, with no model (and name no
+    folder outside the repository)."""
+    root = os.path.join(os.path.dirname(__file__), "..")
+    sys.path.insert(0, os.path.join(root, "benchmarks"))
+    import localization
+    import tradeoff
+
+    figures = os.path.join(root, "docs", "figures")
+    tradeoff.main(["--from-json", os.path.join(figures, "tradeoff.json"), "--plot", str(tmp_path / "t.png")])
+    assert localization.main(["--injected", "s1", "--base", "BASE", "--from-json",
+                              os.path.join(figures, "localization.json"), "--plot", str(tmp_path / "l.png")]) == 0
+    assert png_size(tmp_path / "t.png") == png_size(os.path.join(figures, "tradeoff.png"))
+    assert png_size(tmp_path / "l.png") == png_size(os.path.join(figures, "localization.png"))
+    for name in ("tradeoff.json", "localization.json"):
+        text = open(os.path.join(figures, name), encoding="utf-8").read()
+        assert "/tmp" not in text and "../shared" not in text, name
+
+
 def test_plot_tradeoff_controls_robustness_on_made_up_numbers(tmp_path):
     tradeoff = {"moved": 900, "reference_ma": [0.6, 0.5, 0.7],
                 "rows": [{"k": k, "forget_ma": 0.9 - k / 1500, "at_reference": min(3, k // 300), "ks_p": 0.01,
                           "retained_ma": 0.92 - k / 1600, "perplexity": 50 + k / 40} for k in (0, 100, 300, 900)]}
     plot_tradeoff(tradeoff, str(tmp_path / "tradeoff.png"), "made-up")
+    targets = {"neurons": 460, "retained_ma": 0.85, "perplexity_change": 3.0}
+    plot_tradeoff({**tradeoff, "total_neurons": 46080, "targets": targets}, str(tmp_path / "tradeoff.png"), "made-up")
     controls = {"target": {"description": "every forget text at its reference MA + 0.05"},
                 "rows": [{"control": "reference", "method": "reference model", "forget_ma_mean": 0.6,
                           "retained_ma": 0.89, "perplexity": 42.2},
