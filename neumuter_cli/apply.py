@@ -12,7 +12,7 @@ import torch
 from . import NeumuterError, __version__
 from .artifacts import SCALES_KIND, check_kind, check_output_dir, previous_records, read_artifact, save_checkpoint
 from .config import LoadOptions
-from .errors import FingerprintMismatch, SettingsMessage
+from .errors import FingerprintMismatch, SettingsMessage, escape
 from .models import FFNLayer, describe, find_ffn_layers, fold_scales
 
 
@@ -131,7 +131,7 @@ def run_apply(model: str, scales_path: str, output: str, force: bool = False, al
     stored = checkpoint_dtype(model)
     as_loaded = replace(load, dtype=stored or "auto") if load.dtype == "auto" else load
     if progress:
-        progress(f"loading {model}")
+        progress(f"loading {escape(model)}")
     lm, tokenizer = load_model(model, **asdict(as_loaded))
     try:
         return apply_scales_file(lm, tokenizer, artifact.tensors, artifact.metadata, output,

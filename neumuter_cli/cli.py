@@ -17,7 +17,7 @@ from . import NeumuterError, __version__, distributed
 # torch, transformers) are imported inside the commands, so that --help and completion are instant
 from .config import (ATTRIBUTION_SCORES, FORGET_TERMS, LOCALIZE_METHODS, OPTIMIZERS, QUANT_TYPES, LoadOptions,
                      LocalizeConfig, MeasureConfig, NeighborsConfig, RelearnConfig, StopRule)
-from .errors import ConflictingSettings, DeviceUnavailable, NonFiniteLoss, SettingError, SettingsMessage
+from .errors import ConflictingSettings, DeviceUnavailable, NonFiniteLoss, SettingError, SettingsMessage, escape
 from .progress import Reporter
 from .records import is_terminal
 
@@ -144,7 +144,9 @@ class NeumuterGroup(ParseErrorsOnRankZero, click.Group):
         except click.exceptions.Exit:
             raise
         except click.ClickException as exc:
-            exc.message = _report_failure(exc.message, exc.exit_code)
+            # the one way out of every error line: whatever user data it holds (an id, a text, a
+            # path) reaches the terminal escaped, never as a control character
+            exc.message = _report_failure(escape(exc.message), exc.exit_code)
             raise
         except KeyboardInterrupt:
             _report_failure("interrupted (Ctrl-C)", EXIT_SIGINT)
@@ -328,7 +330,7 @@ def load_lm(model: str, load: LoadOptions):
 
     from .models import load_model
 
-    progress(f"loading {model}")
+    progress(f"loading {escape(model)}")
     follow_transformers()
     return load_model(model, **asdict(load))
 
@@ -458,7 +460,7 @@ def apply_cmd(scales, model, load, output, force, allow_any_scale):
     rows = [[b, record["modules"][b], n] for b, n in record["neurons_scaled_per_layer"].items()]
     progress(tabulate(rows, headers=["block", "down-projection", "neurons scaled"]))
     progress(f"{record['neurons_scaled']} of {record['total_neurons']} FFN neurons scaled; "
-             f"checkpoint written to {output}")
+             f"checkpoint written to {escape(output)}")
 
 
 def _el_sizes(ctx, param, values):
@@ -691,7 +693,7 @@ def write_measured(result, config: MeasureConfig, fmt: str, output: str, plot_pa
         source = "<stdin>" if config.input_path == "-" else config.input_path
         plot_measure(result, plot_path, f"{config.model} on {source}"
                      + (f" ({config.quantize} weights)" if config.quantize else ""))
-        progress(f"figure written to {plot_path}")
+        progress(f"figure written to {escape(plot_path)}")
 
 
 def check_verdicts(result, allow_over_forgotten: bool) -> None:
@@ -769,7 +771,7 @@ def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, b
     first = next(records)  # a missing or malformed input fails before the MLM is loaded
     # the bar's length: a second, quick read of the file (stdin can only be read once)
     total = sum(1 for _ in iter_records(input_path)) if reporter().bars and input_path != "-" else None
-    progress(f"loading {mlm}")
+    progress(f"loading {escape(mlm)}")
     follow_in_transformers(reporter())
     writer = NeighborWriter(*load_mlm(mlm, device), config, progress=reporter())
     if temperature == 0 and ratio == 1 and k > 1:
@@ -975,7 +977,7 @@ def relearn_cmd(input_path, model, load, output, steps, lr, batch_size, layers, 
     follow_transformers()
     result = run_relearn(model, input_path, output, config, first_halves, force, load, reporter())
     progress(f"{result.steps} steps in {result.seconds:.1f}s: loss {result.losses[0]:.4f} -> "
-             f"{result.losses[-1]:.4f} (first and last batch); checkpoint written to {output}")
+             f"{result.losses[-1]:.4f} (first and last batch); checkpoint written to {escape(output)}")
 
 
 @cli.command("quantize")
@@ -1007,7 +1009,7 @@ def quantize_cmd(model, load, qtype, output, force):
     summary = run_quantize(model, qtype, output, force, load, reporter())
     progress(f"{summary['weights']} block weights ({summary['elements']:,} values) through {summary['type']}"
              + (f", {len(summary['skipped'])} left as they are" if summary["skipped"] else "")
-             + f"; checkpoint written to {output}")
+             + f"; checkpoint written to {escape(output)}")
 
 
 def main():

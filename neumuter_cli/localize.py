@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from . import NeumuterError, distributed
 from .config import FORGET_TERMS, LOCALIZE_METHODS, OPTIMIZERS, TOLERANCE, LocalizeConfig, StopRule
-from .errors import NonFiniteLoss, NonFiniteOutput
+from .errors import NonFiniteLoss, NonFiniteOutput, escape
 from .gates import GAMMA, ZETA, deterministic_gate, initial_log_alpha, l0_term, training_gate
 from .models import FFNLayer, gated, input_device, scaled
 from .progress import steps
@@ -566,7 +566,7 @@ def _reference_model_limits(model, tokenizer, records, stop: StopRule, max_lengt
         refuse_self_reference(f"{what} is the checkpoint {name}")
     own = fingerprints(model, rounded=True)
     check_not_made_from(name, own["exact"], what, stop.reference_model)
-    say(f"loading {stop.reference_model}")
+    say(f"loading {escape(stop.reference_model)}")
     reference, reference_tokenizer = load_model(stop.reference_model, **asdict(stop.load))
     check_same_tokenizer(tokenizer, reference_tokenizer, name, what, [r["text"] for r in records])
     theirs = fingerprints(reference, rounded=True)

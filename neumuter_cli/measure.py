@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from . import NeumuterError, distributed, mia
 from .config import MeasureConfig
-from .errors import NonFiniteOutput, SettingsMessage
+from .errors import NonFiniteOutput, SettingsMessage, escape
 from .fastpaths import roomy_cache
 from .models import input_device
 from .progress import ProgressFn, steps, throttled
@@ -609,7 +609,7 @@ def _reference_aucs_from_file(scores: dict, holdout: dict, progress: ProgressFn)
     keys = [f"auc_{name}" for name in mia.MIA_SCORES]
     if not isinstance(saved, dict) or not all(isinstance(summary.get(k), (int, float)) for k in keys):
         if progress:
-            progress(f"warning: {scores['path']} holds no holdout AUCs, so no PrivLeak: write it with "
+            progress(f"warning: {escape(scores['path'])} holds no holdout AUCs, so no PrivLeak: write it with "
                      "`measure RECORDS --model REF --holdout HOLDOUT --format json`")
         return None
     if any(saved.get(k) != holdout[k] for k in ("records", "tokens", "sha256")):
@@ -727,7 +727,7 @@ def _measure_model(config: MeasureConfig, inputs: _Inputs, say, inner) -> _Measu
     from .quantize import quantize_model
 
     el_ns, records, ref_scores = tuple(config.el_ns), inputs.records, inputs.ref_scores
-    say(f"loading {config.model}")
+    say(f"loading {escape(config.model)}")
     lm, tokenizer = load_model(config.model, **asdict(config.load))
     # of the model as loaded, before any quantisation; rounded too, to compare with the reference
     prints = fingerprints(lm, rounded=bool(config.reference_model))
@@ -741,12 +741,12 @@ def _measure_model(config: MeasureConfig, inputs: _Inputs, say, inner) -> _Measu
     measured = _Measured(prints, quantized, ids, compressed, [], inputs.limits)
     tfs = []
     if records:
-        say(f"measuring {len(records)} records of {inputs.name} ({sum(map(len, ids))} tokens)")
+        say(f"measuring {len(records)} records of {escape(inputs.name)} ({sum(map(len, ids))} tokens)")
         with _naming(records, inputs.name, label):
             measured.results, tfs = _measure_with_passes(lm, ids, el_ns, config.batch_size, inner, with_mia)
     if inputs.ref_records is not None:
         ref_ids, _ = _tokenize(tokenizer, inputs.ref_records, config.max_length, config.reference_path)
-        say(f"measuring {len(inputs.ref_records)} records of {config.reference_path} "
+        say(f"measuring {len(inputs.ref_records)} records of {escape(config.reference_path)} "
             f"({sum(map(len, ref_ids))} tokens)")
         with _naming(inputs.ref_records, config.reference_path, label):
             measured.limits = thresholds(measure_ids(lm, ref_ids, el_ns, config.batch_size, inner), el_ns)
@@ -814,7 +814,7 @@ def _measure_reference(config: MeasureConfig, inputs: _Inputs, measured: _Measur
         return _Reference(inputs.ref_scores["records"], inputs.ref_scores["fingerprint"])
     _free_memory()
     label = f"reference model {config.reference_model}"
-    say(f"loading reference model {config.reference_model}")
+    say(f"loading reference model {escape(config.reference_model)}")
     ref_lm, _ = load_model(config.reference_model, **asdict(config.load))
     prints = fingerprints(ref_lm, rounded=True)
     check_not_itself(config.model, measured.prints, label, prints)

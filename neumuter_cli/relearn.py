@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from . import NeumuterError, distributed
 from .config import LoadOptions, RelearnConfig
-from .errors import NonFiniteLoss, SettingError
+from .errors import NonFiniteLoss, SettingError, escape
 from .records import finite_number
 from .models import decoder_blocks, input_device, parse_layers
 from .progress import steps
@@ -312,7 +312,7 @@ def run_relearn(model: str, input_path: str, output: str, config: RelearnConfig,
     check_output_dir(output, force, protected=(model, input_path))
     records = read_records(input_path)
     if progress:
-        progress(f"loading {model}")
+        progress(f"loading {escape(model)}")
     lm, tokenizer = load_model(model, **asdict(load or LoadOptions()))
     trained = first_halves(records, tokenizer, config.max_length) if halves else records
     source_fingerprint = fingerprint(lm)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from . import NeumuterError
-from .errors import SettingsMessage
+from .errors import SettingsMessage, escape
 from .records import finite_number, json_problem, loads_json
 
 
@@ -23,9 +23,10 @@ def el_key(n: int) -> str:
 
 
 def record_label(record: dict, position: int) -> str:
-    """How a record is named in messages and tables: its id, else its line position."""
+    """How a record is named in messages and tables: its id (escaped: a newline or an escape
+    sequence in it is shown, never written raw), else its line position."""
     value = record.get("id")
-    return str(value) if value is not None else f"#{position + 1}"
+    return escape(value) if value is not None else f"#{position + 1}"
 
 
 def mean(values: Iterable[float | None]) -> float | None:

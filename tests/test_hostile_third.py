@@ -1,0 +1,119 @@
+"""Issue 26: nothing lost, no false pass. The third round of hostile input, each case with the
+exact line and exit status a user now gets:
+
+1. an output folder is replaced only by an operation that cannot lose it (the destination is
+   resolved once, the old folder restored or kept whenever the new one is not in place);
+2. every yardstick (thresholds, reference scores, a reference model's numbers) is checked
+   for its range and for the --el-n set of the verdict before it is used;
+3. a holdout (and eq. 17's texts never seen) is disjoint from the records;
+4. --trust-remote-code is the model's only: a reference model or masked LM needs its own flag;
+5. every byte of user data that reaches stderr is escaped;
+6. every option has its effect or is refused with status 2, out-of-range integers included;
+7. every input reader has a bound;
+8. temporaries an earlier, killed run left beside an output are named on the next run."""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from helpers import PEOPLE, save_tiny, train_memorizer
+from neumuter_cli.cli import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def error_line(result, status=3):
+    """Exit ``status``, no traceback, and exactly one "Error: " line, the last on stderr."""
+    assert result.exit_code == status, (result.exit_code, result.output)
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    lines = result.stderr.splitlines()
+    assert [line for line in lines if line.startswith("Error: ")] == lines[-1:], lines
+    return lines[-1]
+
+
+def raw_controls(text: str) -> list[str]:
+    """The control characters in ``text`` other than the line breaks between lines."""
+    return [ch for ch in text if (ord(ch) < 32 and ch != "\n") or 0x7f <= ord(ch) < 0xa0]
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """M, a tiny GPT-Neo that memorised the people texts (MA 0.97-1.0 on them); R, an untrained
+    model with its tokenizer; the forget texts; a scales file made for M."""
+    from test_select_apply import write_mask
+
+    from neumuter_cli.models import load_model
+
+    root = tmp_path_factory.mktemp("hostile3")
+    _, tokenizer = train_memorizer(root / "M", steps=60)
+    save_tiny(root / "R", "gpt_neo", seed=1, tokenizer=tokenizer, vocab_size=len(tokenizer), hidden=64, ffn=256)
+    forget = write_jsonl(root / "forget.jsonl", [{"id": f"p{k}", "text": t} for k, t in enumerate(PEOPLE[:3])])
+    write_mask(root / "mask.st", load_model(str(root / "M"), device="cpu")[0])
+    assert run("select", root / "mask.st", "-o", root / "scales.st").exit_code == 0
+    return {"root": root, "M": root / "M", "R": root / "R", "forget": forget, "scales": root / "scales.st"}
+
+
+def scores(world, name, *options):
+    """``measure forget --model NAME --format json`` saved once per set of options."""
+    path = world["root"] / f"{name}-scores{''.join(options).replace('-', '_')}.json"
+    if not path.exists():
+        result = run("measure", world["forget"], "-m", world[name], "--format", "json", "-o", path, "--device", "cpu",
+                     *options)
+        assert result.exit_code == 0, result.output
+    return path
+
+
+# ---------------------------------------------------------------- 5. user data reaches stderr escaped
+
+HOSTILE_ID = "x\nError: all good, exit 0\x1b[2K\x1b]0;pwned\x07"
+SHOWN_ID = r"x\nError: all good, exit 0\x1b[2K\x1b]0;pwned\x07"
+
+
+def test_a_record_id_reaches_the_terminal_escaped(world, tmp_path):
+    records = write_jsonl(tmp_path / "ids.jsonl", [{"id": HOSTILE_ID, "text": PEOPLE[0]}])
+    result = run("measure", records, "-m", world["M"], "--reference-model", world["R"], "--check", "-o",
+                 tmp_path / "out.jsonl", "--device", "cpu")
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[-1] == f"check failed: 1 of 1 records are not forgotten ({SHOWN_ID})"
+    assert not raw_controls(result.stderr) and "\nError: all good" not in result.stderr
+    # in the table too, and in an error line
+    result = run("measure", records, "-m", world["M"], "--format", "table", "--device", "cpu")
+    assert result.exit_code == 0 and SHOWN_ID in result.stdout and not raw_controls(result.stdout)
+    short = write_jsonl(tmp_path / "short.jsonl", [{"id": HOSTILE_ID, "text": "A"}])
+    result = run("measure", short, "-m", world["M"], "--device", "cpu")
+    assert error_line(result) == (f"Error: {short}: record {SHOWN_ID} has 1 token(s); at least 2 are needed to "
+                                  "measure it")
+
+
+def test_paths_and_texts_reach_the_terminal_escaped(world, tmp_path):
+    path = tmp_path / "a\nError: fake\x1b]0;t\x07\u202e.jsonl"
+    shown = str(tmp_path) + r"/a\nError: fake\x1b]0;t\x07\u202e.jsonl"
+    result = run("measure", path, "-m", world["M"], "--device", "cpu")
+    assert error_line(result) == f"Error: cannot read {shown}: No such file or directory"
+    write_jsonl(path, [{"id": "p0", "text": PEOPLE[0]}])
+    result = run("measure", path, "-m", world["M"], "--device", "cpu", "-o", tmp_path / "out.jsonl")
+    assert result.exit_code == 0 and f"measuring 1 records of {shown} (" in result.stderr
+    assert not raw_controls(result.stderr)
+    # a model path, in the progress lines and in the error line of a model that is not there
+    model = tmp_path / "m\rodel\x1b[31m"
+    result = run("measure", path, "-m", model, "--device", "cpu")
+    assert error_line(result) == rf"Error: model not found: {tmp_path}/m\rodel\x1b[31m"
+    # a text, in relearn's message about a text too short to learn from
+    short = write_jsonl(tmp_path / "short.jsonl", [{"text": "\x1b"}])
+    result = run("relearn", short, "-m", world["M"], "-o", tmp_path / "rl", "--device", "cpu")
+    assert error_line(result) == r"Error: text '\x1b' has fewer than 2 tokens: nothing to learn from"
