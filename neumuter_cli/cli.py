@@ -78,6 +78,7 @@ class NeumuterCommand(ParseErrorsOnRankZero, click.Command):
         elif not distributed.launched().main:
             return None
         try:
+            warn_stale_temporaries(ctx)
             return super().invoke(ctx)
         except SettingError as exc:
             flag = self.flag(exc.setting)
@@ -103,6 +104,31 @@ class NeumuterCommand(ParseErrorsOnRankZero, click.Command):
     def word(self, setting: str) -> str:
         """How a message names the library parameter ``setting``: its flag, else its own name."""
         return self.flag(setting) or setting
+
+
+#: the options that name a file or folder a command writes
+OUTPUTS = ("output", "plot_path")
+
+
+def warn_stale_temporaries(ctx) -> None:
+    """Name the temporaries of neumuter's own naming that an earlier run left beside this run's
+    outputs (it was killed before it could remove them); they are not removed: one may hold
+    the previous checkpoint, and another run may still be writing one."""
+    from .records import stale_temporaries
+
+    for output in (ctx.params.get(name) for name in OUTPUTS):
+        if not isinstance(output, str):
+            continue
+        for left, kind in stale_temporaries(output):
+            shown, out = escape(left), escape(output)
+            if kind == "old":
+                progress(f"warning: {shown} was left by an earlier run that was killed while it replaced {out}: "
+                         f"it holds what {out} held before; move it back if {out} is missing, else remove it")
+            else:
+                what = "a file it was writing" if kind == "tmp" and os.path.isfile(left) else (
+                    "a folder it was writing" if kind == "tmp" else "a probe of the folder")
+                progress(f"warning: {shown} was left by an earlier run that was killed while it wrote {out} "
+                         f"({what}); neumuter does not remove it: remove it")
 
 
 class Terminated(SystemExit):

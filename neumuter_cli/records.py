@@ -393,20 +393,61 @@ def _follow_umask(folder: Path) -> None:
                 os.chmod(path, 0o666 & ~umask)
 
 
+def destination(path: str) -> Path:
+    """Where ``path`` is, resolved once, before anything moves: the real path of its folder plus
+    its own name. ``muted/../muted`` runs through the folder it names; once that folder is moved
+    aside, the path itself no longer leads anywhere, its resolved form still does."""
+    target = Path(path)
+    if target.name in ("", ".", ".."):
+        return Path(os.path.realpath(path))
+    return Path(os.path.realpath(target.parent if str(target.parent) else ".")) / target.name
+
+
+#: the temporaries atomic_output and atomic_directory make beside an output NAME (tempfile's
+#: 8 random characters), and the probe of check_folder_writable
+_TEMPORARY = r"\.{name}\.[a-z0-9_]{{8}}\.(tmp|old)"
+_PROBE = re.compile(r"\.neumuter-probe\.[a-z0-9_]{8}")
+
+
+def stale_temporaries(path: str) -> list[tuple[str, str]]:
+    """The temporaries of neumuter's own naming beside the output ``path`` that an earlier run
+    left (killed before it could remove them), as (path, kind): ``"tmp"`` a file or folder it
+    was writing, ``"old"`` a folder it had moved aside to replace it (the previous content of
+    ``path``), ``"probe"`` a file it made to see whether the folder is writable."""
+    if path == "-" or _special_file(path):
+        return []
+    target = destination(path)
+    pattern = re.compile(_TEMPORARY.format(name=re.escape(target.name)))
+    try:
+        names = sorted(os.listdir(target.parent))
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        match = pattern.fullmatch(name)
+        if match:
+            found.append((os.path.join(os.path.dirname(path), name), match.group(1)))
+        elif _PROBE.fullmatch(name):
+            found.append((os.path.join(os.path.dirname(path), name), "probe"))
+    return found
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str, force: bool = False):
     """Yield a temporary directory beside ``path``; on success it replaces ``path``.
 
     An existing non-empty ``path`` is replaced only with ``force``: the caller decides what
-    may be replaced (for a checkpoint, ``artifacts.check_output_dir``). The old folder is
-    moved aside, the new one renamed into place, then the old one removed; on any failure,
-    error, Ctrl-C or SIGTERM, ``path`` is left as it was and nothing is left beside it."""
-    target = Path(path)
+    may be replaced (for a checkpoint, ``artifacts.check_output_dir``). ``path`` is resolved
+    once (:func:`destination`), before anything moves. The old folder is moved aside, the new
+    one renamed into place, then the old one removed; on any failure, error, Ctrl-C or SIGTERM,
+    ``path`` is left as it was and nothing is left beside it. Should even putting the old folder
+    back fail, it is kept where it was moved, and the error says where."""
+    target = destination(path)
     if target.exists() and not target.is_dir():
         raise NeumuterError(f"{path} exists and is not a directory")
     if target.is_dir() and any(target.iterdir()) and not force:
         raise NeumuterError(f"{path} exists and is not empty")
-    parent = target.parent if str(target.parent) else Path(".")
+    parent = target.parent
     if not parent.is_dir():
         raise NeumuterError(f"cannot write {path}: folder {parent} does not exist")
     with _cleanup_on_sigterm():
@@ -426,18 +467,22 @@ def atomic_directory(path: str, force: bool = False):
                 try:
                     os.replace(tmp, target)
                 except BaseException:
-                    os.replace(old, target)
+                    os.replace(old, target)       # should this fail too, the old folder stays in old
                     old = None
                     raise
             else:
                 os.replace(tmp, target)           # a missing or empty target
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            if old is not None and old.is_dir() and not any(old.iterdir()):
-                with contextlib.suppress(OSError):
-                    old.rmdir()
+            kept = ""
+            if old is not None and old.is_dir():
+                if any(old.iterdir()):
+                    kept = f"; the previous content of {path} is kept in {old}"
+                else:
+                    with contextlib.suppress(OSError):
+                        old.rmdir()
             if isinstance(exc, OSError):
-                raise NeumuterError(f"cannot write {path}: {exc.strerror or exc}") from None
+                raise NeumuterError(f"cannot write {path}: {exc.strerror or exc}{kept}") from None
             raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
@@ -468,6 +513,7 @@ __all__ = [
     "EmptyInput", "display_name", "is_terminal", "standard_output", "iter_records", "read_records",
     "validate_record", "record_problem", "strict_loads", "dumps_json", "dumps_record", "record_writer",
     "loads_json", "json_problem", "finite_number",
-    "check_output", "check_folder_writable", "atomic_output", "atomic_directory", "sha256_texts",
+    "check_output", "check_folder_writable", "atomic_output", "atomic_directory", "destination",
+    "stale_temporaries", "sha256_texts",
     "sha256_file", "sha256_bytes",
 ]

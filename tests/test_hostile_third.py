@@ -78,6 +78,74 @@ def scores(world, name, *options):
     return path
 
 
+# ---------------------------------------------------------------- 1. no checkpoint is lost
+
+def checkpoint(world, folder):
+    assert run("apply", world["scales"], "-m", world["M"], "-o", folder, "--device", "cpu").exit_code == 0
+    return sorted(os.listdir(folder)), (folder / "neumuter.json").read_bytes()
+
+
+@pytest.mark.parametrize("command", ["apply", "relearn"])
+def test_an_output_path_through_the_folder_it_replaces_loses_nothing(world, tmp_path, monkeypatch, command):
+    """`-o muted/../muted --force` moved muted aside, then renamed the new checkpoint to a path
+    that ran through the moved folder: "No such file or directory", muted gone, .old and .tmp
+    left behind."""
+    monkeypatch.chdir(tmp_path)
+    before = checkpoint(world, tmp_path / "muted")
+    args = {"apply": [world["scales"]], "relearn": [world["forget"], "--steps", 1]}[command]
+    for through in ("muted/../muted", "muted/./../muted", str(tmp_path / "muted" / ".." / "muted")):
+        result = run(command, *args, "-m", world["M"], "-o", through, "--force", "--device", "cpu")
+        assert result.exit_code == 0, result.output
+        assert result.stderr.splitlines()[-1].endswith(f"checkpoint written to {through}")
+        assert sorted(os.listdir(tmp_path)) == ["muted"]          # nothing beside it
+        record = json.loads((tmp_path / "muted" / "neumuter.json").read_text())
+        assert record.get("stage", "apply") == command
+    assert before[0] == sorted(os.listdir(tmp_path / "muted")) or command == "relearn"
+
+
+def test_an_old_folder_that_cannot_be_put_back_is_kept_and_named(tmp_path, monkeypatch):
+    """The new folder cannot be renamed into place and the old one cannot be renamed back: the
+    old one is kept where it was moved, and the error says where."""
+    from neumuter_cli import NeumuterError
+    from neumuter_cli import records
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "weights").write_text("old")
+    calls = []
+    real = os.replace
+
+    def failing(source, target):
+        calls.append((Path(source).name, Path(target).name))
+        if len(calls) > 1:                 # the move aside works, the two renames after it fail
+            raise OSError(28, "No space left on device")
+        return real(source, target)
+    monkeypatch.setattr(records.os, "replace", failing)
+    with pytest.raises(NeumuterError) as error:
+        with records.atomic_directory(str(out), force=True) as tmp:
+            (tmp / "weights").write_text("new")
+    [old] = [name for name in os.listdir(tmp_path) if name.endswith(".old")]
+    assert str(error.value) == (f"cannot write {out}: No space left on device; the previous content of {out} is "
+                                f"kept in {tmp_path / old}")
+    assert (tmp_path / old / "weights").read_text() == "old"
+    assert sorted(os.listdir(tmp_path)) == [old]                  # the new one is removed
+    # one failure only (the rename into place): the old folder is put back
+    monkeypatch.setattr(records.os, "replace", real)
+    real(tmp_path / old, out)
+    calls.clear()
+
+    def once(source, target):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(source, target)
+    monkeypatch.setattr(records.os, "replace", once)
+    with pytest.raises(NeumuterError, match=r"^cannot write .*: No space left on device$"):
+        with records.atomic_directory(str(out), force=True) as tmp:
+            (tmp / "weights").write_text("new")
+    assert os.listdir(tmp_path) == ["out"] and (out / "weights").read_text() == "old"
+
+
 # ---------------------------------------------------------------- 5. user data reaches stderr escaped
 
 HOSTILE_ID = "x\nError: all good, exit 0\x1b[2K\x1b]0;pwned\x07"
@@ -117,3 +185,37 @@ def test_paths_and_texts_reach_the_terminal_escaped(world, tmp_path):
     short = write_jsonl(tmp_path / "short.jsonl", [{"text": "\x1b"}])
     result = run("relearn", short, "-m", world["M"], "-o", tmp_path / "rl", "--device", "cpu")
     assert error_line(result) == r"Error: text '\x1b' has fewer than 2 tokens: nothing to learn from"
+
+
+# ---------------------------------------------------------------- 8. leftovers of a killed run
+
+def test_temporaries_a_killed_run_left_are_named_on_the_next_run(world, tmp_path):
+    """A SIGKILL while `apply` writes leaves .OUT.*.tmp; the next run names it (and does not
+    remove it: another run may still be writing it)."""
+    muted = tmp_path / "muted"
+    code = ("import os, signal, sys\nfrom neumuter_cli.records import atomic_directory\n"
+            "with atomic_directory(sys.argv[1]) as tmp:\n    (tmp / 'config.json').write_text('{}')\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    killed = subprocess.run([sys.executable, "-c", code, str(muted)], env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert killed.returncode == -9
+    [left] = os.listdir(tmp_path)
+    assert left.startswith(".muted.") and left.endswith(".tmp")
+    result = run("--quiet", "apply", world["scales"], "-m", world["M"], "-o", muted, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == [
+        f"warning: {tmp_path / left} was left by an earlier run that was killed while it wrote {muted} (a folder it "
+        "was writing); neumuter does not remove it: remove it"]
+    assert sorted(os.listdir(tmp_path)) == sorted([left, "muted"])
+    # a folder moved aside to be replaced: it holds the previous checkpoint
+    old = Path(tempfile.mkdtemp(prefix=".muted.", suffix=".old", dir=tmp_path))
+    out = tmp_path / "out.jsonl"
+    stale = Path(tempfile.mkstemp(prefix=".out.jsonl.", suffix=".tmp", dir=tmp_path)[1])
+    result = run("measure", world["forget"], "-m", world["M"], "-o", out, "--device", "cpu", "--quiet")
+    assert result.stderr.splitlines() == [
+        f"warning: {stale} was left by an earlier run that was killed while it wrote {out} (a file it was writing); "
+        "neumuter does not remove it: remove it"]
+    result = run("--quiet", "apply", world["scales"], "-m", world["M"], "-o", muted, "--force", "--device", "cpu")
+    assert result.exit_code == 0
+    assert result.stderr.splitlines()[0] == (
+        f"warning: {old} was left by an earlier run that was killed while it replaced {muted}: it holds what "
+        f"{muted} held before; move it back if {muted} is missing, else remove it")
