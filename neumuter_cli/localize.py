@@ -464,8 +464,12 @@ def reference_model_limits(reference_model, tokenizer, records: Sequence[dict], 
     Forgetting further than that is over-forgetting, itself a membership signal."""
     from .measure import memorization_accuracy
 
+    from .results import check_yardstick, record_label
+
     ids = encode(tokenizer, [r["text"] for r in records], max_length)
     reference_ma = memorization_accuracy(reference_model, ids)
+    for k, (record, ma) in enumerate(zip(records, reference_ma)):
+        check_yardstick({"ma": ma}, f"the reference model: forget text {record_label(record, k)}")
     return {"ma": [min(1.0, ma + tolerance) for ma in reference_ma], "reference_ma": reference_ma,
             "tolerance": tolerance}
 

@@ -58,7 +58,7 @@ from .models import input_device
 from .progress import ProgressFn, steps, throttled
 from .reference import check_not_edited_from, check_not_itself, check_not_made_from, refuse_self_reference, same_checkpoint
 from .mia import MIA_RADIUS, is_forgotten, mark, summarize, thresholds
-from .results import MeasureResult, el_key, read_thresholds, record_label
+from .results import MeasureResult, check_yardstick, el_key, read_thresholds, record_label
 from .text import check_context, encode, model_context, pad
 
 #: cap on the logits one teacher-forced forward may hold (batch × length × vocab floats)
@@ -615,6 +615,7 @@ def _reference_aucs_from_file(scores: dict, holdout: dict, progress: ProgressFn)
     if any(saved.get(k) != holdout[k] for k in ("records", "tokens", "sha256")):
         raise SettingsMessage("{path} was measured with another holdout set (or {max_length}): PrivLeak needs "
                               "both models' AUCs on the same holdout texts", path=scores["path"])
+    check_yardstick({k: summary[k] for k in keys}, f"{scores['path']}: summary")
     return {k: float(summary[k]) for k in keys}
 
 
@@ -750,6 +751,7 @@ def _measure_model(config: MeasureConfig, inputs: _Inputs, say, inner) -> _Measu
             f"({sum(map(len, ref_ids))} tokens)")
         with _naming(inputs.ref_records, config.reference_path, label):
             measured.limits = thresholds(measure_ids(lm, ref_ids, el_ns, config.batch_size, inner), el_ns)
+        check_yardstick(measured.limits, f"{config.reference_path}: the mean")
     if measured.limits is not None:
         mark(measured.results, measured.limits, el_ns)
     if with_mia:
@@ -826,6 +828,8 @@ def _measure_reference(config: MeasureConfig, inputs: _Inputs, measured: _Measur
     with _naming(inputs.records, inputs.name, label):
         reference.results, ref_tfs = _measure_with_passes(ref_lm, measured.ids, tuple(config.el_ns),
                                                           config.batch_size, inner, with_mia)
+    for k, (record, result) in enumerate(zip(inputs.records, reference.results)):
+        check_yardstick(result, f"{label}: record {record_label(record, k)}")
     if with_mia:
         say(f"scoring the {len(measured.holdout_ids)} holdout texts under the reference model")
         with _naming(inputs.holdout_records, config.holdout_path, label):

@@ -62,6 +62,51 @@ class MeasureResult:
         return [record_label(r, k) for k, r in enumerate(self.records) if r.get("over_forgotten")]
 
 
+# ---------------------------------------------------------------- yardsticks
+
+_EL_KEY = re.compile(r"el_(\d+)")
+_SHARE = "MA, EL_n and an AUC are shares, between 0 and 1"
+
+
+def _range_problem(key: str, value) -> str | None:
+    """Why ``value`` cannot be the yardstick ``key`` (None when it can, or ``key`` is no yardstick)."""
+    share = key == "ma" or _EL_KEY.fullmatch(key) or key.startswith("auc_")
+    if not share and key != "loss":
+        return None
+    if value is None and _EL_KEY.fullmatch(key):
+        return None                             # EL_n is undefined for a text of n tokens or fewer
+    if not finite_number(value):
+        return "not a finite number"
+    if share and not 0 <= value <= 1:
+        return f"outside [0, 1] ({_SHARE})"
+    if key == "loss" and value < 0:
+        return "negative (a loss is a mean negative log-likelihood, never below 0)"
+    return None
+
+
+def check_yardstick(values: dict, where: str) -> None:
+    """The rule for every number a verdict is made against (eq. 17's thresholds, a reference
+    model's scores, saved or measured, and its AUCs): MA, EL_n and AUCs in [0, 1], a loss at
+    least 0, each finite. No model gives another number, and a verdict against one would be
+    false (an MA threshold of 5 passes every record): refused, naming the number."""
+    for key, value in values.items():
+        problem = _range_problem(key, value)
+        if problem is not None:
+            raise NeumuterError(f"{where}: {key!r} is {escape(repr(value))[:40]}, {problem}: no model gives that "
+                                "number, so no verdict is made against it")
+
+
+def check_el_sizes(keys: Iterable[str], el_ns: Sequence[int], where: str, what: str) -> None:
+    """Refuse a yardstick measured with EL sizes the verdict does not use: the verdict would come
+    from fewer numbers than the yardstick gives (reference scores with EL_2, a run with
+    --el-n 0: MA alone)."""
+    extra = sorted({int(m.group(1)) for m in map(_EL_KEY.fullmatch, keys) if m} - set(el_ns))
+    if extra:
+        raise SettingsMessage("{where} holds {key!r}, but this run's {el_ns} is {given}: measure {what} with the same "
+                              "{el_ns}", where=where, key=el_key(extra[0]), given=",".join(map(str, el_ns)) or "0",
+                              what=what)
+
+
 # ---------------------------------------------------------------- files saved by earlier runs
 
 def read_thresholds(path: str, el_ns: Sequence[int] = (10,)) -> dict:
@@ -89,8 +134,14 @@ def read_thresholds(path: str, el_ns: Sequence[int] = (10,)) -> dict:
         if not finite_number(value):
             raise SettingsMessage("{path}: no number for threshold {key!r} (measure the reference set with the "
                                   "same {el_ns})", path=path, key=key)
-        out[key] = float(value)
-    out["records"] = data.get("records")
+        out[key] = value
+    check_yardstick(out, path)
+    check_el_sizes(data, el_ns, path, "the reference set")
+    out = {key: float(value) for key, value in out.items()}
+    records = data.get("records")
+    if records is not None and (isinstance(records, bool) or not isinstance(records, int) or records < 1):
+        raise NeumuterError(f"{path}: \"records\" is not a count of reference records")
+    out["records"] = records
     return out
 
 
@@ -159,7 +210,7 @@ def read_reference_scores(path: str, texts: Sequence[str], el_ns: Sequence[int])
         for key in ("ma", "loss"):
             if not finite_number(row.get(key)):
                 raise NeumuterError(f"{where} has no number {key!r}: {hint}")
-            entry[key] = float(row[key])
+            entry[key] = row[key]
         for n in el_ns:
             key = el_key(n)
             if key not in row:
@@ -167,8 +218,14 @@ def read_reference_scores(path: str, texts: Sequence[str], el_ns: Sequence[int])
                                       where=where, key=key)
             if row[key] is not None and not finite_number(row[key]):
                 raise NeumuterError(f"{where}: {key!r} is not a number")
-            entry[key] = None if row[key] is None else float(row[key])
-        entry["tokens"] = row.get("tokens")
+            entry[key] = row[key]
+        check_yardstick(entry, where)
+        check_el_sizes(row, el_ns, where, "the reference")
+        entry = {key: None if value is None else float(value) for key, value in entry.items()}
+        tokens = row.get("tokens")
+        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 2):
+            raise NeumuterError(f"{where}: \"tokens\" is not a number of tokens (at least 2): {hint}")
+        entry["tokens"] = tokens
         out.append(entry)
     return {"records": out, "summary": summary, "path": path, "fingerprint": _scores_fingerprint(path, rows, summary)}
 
@@ -198,5 +255,5 @@ def _scores_fingerprint(path: str, rows: Sequence[dict], summary: dict | None) -
     return found[0]
 
 
-__all__ = ["el_key", "record_label", "mean", "MeasureResult", "read_thresholds", "read_reference_scores",
-           "text_sha256"]
+__all__ = ["el_key", "record_label", "mean", "MeasureResult", "check_yardstick", "check_el_sizes", "read_thresholds",
+           "read_reference_scores", "text_sha256"]

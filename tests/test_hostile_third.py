@@ -146,6 +146,110 @@ def test_an_old_folder_that_cannot_be_put_back_is_kept_and_named(tmp_path, monke
     assert os.listdir(tmp_path) == ["out"] and (out / "weights").read_text() == "old"
 
 
+# ---------------------------------------------------------------- 2. no impossible yardstick
+
+NO_MODEL = "no model gives that number, so no verdict is made against it"
+SHARE = "outside [0, 1] (MA, EL_n and an AUC are shares, between 0 and 1)"
+NEGATIVE = "negative (a loss is a mean negative log-likelihood, never below 0)"
+
+
+@pytest.mark.parametrize("thresholds,el_n,detail", [
+    ({"ma": 5, "el_2": 5, "loss": -3}, "2", f"'ma' is 5, {SHARE}"),        # the issue's: "check passed"
+    ({"ma": 0.5, "el_10": 7, "loss": 3}, "10", f"'el_10' is 7, {SHARE}"),
+    ({"ma": -3, "el_10": 0.5, "loss": 3}, "10", f"'ma' is -3, {SHARE}"),
+    ({"ma": 0.5, "el_10": 0.5, "loss": -0.5}, "10", f"'loss' is -0.5, {NEGATIVE}"),
+    ({"ma": 1.01, "el_10": 0.5, "loss": 3}, "10", f"'ma' is 1.01, {SHARE}"),
+])
+def test_thresholds_out_of_range_are_refused(world, tmp_path, thresholds, el_n, detail):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(thresholds))
+    out = tmp_path / "out.jsonl"
+    result = run("measure", world["forget"], "-m", world["M"], "--thresholds", path, "--el-n", el_n, "--check",
+                 "-o", out, "--device", "cpu")
+    assert error_line(result) == f"Error: {path}: {detail}: {NO_MODEL}"
+    assert "check passed" not in result.stderr and "loading" not in result.stderr and not out.exists()
+
+
+def test_thresholds_in_range_still_judge(world, tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"ma": 0.5, "el_10": 0.5, "loss": 3.0, "records": 20}))
+    result = run("measure", world["forget"], "-m", world["M"], "--thresholds", path, "--check", "--device", "cpu",
+                 "-o", tmp_path / "out.jsonl")
+    assert result.exit_code == 1 and "check failed: 3 of 3 records are not forgotten" in result.stderr
+    path.write_text(json.dumps({"ma": 0.5, "el_10": 0.5, "loss": 3.0, "records": "\x1b]0;t\x07"}))
+    result = run("measure", world["forget"], "-m", world["M"], "--thresholds", path, "--device", "cpu")
+    assert error_line(result) == f'Error: {path}: "records" is not a count of reference records'
+
+
+@pytest.mark.parametrize("edit,detail", [
+    ({"ma": 1.01, "loss": -0.5}, f"'ma' is 1.01, {SHARE}"),                  # the issue's: "check passed"
+    ({"loss": -0.5}, f"'loss' is -0.5, {NEGATIVE}"),
+    ({"el_10": -0.1}, f"'el_10' is -0.1, {SHARE}"),
+])
+def test_reference_scores_out_of_range_are_refused(world, tmp_path, edit, detail):
+    data = json.loads(scores(world, "R").read_text())
+    data["records"][0].update(edit)
+    path = tmp_path / "scores.json"
+    path.write_text(json.dumps(data))
+    result = run("measure", world["forget"], "-m", world["M"], "--reference-scores", path, "--check",
+                 "--allow-over-forgotten", "--device", "cpu")
+    assert error_line(result) == f"Error: {path}: record 1: {detail}: {NO_MODEL}"
+    assert "loading" not in result.stderr
+
+
+def test_a_yardstick_of_other_el_sizes_is_refused(world, tmp_path):
+    """Scores measured at --el-n 2 judged a run with --el-n 0 by MA alone (with --el-n 3 they
+    were refused); a thresholds file the same."""
+    two = scores(world, "R", "--el-n", "2")
+    result = run("measure", world["forget"], "-m", world["M"], "--reference-scores", two, "--el-n", "0", "--check",
+                 "--device", "cpu")
+    assert error_line(result) == (f"Error: {two}: record 1 holds 'el_2', but this run's --el-n is 0: measure the "
+                                  "reference with the same --el-n")
+    result = run("measure", world["forget"], "-m", world["M"], "--reference-scores", two, "--el-n", "2,10",
+                 "--device", "cpu")
+    assert error_line(result) == (f"Error: {two}: record 1 has no 'el_10' (measure the reference with the same "
+                                  "--el-n)")
+    thresholds = tmp_path / "t.json"
+    thresholds.write_text(json.dumps({"ma": 0.5, "el_2": 0.5, "el_10": 0.5, "loss": 3}))
+    result = run("measure", world["forget"], "-m", world["M"], "--thresholds", thresholds, "--check", "--device", "cpu")
+    assert error_line(result) == (f"Error: {thresholds} holds 'el_2', but this run's --el-n is 10: measure the "
+                                  "reference set with the same --el-n")
+
+
+def test_saved_reference_aucs_and_token_counts_are_checked(world, tmp_path):
+    holdout = write_jsonl(tmp_path / "holdout.jsonl", [{"id": f"h{k}", "text": t} for k, t in enumerate(PEOPLE[3:])])
+    saved = tmp_path / "R.json"
+    result = run("measure", world["forget"], "-m", world["R"], "--holdout", holdout, "--format", "json", "-o", saved,
+                 "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    data = json.loads(saved.read_text())
+    data["summary"]["auc_mink_40"] = 7
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(data))
+    result = run("measure", world["forget"], "-m", world["M"], "--reference-scores", edited, "--holdout", holdout,
+                 "--device", "cpu", "-o", tmp_path / "out.jsonl")
+    assert error_line(result) == f"Error: {edited}: summary: 'auc_mink_40' is 7, {SHARE}: {NO_MODEL}"
+    data = json.loads(saved.read_text())
+    data["records"][0]["tokens"] = True
+    edited.write_text(json.dumps(data))
+    result = run("measure", world["forget"], "-m", world["M"], "--reference-scores", edited, "--device", "cpu")
+    assert error_line(result) == (f'Error: {edited}: record 1: "tokens" is not a number of tokens (at least 2): it '
+                                  "must be the output of `neumuter measure` on the same records, in the same order")
+
+
+def test_the_yardstick_rule_covers_a_reference_model_s_numbers():
+    from neumuter_cli import NeumuterError
+    from neumuter_cli.results import check_yardstick
+
+    check_yardstick({"ma": 0.0, "el_10": None, "loss": 0.0, "tokens": -1, "auc_loss": 1}, "fine")
+    for values, detail in (({"ma": float("nan")}, "'ma' is nan, not a finite number"),
+                           ({"loss": float("inf")}, "'loss' is inf, not a finite number"),
+                           ({"el_5": True}, "'el_5' is True, not a finite number")):
+        with pytest.raises(NeumuterError) as error:
+            check_yardstick(values, "reference model R: record p0")
+        assert str(error.value) == f"reference model R: record p0: {detail}: {NO_MODEL}"
+
+
 # ---------------------------------------------------------------- 5. user data reaches stderr escaped
 
 HOSTILE_ID = "x\nError: all good, exit 0\x1b[2K\x1b]0;pwned\x07"
@@ -216,6 +320,6 @@ def test_temporaries_a_killed_run_left_are_named_on_the_next_run(world, tmp_path
         "neumuter does not remove it: remove it"]
     result = run("--quiet", "apply", world["scales"], "-m", world["M"], "-o", muted, "--force", "--device", "cpu")
     assert result.exit_code == 0
-    assert result.stderr.splitlines()[0] == (
-        f"warning: {old} was left by an earlier run that was killed while it replaced {muted}: it holds what "
-        f"{muted} held before; move it back if {muted} is missing, else remove it")
+    assert (f"warning: {old} was left by an earlier run that was killed while it replaced {muted}: it holds what "
+            f"{muted} held before; move it back if {muted} is missing, else remove it") in result.stderr.splitlines()
+    assert len(result.stderr.splitlines()) == 2
