@@ -909,7 +909,8 @@ def localize_cmd(input_path, output, layers, reference_path, reference_limit, re
     """
     from .artifacts import save_artifact
     from .localize import run_localize
-    from .records import check_output, read_records
+    from .records import check_output, display_name, read_records
+    from .results import UNSEEN_WHY, check_disjoint
 
     if output == "-" and is_terminal(sys.stdout):
         raise click.UsageError("refusing to write a binary mask to a terminal: use -o FILE or a pipe")
@@ -924,6 +925,9 @@ def localize_cmd(input_path, output, layers, reference_path, reference_limit, re
     # read before the model loads, so that a bad file fails in a second, not after the load
     reference_texts = ([r["text"] for r in read_records(reference_path)]
                        if reference_path is not None and stop_ma is None else None)
+    if reference_texts:
+        check_disjoint(records, [r["text"] for r in records], reference_texts[:reference_limit],
+                       display_name(input_path), reference_path, UNSEEN_WHY)
     stop = StopRule(reference_model, tolerance, reference_texts, reference_limit, stop_ma, stop_el, target_ma, load)
     lm, tokenizer = load_lm(model, load)
     run = run_localize(lm, tokenizer, records, LocalizeConfig(**training), layers, stop, reporter())

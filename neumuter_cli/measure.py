@@ -58,7 +58,8 @@ from .models import input_device
 from .progress import ProgressFn, steps, throttled
 from .reference import check_not_edited_from, check_not_itself, check_not_made_from, refuse_self_reference, same_checkpoint
 from .mia import MIA_RADIUS, is_forgotten, mark, summarize, thresholds
-from .results import MeasureResult, check_yardstick, el_key, read_thresholds, record_label
+from .results import (HOLDOUT_WHY, UNSEEN_WHY, MeasureResult, check_disjoint, check_yardstick, el_key, read_thresholds,
+                      record_label)
 from .text import check_context, encode, model_context, pad
 
 #: cap on the logits one teacher-forced forward may hold (batch × length × vocab floats)
@@ -684,6 +685,7 @@ def _read_inputs(config: MeasureConfig) -> _Inputs:
         read_records(config.ppl_path) if config.ppl_path else None, None)
     if config.check and not records:
         raise SettingsMessage("{check}: no records to check")
+    _check_disjoint(inputs, config)
     for setting in ("reference_model", "reference_scores_path", "holdout_path"):
         if getattr(config, setting) and not records:
             raise SettingsMessage("{" + setting + "} needs records to measure")
@@ -702,6 +704,22 @@ def _read_inputs(config: MeasureConfig) -> _Inputs:
         if rows is not None:                 # an embedding too small fails now, not after the first model
             check_vocabulary(label, rows, reference_tokenizer)
     return inputs
+
+
+def _check_disjoint(inputs: _Inputs, config: MeasureConfig, measured: "_Measured | None" = None,
+                    ref_ids: Sequence[Sequence[int]] | None = None) -> None:
+    """The holdout and eq. 17's texts never seen hold none of the records: compared by text
+    before the model loads, by the token ids measured (``measured``) once it has."""
+    for others, path, ids, why in ((inputs.holdout_records, config.holdout_path,
+                                    measured and measured.holdout_ids, HOLDOUT_WHY),
+                                   (inputs.ref_records, config.reference_path, ref_ids, UNSEEN_WHY)):
+        if not others or not inputs.records:
+            continue
+        if measured is None:
+            check_disjoint(inputs.records, inputs.texts, [r["text"] for r in others], inputs.name, path, why)
+        elif ids is not None:
+            check_disjoint(inputs.records, list(map(tuple, measured.ids)), list(map(tuple, ids)), inputs.name,
+                           path, why, tokens=True)
 
 
 @dataclass
@@ -747,6 +765,7 @@ def _measure_model(config: MeasureConfig, inputs: _Inputs, say, inner) -> _Measu
             measured.results, tfs = _measure_with_passes(lm, ids, el_ns, config.batch_size, inner, with_mia)
     if inputs.ref_records is not None:
         ref_ids, _ = _tokenize(tokenizer, inputs.ref_records, config.max_length, config.reference_path)
+        _check_disjoint(inputs, config, measured, ref_ids)
         say(f"measuring {len(inputs.ref_records)} records of {escape(config.reference_path)} "
             f"({sum(map(len, ref_ids))} tokens)")
         with _naming(inputs.ref_records, config.reference_path, label):
@@ -757,6 +776,7 @@ def _measure_model(config: MeasureConfig, inputs: _Inputs, say, inner) -> _Measu
     if with_mia:
         measured.holdout_ids, measured.holdout_compressed = _tokenize(tokenizer, inputs.holdout_records,
                                                                       config.max_length, config.holdout_path)
+        _check_disjoint(inputs, config, measured)
         say(f"scoring {len(measured.holdout_ids)} holdout texts ({sum(map(len, measured.holdout_ids))} tokens)")
         member_scores = _mia_scores(tfs, compressed)
         with _naming(inputs.holdout_records, config.holdout_path, label):

@@ -107,6 +107,33 @@ def check_el_sizes(keys: Iterable[str], el_ns: Sequence[int], where: str, what: 
                               what=what)
 
 
+# ---------------------------------------------------------------- sets that must not share a text
+
+#: why a holdout, and eq. 17's texts never seen, hold none of the records
+HOLDOUT_WHY = ("a holdout must be texts neither model trained on: scored against the records themselves every "
+               "membership AUC is 0.5 and PrivLeak 0, whatever the model remembers")
+UNSEEN_WHY = ("the thresholds must come from texts the model never saw: the records themselves set the bar at "
+              "their own mean")
+
+
+def check_disjoint(records: Sequence[dict], keys: Sequence, other_keys: Sequence, name: str, other_name: str,
+                   why: str, tokens: bool = False) -> None:
+    """Refuse a set of texts that must not hold any of the records (a holdout, eq. 17's texts
+    never seen) when it does. ``keys`` / ``other_keys``: what is compared, one per text (the
+    texts, or with ``tokens`` the token ids as measured: texts that differ only past the
+    --max-length cut are the same text to every score)."""
+    own: dict = {}
+    for k, key in enumerate(keys):
+        own.setdefault(key, k)
+    shared = [own[key] for key in other_keys if key in own]
+    if shared:
+        labels = [record_label(records[k], k) for k in shared]
+        raise SettingsMessage("{other}: {count} of its {total} texts are records of {name}"
+                              + (" in their first {max_length} tokens" if tokens else "") + " ({shown}): {why}",
+                              other=other_name, count=len(shared), total=len(other_keys), name=name, why=why,
+                              shown=", ".join(labels[:5]) + (", ..." if len(labels) > 5 else ""))
+
+
 # ---------------------------------------------------------------- files saved by earlier runs
 
 def read_thresholds(path: str, el_ns: Sequence[int] = (10,)) -> dict:
@@ -255,5 +282,5 @@ def _scores_fingerprint(path: str, rows: Sequence[dict], summary: dict | None) -
     return found[0]
 
 
-__all__ = ["el_key", "record_label", "mean", "MeasureResult", "check_yardstick", "check_el_sizes", "read_thresholds",
-           "read_reference_scores", "text_sha256"]
+__all__ = ["el_key", "record_label", "mean", "MeasureResult", "check_yardstick", "check_el_sizes", "HOLDOUT_WHY",
+           "UNSEEN_WHY", "check_disjoint", "read_thresholds", "read_reference_scores", "text_sha256"]

@@ -250,6 +250,41 @@ def test_the_yardstick_rule_covers_a_reference_model_s_numbers():
         assert str(error.value) == f"reference model R: record p0: {detail}: {NO_MODEL}"
 
 
+# ---------------------------------------------------------------- 3. a holdout is not the records
+
+HOLDOUT_WHY = ("a holdout must be texts neither model trained on: scored against the records themselves every "
+               "membership AUC is 0.5 and PrivLeak 0, whatever the model remembers")
+UNSEEN_WHY = "the thresholds must come from texts the model never saw: the records themselves set the bar at their own mean"
+
+
+def test_a_holdout_that_is_the_records_is_refused(world, tmp_path):
+    """Every AUC 0.5 and PrivLeak 0.0, "leaks like the reference", for the memoriser."""
+    forget = world["forget"]
+    for extra in ([], ["--reference-model", world["R"]]):
+        result = run("measure", forget, "-m", world["M"], "--holdout", forget, *extra, "--device", "cpu")
+        assert error_line(result) == f"Error: {forget}: 3 of its 3 texts are records of {forget} (p0, p1, p2): {HOLDOUT_WHY}"
+        assert "loading" not in result.stderr
+    overlap = write_jsonl(tmp_path / "overlap.jsonl", [{"text": PEOPLE[4]}, {"text": PEOPLE[1]}, {"text": PEOPLE[5]}])
+    result = run("measure", forget, "-m", world["M"], "--holdout", overlap, "--device", "cpu")
+    assert error_line(result) == f"Error: {overlap}: 1 of its 3 texts are records of {forget} (p1): {HOLDOUT_WHY}"
+    # texts that differ only past the --max-length cut are the same text to every score
+    longer = write_jsonl(tmp_path / "longer.jsonl", [{"text": t + " And so on."} for t in PEOPLE[:2]])
+    result = run("measure", forget, "-m", world["M"], "--holdout", longer, "--max-length", 8, "--device", "cpu")
+    assert error_line(result) == (f"Error: {longer}: 2 of its 2 texts are records of {forget} in their first "
+                                  f"--max-length tokens (p0, p1): {HOLDOUT_WHY}")
+    assert run("measure", forget, "-m", world["M"], "--holdout", longer, "--device", "cpu").exit_code == 0
+
+
+def test_texts_never_seen_that_are_the_records_are_refused(world, tmp_path):
+    forget = world["forget"]
+    result = run("measure", forget, "-m", world["M"], "--reference", forget, "--check", "--device", "cpu")
+    assert error_line(result) == f"Error: {forget}: 3 of its 3 texts are records of {forget} (p0, p1, p2): {UNSEEN_WHY}"
+    nb = write_jsonl(tmp_path / "nb.jsonl", [{"id": "n0", "text": PEOPLE[0], "neighbors": [PEOPLE[5]]}])
+    result = run("localize", nb, "-m", world["M"], "--reference", forget, "-o", tmp_path / "mask.st", "--device", "cpu")
+    assert error_line(result) == f"Error: {forget}: 1 of its 3 texts are records of {nb} (n0): {UNSEEN_WHY}"
+    assert "loading" not in result.stderr
+
+
 # ---------------------------------------------------------------- 5. user data reaches stderr escaped
 
 HOSTILE_ID = "x\nError: all good, exit 0\x1b[2K\x1b]0;pwned\x07"
