@@ -103,13 +103,11 @@ def apply_scales_file(model, tokenizer, tensors: dict[str, torch.Tensor], meta: 
 
 def checkpoint_dtype(model: str) -> str | None:
     """The float dtype a local checkpoint directory is stored in (config.json), or None."""
-    config = Path(model) / "config.json"
-    if not config.is_file():
-        return None
+    from .records import read_small_file
+
     try:
-        with open(config, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except (OSError, ValueError, RecursionError):
+        data = json.loads(read_small_file(str(Path(model) / "config.json")) or b"null")
+    except (OSError, ValueError, RecursionError, NeumuterError):
         return None
     if not isinstance(data, dict):
         return None

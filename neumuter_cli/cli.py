@@ -15,8 +15,8 @@ from tabulate import tabulate
 from . import NeumuterError, __version__, distributed
 # torch-free: the options and --help are built from these defaults; the stages themselves (and
 # torch, transformers) are imported inside the commands, so that --help and completion are instant
-from .config import (ATTRIBUTION_SCORES, FORGET_TERMS, LOCALIZE_METHODS, OPTIMIZERS, QUANT_TYPES, LoadOptions,
-                     LocalizeConfig, MeasureConfig, NeighborsConfig, RelearnConfig, StopRule)
+from .config import (ATTRIBUTION_SCORES, FORGET_TERMS, LOCALIZE_METHODS, MAX_NEIGHBORS, OPTIMIZERS, QUANT_TYPES,
+                     SEED_RANGE, LoadOptions, LocalizeConfig, MeasureConfig, NeighborsConfig, RelearnConfig, StopRule)
 from .errors import ConflictingSettings, DeviceUnavailable, NonFiniteLoss, SettingError, SettingsMessage, escape
 from .progress import Reporter
 from .records import is_terminal
@@ -78,6 +78,7 @@ class NeumuterCommand(ParseErrorsOnRankZero, click.Command):
         elif not distributed.launched().main:
             return None
         try:
+            refuse_options_without_effect(self, ctx)
             warn_stale_temporaries(ctx)
             return super().invoke(ctx)
         except SettingError as exc:
@@ -108,6 +109,55 @@ class NeumuterCommand(ParseErrorsOnRankZero, click.Command):
 
 #: the options that name a file or folder a command writes
 OUTPUTS = ("output", "plot_path")
+
+
+def _attribution(params: dict) -> bool:
+    return params.get("method") == "attribution"
+
+
+#: options that have an effect only beside others, per command: (option, what it needs, whether
+#: the command line gives that); given without it, an option is refused (status 2), never ignored
+_GATES = "--method gates (the attribution method trains no gates)"
+NEEDS = {
+    "measure": [
+        ("tolerance", "--reference-model or --reference-scores",
+         lambda p: p["reference_model"] or p["reference_scores_path"]),
+        ("ppl_window", "--ppl", lambda p: p["ppl_path"]),
+        ("ppl_stride", "--ppl", lambda p: p["ppl_path"]),
+        # (without a reference model, measure_config says that it needs one)
+        ("allow_over_forgotten", "--check", lambda p: p["check"] or not (p["reference_model"]
+                                                                         or p["reference_scores_path"])),
+        ("prefix_tokens", "--generations N (N > 0)", lambda p: p["generations"]),
+        ("new_tokens", "--generations N (N > 0)", lambda p: p["generations"]),
+    ],
+    "localize": [
+        ("tolerance", "--reference-model", lambda p: p["reference_model"]),
+        ("trust_remote_code_reference", "--reference-model", lambda p: p["reference_model"]),
+        ("reference_limit", "--reference (without --stop-ma)", lambda p: p["reference_path"] and p["stop_ma"] is None),
+        ("max_forget_loss", "--forget-term bounded", lambda p: p["forget_term"] == "bounded" and not _attribution(p)),
+        ("margin", "--forget-term hinge", lambda p: p["forget_term"] == "hinge" and not _attribution(p)),
+        ("target_ma", "--forget-term hinge", lambda p: p["forget_term"] == "hinge" and not _attribution(p)),
+        *[(name, "--method attribution", _attribution) for name in ("max_per_text", "contrast", "score",
+                                                                      "shrink_rounds")],
+        *[(name, _GATES, lambda p: not _attribution(p))
+          for name in ("epochs", "lr", "kl_weight", "l0_weight", "beta", "forget_term", "kl_top_k", "check_every",
+                       "optimizer", "prune", "batch_size", "seed")],
+    ],
+    "neighbors": [("top_k", "--temperature above 0 (top-k limits sampling; 0 is the argmax)",
+                   lambda p: p["temperature"] > 0)],
+}
+
+
+def refuse_options_without_effect(command: "NeumuterCommand", ctx) -> None:
+    """An option given on the command line that would have no effect (it needs another that is
+    not given) is a usage error, not silently ignored."""
+    from click.core import ParameterSource
+
+    for name, needs, given in NEEDS.get(command.name, ()):
+        if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE and not given(ctx.params):
+            param = next(p for p in command.params if p.name == name)
+            pair = [opt for opt in param.secondary_opts if opt.startswith("--")]      # --prune/--no-prune
+            raise click.UsageError("/".join([command.flag(name), *pair]) + f" needs {needs}", ctx)
 
 
 def warn_stale_temporaries(ctx) -> None:
@@ -246,6 +296,9 @@ class FiniteFloat(click.FloatRange):
             return "finite"
         return super()._describe_range()
 
+
+#: a seed: what torch's generators take (and the same range for every command)
+SEED = click.IntRange(SEED_RANGE[0], SEED_RANGE[1])
 
 REPORTER, QUIET = "neumuter.reporter", "neumuter.quiet"    # keys of click's ctx.meta
 
@@ -533,6 +586,9 @@ def _png_path(ctx, param, value):
                    "without them; any model --model takes, with the same tokenizer): each record is judged "
                    "against this model's own MA, EL_n and loss on it, instead of eq. 17's thresholds. "
                    "Loaded after the model is measured and freed; it is not quantised.")
+@click.option("--trust-remote-code-reference", is_flag=True, default=False,
+              help="Allow code from the --reference-model's checkpoint to run (--trust-remote-code is for --model "
+                   "only: a reference model that needs its own code is refused without this).")
 @click.option("--reference-scores", "reference_scores_path", metavar="FILE",
               help="The reference model's numbers measured before, instead of --reference-model: the JSON "
                    "or JSONL output of `measure INPUT --model REF` (same records in the same order, same "
@@ -741,7 +797,8 @@ def check_verdicts(result, allow_over_forgotten: bool) -> None:
 @click.argument("input_path", default="-", metavar="[INPUT|-]")
 @click.option("--mlm", required=True, metavar="NAME_OR_PATH",
               help="Masked LM (BERT-style) that writes the neighbours: a local directory or a hub name.")
-@click.option("-k", "--count", "k", type=click.IntRange(1), default=NEIGHBORS.k, show_default=True, metavar="K",
+@click.option("-k", "--count", "k", type=click.IntRange(1, MAX_NEIGHBORS), default=NEIGHBORS.k, show_default=True,
+              metavar="K",
               help="Neighbours per record.")
 @click.option("-r", "--ratio", type=FiniteFloat(0, 1, min_open=True), default=NEIGHBORS.ratio,
               show_default=True, metavar="R",
@@ -751,7 +808,7 @@ def check_verdicts(result, allow_over_forgotten: bool) -> None:
                                 "T > 0: sample from softmax(logits / T).")
 @click.option("--top-k", type=click.IntRange(0), default=NEIGHBORS.top_k, show_default=True, metavar="N",
               help="When sampling, draw from the N most likely tokens only; 0: no limit.")
-@click.option("--seed", type=int, default=NEIGHBORS.seed, show_default=True,
+@click.option("--seed", type=SEED, default=NEIGHBORS.seed, show_default=True,
               help="Seed of the position choice and the sampling: same input, options and seed "
                    "give the same output, whatever the batch size.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default=LOAD_DEFAULTS.device,
@@ -760,8 +817,12 @@ def check_verdicts(result, allow_over_forgotten: bool) -> None:
               metavar="N", help="Sequences (records x neighbours) advanced by one MLM call.")
 @click.option("--output", "-o", default="-", show_default=True, metavar="FILE|-",
               help="Where the records go (written atomically); - is stdout.")
+@click.option("--trust-remote-code-mlm", is_flag=True, default=False,
+              help="Allow code from the --mlm checkpoint to run (an MLM that needs its own code is refused "
+                   "without this).")
 @quiet_option
-def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, batch_size, output):
+def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, batch_size, output,
+                  trust_remote_code_mlm):
     """Add K neighbour texts to every record, written by a masked LM.
 
     Reads records (JSONL with "text"; INPUT or - / nothing: stdin) and writes each one, in
@@ -799,7 +860,7 @@ def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, b
     total = sum(1 for _ in iter_records(input_path)) if reporter().bars and input_path != "-" else None
     progress(f"loading {escape(mlm)}")
     follow_in_transformers(reporter())
-    writer = NeighborWriter(*load_mlm(mlm, device), config, progress=reporter())
+    writer = NeighborWriter(*load_mlm(mlm, device, trust_remote_code_mlm), config, progress=reporter())
     if temperature == 0 and ratio == 1 and k > 1:
         progress(f"warning: with --temperature 0 and -r 1 the {k} neighbours of a record "
                  "are identical (use --temperature > 0 for distinct ones)")
@@ -851,7 +912,7 @@ def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, b
 @click.option("--kl-top-k", type=click.IntRange(0), default=DEFAULTS.kl_top_k, show_default=True,
               help="Keep the original distribution as its top-k log-probs plus one bucket for the "
                    "rest of the vocabulary (0: the full vocabulary).")
-@click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True, help="Seed of the gate noise.")
+@click.option("--seed", type=SEED, default=DEFAULTS.seed, show_default=True, help="Seed of the gate noise.")
 @click.option("--reference", "reference_path", default=None, metavar="JSONL",
               help="Texts the model never saw: their average MA is eq. 17's MA threshold, and "
                    "training stops as soon as every forget text is at or below it with the "
@@ -866,6 +927,9 @@ def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, b
                    "below its reference MA + --tolerance with the neurons that `select` would choose, and "
                    "the hinge stops pulling a text at its reference MA, so nothing is forgotten further "
                    "than a model that never saw it (over-forgetting is a membership signal too).")
+@click.option("--trust-remote-code-reference", is_flag=True, default=False,
+              help="Allow code from the --reference-model's checkpoint to run (--trust-remote-code is for --model "
+                   "only: a reference model that needs its own code is refused without this).")
 @click.option("--tolerance", type=FiniteFloat(0, 1), default=STOP_DEFAULTS.tolerance, show_default=True,
               help="With --reference-model: how far above its reference MA a text may stay.")
 @click.option("--stop-ma", type=FiniteFloat(0, 1), default=None, help="MA threshold for the early stop (overrides --reference).")
@@ -928,7 +992,8 @@ def localize_cmd(input_path, output, layers, reference_path, reference_limit, re
     if reference_texts:
         check_disjoint(records, [r["text"] for r in records], reference_texts[:reference_limit],
                        display_name(input_path), reference_path, UNSEEN_WHY)
-    stop = StopRule(reference_model, tolerance, reference_texts, reference_limit, stop_ma, stop_el, target_ma, load)
+    stop = StopRule(reference_model, tolerance, reference_texts, reference_limit, stop_ma, stop_el, target_ma, load,
+                    trust_remote_code_reference=training.pop("trust_remote_code_reference"))
     lm, tokenizer = load_lm(model, load)
     run = run_localize(lm, tokenizer, records, LocalizeConfig(**training), layers, stop, reporter())
     if distributed.is_main():
@@ -968,7 +1033,7 @@ def report_localized(run) -> None:
                    "the whole text: the usual attack, which then looks whether the second halves come back.")
 @click.option("--max-length", type=click.IntRange(2), default=RELEARN_DEFAULTS.max_length, show_default=True,
               help="Cut every text to its first N tokens.")
-@click.option("--seed", type=int, default=RELEARN_DEFAULTS.seed, show_default=True,
+@click.option("--seed", type=SEED, default=RELEARN_DEFAULTS.seed, show_default=True,
               help="Seed of the data order: the same seed gives the same weights.")
 @click.option("--force", is_flag=True, default=False, help="Replace DIR if it exists and is not empty.")
 @quiet_option

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from . import NeumuterError, distributed
-from .config import FORGET_TERMS, LOCALIZE_METHODS, OPTIMIZERS, TOLERANCE, LocalizeConfig, StopRule
+from .config import FORGET_TERMS, LOCALIZE_METHODS, OPTIMIZERS, TOLERANCE, LocalizeConfig, StopRule, check_seed
 from .errors import NonFiniteLoss, NonFiniteOutput, escape
 from .gates import GAMMA, ZETA, deterministic_gate, initial_log_alpha, l0_term, training_gate
-from .models import FFNLayer, gated, input_device, scaled
+from .models import FFNLayer, float32_steps, gated, input_device, scaled
 from .progress import steps
 from .records import finite_number
 from .select import DEFAULT_RULE, select_neurons
@@ -40,6 +40,7 @@ def check_config(config: LocalizeConfig) -> None:
     out of its range (e.g. a learning rate of 0, a negative weight, a target MA above 1)."""
     if config.forget_term not in FORGET_TERMS:
         raise NeumuterError(f"unknown forget term {config.forget_term!r} (choose {', '.join(FORGET_TERMS)})")
+    check_seed(config.seed)
     for name, low, high, low_ok in CONFIG_RANGES:
         value = getattr(config, name)
         if not finite_number(value):
@@ -284,7 +285,8 @@ def _gate_step(model, batch: _Batch, original, log_alpha: list[torch.Tensor], op
         distributed.all_reduce_sum([*(la.grad for la in log_alpha), sums])
     if not torch.isfinite(sums[0]):
         raise NonFiniteLoss(f"epoch {epoch}: the loss is not finite ({sums[0].item()})")
-    optimiser.step()
+    with float32_steps(f"epoch {epoch}"):
+        optimiser.step()
     return sums, reg
 
 
@@ -493,6 +495,7 @@ def run_localize(model, tokenizer, records: Sequence[dict], config: LocalizeConf
 
     stop = stop or StopRule()
     say = progress or (lambda message: None)
+    check_seed(config.seed)
     torch.manual_seed(config.seed)
     layers_all = find_ffn_layers(model)
     chosen = [layers_all[i] for i in parse_layers(layers, len(layers_all))]
@@ -562,7 +565,7 @@ def _naming(records: Sequence[dict], what: str, model: str):
 def _reference_model_limits(model, tokenizer, records, stop: StopRule, max_length: int, say) -> dict:
     from .reference import (check_not_edited_from, check_not_itself, check_not_made_from, refuse_self_reference,
                             same_checkpoint)
-    from .models import check_same_tokenizer, fingerprints, load_model
+    from .models import check_same_tokenizer, fingerprints, load_model, refuse_untrusted_code
 
     name = getattr(model, "neumuter_source", "the model")
     what = f"reference model {stop.reference_model}"
@@ -570,8 +573,9 @@ def _reference_model_limits(model, tokenizer, records, stop: StopRule, max_lengt
         refuse_self_reference(f"{what} is the checkpoint {name}")
     own = fingerprints(model, rounded=True)
     check_not_made_from(name, own["exact"], what, stop.reference_model)
+    refuse_untrusted_code(stop.reference_model, stop.trust_remote_code_reference, what, "trust_remote_code_reference")
     say(f"loading {escape(stop.reference_model)}")
-    reference, reference_tokenizer = load_model(stop.reference_model, **asdict(stop.load))
+    reference, reference_tokenizer = load_model(stop.reference_model, **asdict(stop.reference_load))
     check_same_tokenizer(tokenizer, reference_tokenizer, name, what, [r["text"] for r in records])
     theirs = fingerprints(reference, rounded=True)
     check_not_itself(name, own, what, theirs)

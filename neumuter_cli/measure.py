@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from . import NeumuterError, distributed, mia
 from .config import MeasureConfig
-from .errors import NonFiniteOutput, SettingsMessage, escape
+from .errors import NonFiniteOutput, SettingError, SettingsMessage, escape
 from .fastpaths import roomy_cache
 from .models import input_device
 from .progress import ProgressFn, steps, throttled
@@ -491,10 +491,11 @@ def perplexity(model, tokenizer, texts: Sequence[str], window: int | None = None
     ``tokens`` = the number of scored tokens, ``nll`` = their mean negative log-likelihood."""
     window = window or model_context(model, tokenizer)
     stride = stride or window
-    if window < 2:
-        raise NeumuterError("the perplexity window must be at least 2 tokens")
+    if window < 2:      # the settings of `measure` that give them (a usage error there)
+        raise SettingError("ppl_window", f"(the perplexity window) must be at least 2 tokens, not {window}")
     if not 1 <= stride <= window:
-        raise NeumuterError(f"the perplexity stride must be between 1 and the window ({window})")
+        raise SettingError("ppl_stride", f"(the perplexity stride) must be between 1 and the window ({window}), "
+                                         f"not {stride}")
     pieces = []  # (token ids of the window, index of the first scored position inside it)
     owners = []  # the text each window comes from
     for k, ids in enumerate(encode(tokenizer, texts, None)):
@@ -671,7 +672,8 @@ class _Inputs:
 def _read_inputs(config: MeasureConfig) -> _Inputs:
     """Read every file, then check what can be checked without weights: the quantisation type,
     and a reference model's checkpoint name, tokenizer and vocabulary."""
-    from .models import check_same_tokenizer, check_vocabulary, checkpoint_vocab_size, load_tokenizer
+    from .models import (check_same_tokenizer, check_vocabulary, checkpoint_vocab_size, load_tokenizer,
+                         refuse_untrusted_code)
     from .quantize import gguf_type
     from .records import read_records
 
@@ -697,10 +699,13 @@ def _read_inputs(config: MeasureConfig) -> _Inputs:
         label = f"reference model {config.reference_model}"
         if same_checkpoint(config.model, config.reference_model):
             refuse_self_reference(f"{label} is the checkpoint {config.model}")
-        reference_tokenizer = load_tokenizer(config.reference_model, config.trust_remote_code)
+        trusted = config.trust_remote_code_reference         # trust is per model: never the model's flag
+        refuse_untrusted_code(config.model, config.trust_remote_code, config.model)
+        refuse_untrusted_code(config.reference_model, trusted, label, "trust_remote_code_reference")
+        reference_tokenizer = load_tokenizer(config.reference_model, trusted)
         check_same_tokenizer(load_tokenizer(config.model, config.trust_remote_code), reference_tokenizer,
                              config.model, label, inputs.texts + [r["text"] for r in inputs.holdout_records or []])
-        rows = checkpoint_vocab_size(config.reference_model, config.trust_remote_code)
+        rows = checkpoint_vocab_size(config.reference_model, trusted)
         if rows is not None:                 # an embedding too small fails now, not after the first model
             check_vocabulary(label, rows, reference_tokenizer)
     return inputs
@@ -837,7 +842,7 @@ def _measure_reference(config: MeasureConfig, inputs: _Inputs, measured: _Measur
     _free_memory()
     label = f"reference model {config.reference_model}"
     say(f"loading reference model {escape(config.reference_model)}")
-    ref_lm, _ = load_model(config.reference_model, **asdict(config.load))
+    ref_lm, _ = load_model(config.reference_model, **asdict(config.reference_load))
     prints = fingerprints(ref_lm, rounded=True)
     check_not_itself(config.model, measured.prints, label, prints)
     reference = _Reference(fingerprint=prints["exact"])

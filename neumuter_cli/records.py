@@ -134,15 +134,79 @@ def strict_loads(line: str):
     return value
 
 
+#: the longest line a JSONL reader takes, in characters (a record's text may be a whole book;
+#: /dev/zero or a file without line breaks is refused at this length, not read until memory ends)
+MAX_LINE = 1 << 26
+#: the most a JSON file read whole may hold (thresholds, reference scores, a mask or scales file)
+MAX_FILE = 1 << 28
+#: the most a small file neumuter reads inside a checkpoint folder may hold (neumuter.json, a config)
+MAX_SMALL_FILE = 1 << 26
+
+
+def size_text(count: int) -> str:
+    """A size in bytes (or characters) as a message shows it: 64 Mi, 256 Mi, 1,000."""
+    for shift, unit in ((30, "Gi"), (20, "Mi"), (10, "Ki")):
+        if count >= 1 << shift and count % (1 << shift) == 0:
+            return f"{count >> shift} {unit}"
+    return f"{count:,}"
+
+
+def read_bounded(path: str, limit: int = MAX_FILE, stream: IO[bytes] | None = None) -> bytes:
+    """The bytes of the file ``path`` (or of ``stream``), refused when it holds more than
+    ``limit``: at most ``limit + 1`` bytes are read, so /dev/zero or a pipe that never ends
+    gives one clear line instead of a process killed for memory. OSError is the caller's."""
+    if stream is not None:
+        data = stream.read(limit + 1)
+    else:
+        with open(path, "rb") as handle:
+            data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise NeumuterError(f"{display_name(path)}: larger than {size_text(limit)}B, the most neumuter reads of such a "
+                            "file")
+    return data
+
+
+def read_small_file(path: str, limit: int = MAX_SMALL_FILE) -> bytes | None:
+    """A small file inside a model or checkpoint folder (neumuter.json, config.json): None when
+    it is not a regular file (missing, a folder, a named pipe that would block the read);
+    refused beyond ``limit`` bytes."""
+    if not os.path.isfile(path):
+        return None
+    return read_bounded(path, limit)
+
+
+class _LongLine(ValueError):
+    """A line longer than MAX_LINE: (its number, the bound)."""
+
+
+def _bounded_lines(lines, limit: int):
+    """The lines of a text stream, each read with a bound: a line longer than ``limit``
+    characters raises :class:`_LongLine` once ``limit`` are read, not after the whole of it."""
+    readline = getattr(lines, "readline", None)
+    if readline is None:
+        yield from lines
+        return
+    number = 0
+    while True:
+        line = readline(limit + 1)
+        number += 1
+        if not line:
+            return
+        if len(line) > limit:
+            raise _LongLine(number, limit)
+        yield line
+
+
 def _text_lines(stream):
     """``stream`` as text lines for the reader: a binary stream is decoded as UTF-8 whatever the
     locale, with a leading byte-order mark dropped and undecodable bytes kept for
     :func:`strict_loads` to report; \\n, \\r\\n and a lone \\r all end a line (a raw CR cannot
-    occur inside a JSON string). Returns (lines, the wrapper to detach afterwards or None)."""
+    occur inside a JSON string). Each line is read with the bound MAX_LINE. Returns (lines, the
+    wrapper to detach afterwards or None)."""
     if isinstance(stream, io.TextIOBase) or not hasattr(stream, "readable"):
-        return stream, None
+        return _bounded_lines(stream, MAX_LINE), None
     wrapper = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline=None)
-    return wrapper, wrapper
+    return _bounded_lines(wrapper, MAX_LINE), wrapper
 
 
 def iter_records(path: str, require: Iterable[str] = ("text",), stream: IO | None = None) -> Iterator[dict]:
@@ -178,6 +242,10 @@ def iter_records(path: str, require: Iterable[str] = ("text",), stream: IO | Non
             yield record
     except jsonlines.InvalidLineError as exc:
         raise NeumuterError(f"{name}:{exc.lineno}: {exc.__cause__}") from None
+    except _LongLine as exc:
+        number, limit = exc.args
+        raise NeumuterError(f"{name}:{number}: a line longer than {size_text(limit)} characters (a JSONL line holds "
+                            "one record)") from None
     except OSError as exc:
         raise NeumuterError(f"cannot read {name}: {exc.strerror or exc}") from None
     finally:
@@ -398,8 +466,9 @@ def destination(path: str) -> Path:
     its own name. ``muted/../muted`` runs through the folder it names; once that folder is moved
     aside, the path itself no longer leads anywhere, its resolved form still does."""
     target = Path(path)
-    if target.name in ("", ".", ".."):
-        return Path(os.path.realpath(path))
+    if target.name in ("", ".", ".."):       # the current folder, a parent, the root: never replaced
+        raise NeumuterError(f"cannot write {path}: it names a folder by '.' or '..' (or the root), which is not "
+                            "replaced: give the folder's own name")
     return Path(os.path.realpath(target.parent if str(target.parent) else ".")) / target.name
 
 
@@ -414,7 +483,7 @@ def stale_temporaries(path: str) -> list[tuple[str, str]]:
     left (killed before it could remove them), as (path, kind): ``"tmp"`` a file or folder it
     was writing, ``"old"`` a folder it had moved aside to replace it (the previous content of
     ``path``), ``"probe"`` a file it made to see whether the folder is writable."""
-    if path == "-" or _special_file(path):
+    if path == "-" or _special_file(path) or Path(path).name in ("", ".", ".."):
         return []
     target = destination(path)
     pattern = re.compile(_TEMPORARY.format(name=re.escape(target.name)))
@@ -512,7 +581,8 @@ def sha256_bytes(data: bytes) -> str:
 __all__ = [
     "EmptyInput", "display_name", "is_terminal", "standard_output", "iter_records", "read_records",
     "validate_record", "record_problem", "strict_loads", "dumps_json", "dumps_record", "record_writer",
-    "loads_json", "json_problem", "finite_number",
+    "loads_json", "json_problem", "finite_number", "MAX_LINE", "MAX_FILE", "MAX_SMALL_FILE", "size_text",
+    "read_bounded", "read_small_file",
     "check_output", "check_folder_writable", "atomic_output", "atomic_directory", "destination",
     "stale_temporaries", "sha256_texts",
     "sha256_file", "sha256_bytes",

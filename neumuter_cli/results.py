@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 
 from . import NeumuterError
 from .errors import SettingsMessage, escape
-from .records import finite_number, json_problem, loads_json
+from .records import finite_number, json_problem, loads_json, read_bounded
 
 
 def el_key(n: int) -> str:
@@ -141,8 +141,7 @@ def read_thresholds(path: str, el_ns: Sequence[int] = (10,)) -> dict:
     ``measure UNSEEN.jsonl --format json`` (its summary means are the thresholds), the output of
     a run with ``--reference`` (its thresholds), or a plain object ``{"ma", "el_N", "loss"}``."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            data = loads_json(handle.read())
+        data = loads_json(read_bounded(path).decode("utf-8"))
     except OSError as exc:
         raise NeumuterError(f"cannot read {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
@@ -180,8 +179,7 @@ def _load_json_or_jsonl(path: str):
     """One JSON document, else JSONL; numbers are read as records are (no NaN, no Infinity,
     no number a double cannot hold)."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            content = handle.read()
+        content = read_bounded(path).decode("utf-8")
     except OSError as exc:
         raise NeumuterError(f"cannot read {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:

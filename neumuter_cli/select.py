@@ -68,6 +68,9 @@ def _block_tensors(tensors: dict[str, torch.Tensor], meta: dict, prefix: str, na
     if not blocks:
         raise NeumuterError(f"{name}: no {prefix}.BLOCK tensors")
     layers = meta.get("layers")
+    if layers is not None and (not isinstance(layers, list)
+                               or not all(isinstance(b, int) and not isinstance(b, bool) for b in layers)):
+        raise NeumuterError(f"{name}: metadata \"layers\" is not a list of block numbers")
     if layers is not None and sorted(layers) != sorted(blocks):
         raise NeumuterError(f"{name}: metadata lists blocks {sorted(layers)}, tensors are for {sorted(blocks)}")
     return dict(sorted(blocks.items()))

@@ -101,6 +101,13 @@ def test_an_output_path_through_the_folder_it_replaces_loses_nothing(world, tmp_
         record = json.loads((tmp_path / "muted" / "neumuter.json").read_text())
         assert record.get("stage", "apply") == command
     assert before[0] == sorted(os.listdir(tmp_path / "muted")) or command == "relearn"
+    # a path that names a folder by '..' is never replaced (the old rename failed only at the end)
+    (tmp_path / "sub").mkdir()
+    checkpoint(world, tmp_path / "sub" / "muted")
+    result = run(command, *args, "-m", world["M"], "-o", "sub/muted/..", "--force", "--device", "cpu")
+    assert error_line(result) == ("Error: cannot write sub/muted/..: it names a folder by '.' or '..' (or the root), "
+                                  "which is not replaced: give the folder's own name")
+    assert "loading" not in result.stderr and os.listdir(tmp_path / "sub") == ["muted"]
 
 
 def test_an_old_folder_that_cannot_be_put_back_is_kept_and_named(tmp_path, monkeypatch):
@@ -283,6 +290,247 @@ def test_texts_never_seen_that_are_the_records_are_refused(world, tmp_path):
     result = run("localize", nb, "-m", world["M"], "--reference", forget, "-o", tmp_path / "mask.st", "--device", "cpu")
     assert error_line(result) == f"Error: {forget}: 1 of its 3 texts are records of {nb} (n0): {UNSEEN_WHY}"
     assert "loading" not in result.stderr
+
+
+# ---------------------------------------------------------------- 4. trust is per model
+
+EVIL = """import pathlib
+pathlib.Path({marker!r}).write_text("ran")
+from transformers import {config}, {model}
+class EvilConfig({config}):
+    model_type = {kind!r}
+class EvilModel({model}):
+    config_class = EvilConfig
+"""
+
+
+def with_own_code(source, folder, marker, kind="evil_neo", config="GPTNeoConfig", model="GPTNeoForCausalLM",
+                  auto="AutoModelForCausalLM"):
+    """A copy of the checkpoint ``source`` whose config names code of its own (an unknown model
+    type with an auto_map), code that writes ``marker`` when it runs."""
+    import shutil
+
+    shutil.copytree(source, folder)
+    (folder / "evil_model.py").write_text(EVIL.format(marker=str(marker), config=config, model=model, kind=kind))
+    settings = json.loads((folder / "config.json").read_text())
+    settings.update(model_type=kind, auto_map={"AutoConfig": "evil_model.EvilConfig", auto: "evil_model.EvilModel"})
+    (folder / "config.json").write_text(json.dumps(settings))
+    return folder
+
+
+OWN_CODE = 'runs code of its own to load (its config.json names it in "auto_map")'
+
+
+@pytest.mark.parametrize("command", ["measure", "localize"])
+def test_the_model_s_trust_does_not_run_the_reference_model_s_code(world, tmp_path, command):
+    marker = tmp_path / "RAN"
+    evil = with_own_code(world["R"], tmp_path / "evil", marker)
+    records = world["forget"]
+    if command == "localize":
+        records = write_jsonl(tmp_path / "nb.jsonl", [{"id": "n0", "text": PEOPLE[0], "neighbors": [PEOPLE[5]]}])
+    result = run(command, records, "-m", world["M"], "--reference-model", evil, "--trust-remote-code",
+                 "-o", tmp_path / "out", "--device", "cpu")
+    assert error_line(result, 2) == (f"Error: reference model {evil} {OWN_CODE}: --trust-remote-code is for --model "
+                                     "only; give --trust-remote-code-reference to let it run")
+    assert not marker.exists() and not (tmp_path / "out").exists()
+    result = run(command, records, "-m", world["M"], "--trust-remote-code-reference", "-o", tmp_path / "out",
+                 "--device", "cpu")
+    assert error_line(result, 2) == "Error: --trust-remote-code-reference needs --reference-model"
+
+
+def test_the_reference_model_s_own_flag_runs_its_code(world, tmp_path):
+    """In a process of its own: the code lands in transformers' module cache, here a temporary one."""
+    marker = tmp_path / "RAN"
+    evil = with_own_code(world["R"], tmp_path / "evil", marker)
+    done = subprocess.run([sys.executable, "-m", "neumuter_cli", "measure", str(world["forget"]), "-m", str(world["M"]),
+                           "--reference-model", str(evil), "--trust-remote-code-reference", "--device", "cpu",
+                           "-o", os.devnull], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "HF_MODULES_CACHE": str(tmp_path / "modules")})
+    assert done.returncode == 0, done.stderr
+    assert marker.read_text() == "ran"
+
+
+def test_a_masked_lm_with_code_of_its_own_needs_its_own_flag(world, tmp_path):
+    from test_neighbors import save_mlm
+
+    save_mlm(tmp_path / "mlm")
+    marker = tmp_path / "RAN"
+    evil = with_own_code(tmp_path / "mlm", tmp_path / "evil", marker, kind="evil_bert", config="BertConfig",
+                         model="BertForMaskedLM", auto="AutoModelForMaskedLM")
+    result = run("neighbors", world["forget"], "--mlm", evil, "--device", "cpu", "-o", tmp_path / "nb.jsonl")
+    assert error_line(result, 2) == (f"Error: the masked LM {evil} {OWN_CODE}: give --trust-remote-code-mlm to let it "
+                                     "run")
+    assert not marker.exists()
+    # and the model's own code: --trust-remote-code names the model's flag
+    model = with_own_code(world["M"], tmp_path / "evil-lm", marker)
+    result = run("measure", world["forget"], "-m", model, "--device", "cpu")
+    assert error_line(result, 2) == f"Error: {model} {OWN_CODE}: give --trust-remote-code to let it run"
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------- 6. every option has its effect, or status 2
+
+SEED_LINE = "Error: Invalid value for '--seed': {seed} is not in the range 0<=x<=18446744073709551615."
+
+
+@pytest.mark.parametrize("command", ["localize", "relearn", "neighbors"])
+@pytest.mark.parametrize("seed", [2 ** 64, 99999999999999999999999, -1])
+def test_a_seed_out_of_range_is_a_usage_error(world, tmp_path, command, seed):
+    """localize and relearn said "internal error: ValueError: Overflow" with status 3; neighbors
+    took 2**64. The same range everywhere: what torch's generators take."""
+    model = ["--mlm", tmp_path / "no-mlm"] if command == "neighbors" else ["-m", world["M"]]
+    result = run(command, world["forget"], *model, "--seed", seed, "-o", tmp_path / "out")
+    assert error_line(result, 2) == SEED_LINE.format(seed=seed)
+    assert run("localize", world["forget"], "-m", tmp_path / "no-model", "--seed", 2 ** 64 - 1).exit_code == 3
+
+
+@pytest.mark.parametrize("command,args,line", [
+    ("measure", ["--tolerance", "0.3"], "--tolerance needs --reference-model or --reference-scores"),
+    ("measure", ["--ppl-stride", "3"], "--ppl-stride needs --ppl"),
+    ("measure", ["--ppl-window", "8"], "--ppl-window needs --ppl"),
+    ("measure", ["--reference-model", "R", "--allow-over-forgotten"], "--allow-over-forgotten needs --check"),
+    ("measure", ["--prefix-tokens", "4"], "--prefix-tokens needs --generations N (N > 0)"),
+    ("measure", ["--generations", "0", "--new-tokens", "4"], "--new-tokens needs --generations N (N > 0)"),
+    ("localize", ["--tolerance", "0.1"], "--tolerance needs --reference-model"),
+    ("localize", ["--reference-limit", "3"], "--reference-limit needs --reference (without --stop-ma)"),
+    ("localize", ["--method", "attribution", "--stop-ma", "0.3", "--epochs", "3"],
+     "--epochs needs --method gates (the attribution method trains no gates)"),
+    ("localize", ["--method", "attribution", "--stop-ma", "0.3", "--no-prune"],
+     "--prune/--no-prune needs --method gates (the attribution method trains no gates)"),
+    ("localize", ["--score", "specific"], "--score needs --method attribution"),
+    ("localize", ["--max-forget-loss", "4"], "--max-forget-loss needs --forget-term bounded"),
+    ("localize", ["--forget-term", "ascent", "--margin", "2"], "--margin needs --forget-term hinge"),
+    ("neighbors", ["--temperature", "0", "--top-k", "3"],
+     "--top-k needs --temperature above 0 (top-k limits sampling; 0 is the argmax)"),
+    ("neighbors", ["-k", str(10 ** 12)],
+     "Invalid value for '-k' / '--count': 1000000000000 is not in the range 1<=x<=1000."),
+])
+def test_an_option_without_effect_is_a_usage_error(world, tmp_path, command, args, line):
+    """--tolerance without a reference and --ppl-stride without --ppl were silently ignored."""
+    args = [str(world["R"]) if a == "R" else a for a in args]
+    model = ["--mlm", tmp_path / "no-mlm"] if command == "neighbors" else ["-m", world["M"]]
+    result = run(command, world["forget"], *model, *args, "-o", tmp_path / "out", "--device", "cpu")
+    assert error_line(result, 2) == f"Error: {line}"
+    assert "loading" not in result.stderr
+
+
+def test_numbers_out_of_range_are_usage_errors(world, tmp_path):
+    """Found trying more: huge values reached torch ("internal error") or were read as
+    "bad input" (status 3)."""
+    result = run("measure", world["forget"], "-m", world["M"], "--ppl", world["forget"], "--ppl-stride", 2 ** 64,
+                 "--device", "cpu")
+    assert error_line(result, 2) == ("Error: --ppl-stride (the perplexity stride) must be between 1 and the window "
+                                     "(256), not 18446744073709551616")
+    # a step size float32 cannot hold: the training stops as on a loss that is not finite
+    nb = write_jsonl(tmp_path / "nb.jsonl", [{"text": PEOPLE[0], "neighbors": [PEOPLE[5]]}])
+    result = run("localize", nb, "-m", world["M"], "--lr", "1e300", "--epochs", 1, "--device", "cpu",
+                 "-o", tmp_path / "mask.st")
+    assert error_line(result) == ("Error: epoch 1: the update overflows the float32 weights (a step larger than "
+                                  "3.40282e+38); try a smaller --lr or --dtype float32")
+    result = run("relearn", world["forget"], "-m", world["M"], "--lr", "3e38", "--steps", 1, "-o", tmp_path / "rl",
+                 "--device", "cpu")
+    assert error_line(result) == ("Error: step 1: the update overflows the float32 weights (a step larger than "
+                                  "3.40282e+38); try a smaller --lr or --dtype float32")
+    assert os.listdir(tmp_path) == ["nb.jsonl"]
+    result = run("relearn", world["forget"], "-m", world["M"], "--batch-size", 2 ** 64, "-o", tmp_path / "rl",
+                 "--device", "cpu")
+    assert error_line(result, 2) == ("Error: --batch-size must be at most 65,536 texts (one step computes them at "
+                                     "once), not 18446744073709551616")
+    assert "loading" not in result.stderr
+
+
+def test_relearn_steps_are_taken_one_at_a_time():
+    """relearn --steps 2**64 built every step's batch before the first: memory grew until killed."""
+    from neumuter_cli.relearn import batches, data_order
+
+    assert next(batches(3, 2 ** 64, 4, seed=0)) == data_order(3, 1, 4, seed=0)[0]
+    assert list(batches(5, 4, 3, seed=1)) == data_order(5, 4, 3, seed=1)
+
+
+def test_broken_inputs_that_were_internal_errors(world, tmp_path):
+    """A masked LM stored as a pickle torch refuses to unpickle, and a scales file whose metadata
+    says layers: 5, said "internal error"."""
+    import pickle
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    from test_neighbors import save_mlm
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    save_mlm(tmp_path / "mlm")
+    os.remove(tmp_path / "mlm" / "model.safetensors")
+    (tmp_path / "mlm" / "pytorch_model.bin").write_bytes(pickle.dumps(Evil()))
+    result = run("neighbors", world["forget"], "--mlm", tmp_path / "mlm", "--device", "cpu")
+    line = error_line(result)
+    assert line.startswith(f"Error: cannot load the masked LM {tmp_path / 'mlm'}: Weights only load failed.")
+    assert "pwned" not in result.output
+    with safe_open(str(world["scales"]), "pt") as handle:
+        metadata = handle.metadata()
+    scales = tmp_path / "scales.st"
+    save_file(load_file(world["scales"]), scales, metadata={**metadata, "layers": "5"})
+    result = run("apply", scales, "-m", world["M"], "-o", tmp_path / "out", "--device", "cpu")
+    assert error_line(result) == f'Error: {scales}: metadata "layers" is not a list of block numbers'
+    shutil.rmtree(tmp_path / "mlm")
+
+
+def test_sampling_never_draws_from_non_finite_numbers(world, tmp_path):
+    """A temperature so small that the logits divided by it overflow gave a softmax of NaN, and
+    an arbitrary token, without a word."""
+    from test_neighbors import save_mlm
+
+    save_mlm(tmp_path / "mlm")
+    result = run("neighbors", world["forget"], "--mlm", tmp_path / "mlm", "--temperature", "1e-320", "--device",
+                 "cpu", "-o", tmp_path / "nb.jsonl")
+    assert error_line(result, 2) == ("Error: --temperature 9.99989e-321 is so small that the logits divided by it "
+                                     "overflow: give a larger one, or 0 for the argmax")
+    assert not (tmp_path / "nb.jsonl").exists()
+
+
+# ---------------------------------------------------------------- 7. every reader has a bound
+
+def test_a_line_without_end_is_refused_at_the_bound(world):
+    """measure /dev/zero grew memory until killed."""
+    result = run("measure", "/dev/zero", "-m", world["M"], "--device", "cpu")
+    assert error_line(result) == "Error: /dev/zero:1: a line longer than 64 Mi characters (a JSONL line holds one record)"
+
+
+@pytest.mark.parametrize("args", [
+    ["measure", "{forget}", "-m", "{M}", "--thresholds", "/dev/zero"],
+    ["measure", "{forget}", "-m", "{M}", "--reference-scores", "/dev/zero"],
+    ["select", "/dev/zero"],
+    ["apply", "/dev/zero", "-m", "{M}", "-o", "{tmp}/out"],
+])
+def test_a_file_without_end_is_refused_at_the_bound(world, tmp_path, args):
+    args = [a.format(forget=world["forget"], M=world["M"], tmp=tmp_path) for a in args]
+    result = run(*args, "--device", "cpu") if args[0] != "select" else run(*args, "-o", tmp_path / "s.st")
+    assert error_line(result) == "Error: /dev/zero: larger than 256 MiB, the most neumuter reads of such a file"
+    assert os.listdir(tmp_path) == []
+
+
+def test_neighbours_are_bounded_by_count_and_size(world, tmp_path):
+    from test_neighbors import save_mlm
+
+    save_mlm(tmp_path / "mlm")
+    long = write_jsonl(tmp_path / "long.jsonl", [{"text": " ".join(["alice"] * 5000)}])
+    result = run("neighbors", long, "--mlm", tmp_path / "mlm", "-k", 1000, "--device", "cpu")
+    assert error_line(result, 2) == ("Error: --count 1000: record 1 has 15,000 tokens for the masked LM, and 1000 "
+                                     "neighbours of it would hold 15,000,000 tokens at once (at most 4,194,304): give "
+                                     "fewer neighbours or cut the text")
+
+
+def test_a_named_pipe_in_an_output_folder_does_not_block(world, tmp_path):
+    """Found trying more: a neumuter.json that is a named pipe blocked `apply --force` forever."""
+    out = tmp_path / "out"
+    out.mkdir()
+    os.mkfifo(out / "neumuter.json")
+    result = run("apply", world["scales"], "-m", world["M"], "-o", out, "--force", "--device", "cpu")
+    assert error_line(result) == (f"Error: {out} exists and is not empty, and is not a neumuter checkpoint (it has no "
+                                  "readable neumuter.json); --force only replaces a previous checkpoint: give a new "
+                                  "folder")
 
 
 # ---------------------------------------------------------------- 5. user data reaches stderr escaped
