@@ -139,6 +139,9 @@ NEEDS = {
         ("target_ma", "--forget-term hinge", lambda p: p["forget_term"] == "hinge" and not _attribution(p)),
         *[(name, "--method attribution", _attribution) for name in ("max_per_text", "contrast", "score",
                                                                       "shrink_rounds")],
+        *[(name, "--reference-model, --reference or --stop-ma (no check runs without a stopping point)",
+           lambda p: p["reference_model"] or p["reference_path"] or p["stop_ma"] is not None)
+          for name in ("check_every", "prune")],
         *[(name, _GATES, lambda p: not _attribution(p))
           for name in ("epochs", "lr", "kl_weight", "l0_weight", "beta", "forget_term", "kl_top_k", "check_every",
                        "optimizer", "prune", "batch_size", "seed")],

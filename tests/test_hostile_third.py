@@ -398,6 +398,8 @@ def test_a_seed_out_of_range_is_a_usage_error(world, tmp_path, command, seed):
     ("localize", ["--method", "attribution", "--stop-ma", "0.3", "--no-prune"],
      "--prune/--no-prune needs --method gates (the attribution method trains no gates)"),
     ("localize", ["--score", "specific"], "--score needs --method attribution"),
+    ("localize", ["--check-every", "3"],
+     "--check-every needs --reference-model, --reference or --stop-ma (no check runs without a stopping point)"),
     ("localize", ["--max-forget-loss", "4"], "--max-forget-loss needs --forget-term bounded"),
     ("localize", ["--forget-term", "ascent", "--margin", "2"], "--margin needs --forget-term hinge"),
     ("neighbors", ["--temperature", "0", "--top-k", "3"],
@@ -411,6 +413,15 @@ def test_an_option_without_effect_is_a_usage_error(world, tmp_path, command, arg
     model = ["--mlm", tmp_path / "no-mlm"] if command == "neighbors" else ["-m", world["M"]]
     result = run(command, world["forget"], *model, *args, "-o", tmp_path / "out", "--device", "cpu")
     assert error_line(result, 2) == f"Error: {line}"
+    assert "loading" not in result.stderr
+
+
+def test_an_el_size_no_text_can_have_is_a_usage_error(world):
+    """Found trying more: --el-n 300 with texts cut to 200 tokens measured no EL at all, and a
+    verdict came from MA alone."""
+    result = run("measure", world["forget"], "-m", world["M"], "--el-n", "10,300", "--device", "cpu")
+    assert error_line(result, 2) == ("Error: --el-n 300 is never defined: every text is cut to --max-length 200 "
+                                     "tokens, and EL_n needs more than n")
     assert "loading" not in result.stderr
 
 
