@@ -276,7 +276,8 @@ def test_a_holdout_that_is_the_records_is_refused(world, tmp_path):
     assert error_line(result) == f"Error: {overlap}: 1 of its 3 texts are records of {forget} (p1): {HOLDOUT_WHY}"
     # texts that differ only past the --max-length cut are the same text to every score
     longer = write_jsonl(tmp_path / "longer.jsonl", [{"text": t + " And so on."} for t in PEOPLE[:2]])
-    result = run("measure", forget, "-m", world["M"], "--holdout", longer, "--max-length", 8, "--device", "cpu")
+    result = run("measure", forget, "-m", world["M"], "--holdout", longer, "--max-length", 8, "--el-n", 5, "--device",
+                 "cpu")
     assert error_line(result) == (f"Error: {longer}: 2 of its 2 texts are records of {forget} in their first "
                                   f"--max-length tokens (p0, p1): {HOLDOUT_WHY}")
     assert run("measure", forget, "-m", world["M"], "--holdout", longer, "--device", "cpu").exit_code == 0
@@ -525,12 +526,17 @@ def test_a_file_without_end_is_refused_at_the_bound(world, tmp_path, args):
 def test_neighbours_are_bounded_by_count_and_size(world, tmp_path):
     from test_neighbors import save_mlm
 
+    from transformers import AutoTokenizer
+
     save_mlm(tmp_path / "mlm")
-    long = write_jsonl(tmp_path / "long.jsonl", [{"text": " ".join(["alice"] * 5000)}])
+    text = " ".join(["alice"] * 5000)
+    tokens = len(AutoTokenizer.from_pretrained(tmp_path / "mlm").tokenize(text))   # the tokenizer is trained anew
+    long = write_jsonl(tmp_path / "long.jsonl", [{"text": text}])
     result = run("neighbors", long, "--mlm", tmp_path / "mlm", "-k", 1000, "--device", "cpu")
-    assert error_line(result, 2) == ("Error: --count 1000: record 1 has 15,000 tokens for the masked LM, and 1000 "
-                                     "neighbours of it would hold 15,000,000 tokens at once (at most 4,194,304): give "
-                                     "fewer neighbours or cut the text")
+    assert error_line(result, 2) == (f"Error: --count 1000: record 1 has {tokens:,} tokens for the masked LM, and 1000 "
+                                     f"neighbours of it would hold {tokens * 1000:,} tokens at once (at most "
+                                     "4,194,304): give fewer neighbours or cut the text")
+    assert tokens * 1000 > 4194304
 
 
 def test_a_named_pipe_in_an_output_folder_does_not_block(world, tmp_path):
