@@ -127,6 +127,8 @@ NEEDS = {
         # (without a reference model, measure_config says that it needs one)
         ("allow_over_forgotten", "--check", lambda p: p["check"] or not (p["reference_model"]
                                                                          or p["reference_scores_path"])),
+        ("el_ns", "a --max-length above each n (EL_n needs a text of more than n tokens)",
+         lambda p: not p["max_length"] or all(n < p["max_length"] for n in p["el_ns"])),
         ("prefix_tokens", "--generations N (N > 0)", lambda p: p["generations"]),
         ("new_tokens", "--generations N (N > 0)", lambda p: p["generations"]),
     ],

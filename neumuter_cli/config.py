@@ -197,10 +197,6 @@ class MeasureConfig:
             raise ConflictingSettings("{quantize_reference} needs {quantize} and {reference_model}")
         if self.trust_remote_code_reference and not self.reference_model:
             raise ConflictingSettings("{trust_remote_code_reference} needs {reference_model}")
-        never = [n for n in self.el_ns if self.max_length and n >= self.max_length]
-        if never:          # EL_n needs a text of more than n tokens
-            raise ConflictingSettings("{el_ns} {n} is never defined: every text is cut to {max_length} {length} "
-                                      "tokens, and EL_n needs more than n", n=never[0], length=self.max_length)
         if not 0 <= self.tolerance <= 1:     # worded as the CLI's: the library's callers test this message
             raise NeumuterError("--tolerance must be between 0 and 1")
 

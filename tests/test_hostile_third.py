@@ -276,8 +276,7 @@ def test_a_holdout_that_is_the_records_is_refused(world, tmp_path):
     assert error_line(result) == f"Error: {overlap}: 1 of its 3 texts are records of {forget} (p1): {HOLDOUT_WHY}"
     # texts that differ only past the --max-length cut are the same text to every score
     longer = write_jsonl(tmp_path / "longer.jsonl", [{"text": t + " And so on."} for t in PEOPLE[:2]])
-    result = run("measure", forget, "-m", world["M"], "--holdout", longer, "--max-length", 8, "--el-n", 5, "--device",
-                 "cpu")
+    result = run("measure", forget, "-m", world["M"], "--holdout", longer, "--max-length", 8, "--device", "cpu")
     assert error_line(result) == (f"Error: {longer}: 2 of its 2 texts are records of {forget} in their first "
                                   f"--max-length tokens (p0, p1): {HOLDOUT_WHY}")
     assert run("measure", forget, "-m", world["M"], "--holdout", longer, "--device", "cpu").exit_code == 0
@@ -420,10 +419,11 @@ def test_an_option_without_effect_is_a_usage_error(world, tmp_path, command, arg
 def test_an_el_size_no_text_can_have_is_a_usage_error(world):
     """Found trying more: --el-n 300 with texts cut to 200 tokens measured no EL at all, and a
     verdict came from MA alone."""
-    result = run("measure", world["forget"], "-m", world["M"], "--el-n", "10,300", "--device", "cpu")
-    assert error_line(result, 2) == ("Error: --el-n 300 is never defined: every text is cut to --max-length 200 "
-                                     "tokens, and EL_n needs more than n")
-    assert "loading" not in result.stderr
+    for args in (["--el-n", "10,300"], ["--el-n", "10", "--max-length", "10"]):
+        result = run("measure", world["forget"], "-m", world["M"], *args, "--device", "cpu")
+        assert error_line(result, 2) == ("Error: --el-n needs a --max-length above each n (EL_n needs a text of more "
+                                         "than n tokens)")
+        assert "loading" not in result.stderr
 
 
 def test_numbers_out_of_range_are_usage_errors(world, tmp_path):
