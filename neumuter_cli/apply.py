@@ -12,7 +12,7 @@ import torch
 from . import NeumuterError, __version__
 from .artifacts import SCALES_KIND, check_kind, check_output_dir, previous_records, read_artifact, save_checkpoint
 from .config import LoadOptions
-from .errors import ConflictingSettings, FingerprintMismatch, SettingsMessage
+from .errors import ConflictingSettings, FingerprintMismatch, SettingsMessage, escape
 from .models import FFNLayer, describe, find_ffn_layers, fold_scales
 
 
@@ -161,13 +161,11 @@ def _roll_back(model, base, layers: Sequence[FFNLayer], scales: dict[int, torch.
 
 def checkpoint_dtype(model: str) -> str | None:
     """The float dtype a local checkpoint directory is stored in (config.json), or None."""
-    config = Path(model) / "config.json"
-    if not config.is_file():
-        return None
+    from .records import read_small_file
+
     try:
-        with open(config, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except (OSError, ValueError, RecursionError):
+        data = json.loads(read_small_file(str(Path(model) / "config.json")) or b"null")
+    except (OSError, ValueError, RecursionError, NeumuterError):
         return None
     if not isinstance(data, dict):
         return None
@@ -190,7 +188,7 @@ def run_apply(model: str, scales_path: str, output: str, force: bool = False, al
     stored = checkpoint_dtype(model)
     as_loaded = replace(load, dtype=stored or "auto") if load.dtype == "auto" else load
     if progress:
-        progress(f"loading {model}")
+        progress(f"loading {escape(model)}")
     check_mode(artifact.metadata, base is not None, artifact.name)    # before any model loads
     lm, tokenizer = load_model(model, **asdict(as_loaded))
     base_model = None

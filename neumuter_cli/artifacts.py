@@ -21,8 +21,8 @@ from safetensors.torch import save as st_save
 
 from . import NeumuterError
 from .errors import SettingsMessage
-from .records import (atomic_directory, atomic_output, check_folder_writable, display_name, dumps_json, is_terminal,
-                      loads_json, sha256_bytes)
+from .records import (atomic_directory, atomic_output, check_folder_writable, destination, display_name, dumps_json,
+                      is_terminal, loads_json, read_bounded, read_small_file, sha256_bytes)
 
 MASK_KIND = "neumuter-mask"
 SCALES_KIND = "neumuter-scales"
@@ -58,10 +58,9 @@ def read_artifact(path: str, kind: str | None = None) -> Artifact:
         if path == "-":
             if sys.stdin is None or is_terminal(sys.stdin):
                 raise NeumuterError("no input: give a file or pipe one into stdin")
-            data = sys.stdin.buffer.read()
+            data = read_bounded(path, stream=sys.stdin.buffer)
         else:
-            with open(path, "rb") as handle:
-                data = handle.read()
+            data = read_bounded(path)
     except OSError as exc:
         raise NeumuterError(f"cannot read {name}: {exc.strerror or exc}") from None
     if not data:
@@ -182,9 +181,8 @@ def previous_checkpoint_problem(folder: str) -> str | None:
     plain files). Otherwise, why not."""
     root = Path(folder)
     try:
-        with open(root / CHECKPOINT_RECORD, encoding="utf-8") as handle:
-            record = json.load(handle)
-    except (OSError, ValueError, RecursionError):
+        record = json.loads(read_small_file(str(root / CHECKPOINT_RECORD)) or b"")
+    except (OSError, ValueError, RecursionError, NeumuterError):
         return f"it has no readable {CHECKPOINT_RECORD}"
     if not isinstance(record, dict) or record.get("kind") != CHECKPOINT_KIND:
         return f"its {CHECKPOINT_RECORD} is not a {CHECKPOINT_KIND} record"
@@ -223,6 +221,7 @@ def check_output_dir(path: str, force: bool = False, protected: Iterable[str | N
         if source and source != "-" and os.path.exists(source) and _contains(path, source):
             raise NeumuterError(f"refusing to write the checkpoint to {path}: it would replace {source}, "
                                 "an input of this command (give a new folder)")
+    destination(path)                  # a name that cannot be replaced ('..'): refused now, not at the end
     if target.is_dir() and any(target.iterdir()):
         problem = previous_checkpoint_problem(path)
         if problem is not None:
@@ -287,8 +286,7 @@ def previous_records(source: str) -> list[dict]:
     if not os.path.isdir(source) or not path.is_file():
         return []
     try:
-        with open(path, encoding="utf-8") as handle:
-            previous = loads_json(handle.read())
+        previous = loads_json((read_small_file(str(path)) or b"").decode("utf-8"))
     except (OSError, ValueError):     # unreadable, not JSON, or a number JSON output cannot carry
         return []
     if not isinstance(previous, dict):

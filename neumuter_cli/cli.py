@@ -16,9 +16,9 @@ from tabulate import tabulate
 from . import NeumuterError, __version__, distributed
 # torch-free: the options and --help are built from these defaults; the stages themselves (and
 # torch, transformers) are imported inside the commands, so that --help and completion are instant
-from .config import (ATTRIBUTION_SCORES, FORGET_TERMS, LOCALIZE_METHODS, OPTIMIZERS, QUANT_TYPES, LoadOptions,
-                     LocalizeConfig, MeasureConfig, NeighborsConfig, RelearnConfig, StopRule)
-from .errors import ConflictingSettings, DeviceUnavailable, NonFiniteLoss, SettingError, SettingsMessage
+from .config import (ATTRIBUTION_SCORES, FORGET_TERMS, LOCALIZE_METHODS, MAX_NEIGHBORS, OPTIMIZERS, QUANT_TYPES,
+                     SEED_RANGE, LoadOptions, LocalizeConfig, MeasureConfig, NeighborsConfig, RelearnConfig, StopRule)
+from .errors import ConflictingSettings, DeviceUnavailable, NonFiniteLoss, SettingError, SettingsMessage, escape
 from .progress import Reporter
 from .records import is_terminal
 
@@ -107,6 +107,8 @@ class NeumuterCommand(ParseErrorsOnRankZero, click.Command):
         elif not distributed.launched().main:
             return None
         try:
+            refuse_options_without_effect(self, ctx)
+            warn_stale_temporaries(ctx)
             return super().invoke(ctx)
         except SettingError as exc:
             flag = self.flag(exc.setting)
@@ -161,6 +163,85 @@ def default_as_written(param: click.Parameter) -> None:
     param.get_help_extra = written
 
 
+#: the options that name a file or folder a command writes
+OUTPUTS = ("output", "plot_path")
+
+
+def _attribution(params: dict) -> bool:
+    return params.get("method") == "attribution"
+
+
+#: options that have an effect only beside others, per command: (option, what it needs, whether
+#: the command line gives that); given without it, an option is refused (status 2), never ignored
+_GATES = "--method gates (the attribution method trains no gates)"
+NEEDS = {
+    "measure": [
+        ("tolerance", "--reference-model or --reference-scores",
+         lambda p: p["reference_model"] or p["reference_scores_path"]),
+        ("ppl_window", "--ppl", lambda p: p["ppl_path"]),
+        ("ppl_stride", "--ppl", lambda p: p["ppl_path"]),
+        # (without a reference model, measure_config says that it needs one)
+        ("allow_over_forgotten", "--check", lambda p: p["check"] or not (p["reference_model"]
+                                                                         or p["reference_scores_path"])),
+        ("el_ns", "a --max-length above each n (EL_n needs a text of more than n tokens)",
+         lambda p: not p["max_length"] or all(n < p["max_length"] for n in p["el_ns"])),
+        ("prefix_tokens", "--generations N (N > 0)", lambda p: p["generations"]),
+        ("new_tokens", "--generations N (N > 0)", lambda p: p["generations"]),
+    ],
+    "localize": [
+        ("tolerance", "--reference-model or --base", lambda p: p["reference_model"] or p["base"]),
+        ("trust_remote_code_reference", "--reference-model or --base", lambda p: p["reference_model"] or p["base"]),
+        ("reference_limit", "--reference (without --stop-ma)", lambda p: p["reference_path"] and p["stop_ma"] is None),
+        ("max_forget_loss", "--forget-term bounded", lambda p: p["forget_term"] == "bounded" and not _attribution(p)),
+        ("margin", "--forget-term hinge", lambda p: p["forget_term"] == "hinge" and not _attribution(p)),
+        ("target_ma", "--forget-term hinge", lambda p: p["forget_term"] == "hinge" and not _attribution(p)),
+        *[(name, "--method attribution", _attribution) for name in ("max_per_text", "contrast", "score",
+                                                                      "shrink_rounds")],
+        *[(name, "--base, --reference-model, --reference or --stop-ma (no check runs without a stopping point)",
+           lambda p: p["base"] or p["reference_model"] or p["reference_path"] or p["stop_ma"] is not None)
+          for name in ("check_every", "prune")],
+        *[(name, _GATES, lambda p: not _attribution(p))
+          for name in ("epochs", "lr", "kl_weight", "l0_weight", "beta", "forget_term", "kl_top_k", "check_every",
+                       "optimizer", "prune", "batch_size", "seed")],
+    ],
+    "neighbors": [("top_k", "--temperature above 0 (top-k limits sampling; 0 is the argmax)",
+                   lambda p: p["temperature"] > 0)],
+}
+
+
+def refuse_options_without_effect(command: "NeumuterCommand", ctx) -> None:
+    """An option given on the command line that would have no effect (it needs another that is
+    not given) is a usage error, not silently ignored."""
+    from click.core import ParameterSource
+
+    for name, needs, given in NEEDS.get(command.name, ()):
+        if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE and not given(ctx.params):
+            param = next(p for p in command.params if p.name == name)
+            pair = [opt for opt in param.secondary_opts if opt.startswith("--")]      # --prune/--no-prune
+            raise click.UsageError("/".join([command.flag(name), *pair]) + f" needs {needs}", ctx)
+
+
+def warn_stale_temporaries(ctx) -> None:
+    """Name the temporaries of neumuter's own naming that an earlier run left beside this run's
+    outputs (it was killed before it could remove them); they are not removed: one may hold
+    the previous checkpoint, and another run may still be writing one."""
+    from .records import stale_temporaries
+
+    for output in (ctx.params.get(name) for name in OUTPUTS):
+        if not isinstance(output, str):
+            continue
+        for left, kind in stale_temporaries(output):
+            shown, out = escape(left), escape(output)
+            if kind == "old":
+                progress(f"warning: {shown} was left by an earlier run that was killed while it replaced {out}: "
+                         f"it holds what {out} held before; move it back if {out} is missing, else remove it")
+            else:
+                what = "a file it was writing" if kind == "tmp" and os.path.isfile(left) else (
+                    "a folder it was writing" if kind == "tmp" else "a probe of the folder")
+                progress(f"warning: {shown} was left by an earlier run that was killed while it wrote {out} "
+                         f"({what}); neumuter does not remove it: remove it")
+
+
 class Terminated(SystemExit):
     """SIGTERM, as the SystemExit(143) that :func:`_terminate` raises (not a verdict)."""
 
@@ -200,7 +281,9 @@ class NeumuterGroup(ParseErrorsOnRankZero, click.Group):
         except click.exceptions.Exit:
             raise
         except click.ClickException as exc:
-            exc.message = _report_failure(exc.message, exc.exit_code)
+            # the one way out of every error line: whatever user data it holds (an id, a text, a
+            # path) reaches the terminal escaped, never as a control character
+            exc.message = _report_failure(escape(exc.message), exc.exit_code)
             raise
         except KeyboardInterrupt:
             _report_failure("interrupted (Ctrl-C)", EXIT_SIGINT)
@@ -274,6 +357,9 @@ class FiniteFloat(click.FloatRange):
             return "finite"
         return super()._describe_range()
 
+
+#: a seed: what torch's generators take (and the same range for every command)
+SEED = click.IntRange(SEED_RANGE[0], SEED_RANGE[1])
 
 REPORTER, QUIET = "neumuter.reporter", "neumuter.quiet"    # keys of click's ctx.meta
 
@@ -390,7 +476,7 @@ def load_lm(model: str, load: LoadOptions):
 
     from .models import load_model
 
-    progress(f"loading {model}")
+    progress(f"loading {escape(model)}")
     follow_transformers()
     return load_model(model, **asdict(load))
 
@@ -542,7 +628,7 @@ def apply_cmd(scales, model, load, output, force, allow_any_scale, base):
     rows = [[b, record["modules"][b], n] for b, n in record["neurons_scaled_per_layer"].items()]
     progress(tabulate(rows, headers=["block", "down-projection", f"neurons {verb}"]))
     progress(f"{record['neurons_scaled']} of {record['total_neurons']} FFN neurons {verb}"
-             f"{'' if base is None else ' toward ' + base}; checkpoint written to {output}")
+             f"{'' if base is None else ' toward ' + escape(base)}; checkpoint written to {escape(output)}")
 
 
 def _el_sizes(ctx, param, values):
@@ -573,8 +659,8 @@ def _png_path(ctx, param, value):
 MEASURE_SECTIONS = (
     ("The model", ("model", "device", "dtype", "device_map", "max_memory", "trust_remote_code", "quantize")),
     ("Is it forgotten? One yardstick (docs/glossary.md)",
-     ("reference_model", "reference_scores_path", "tolerance", "reference_path", "thresholds_path",
-      "quantize_reference", "check", "allow_over_forgotten")),
+     ("reference_model", "trust_remote_code_reference", "reference_scores_path", "tolerance", "reference_path",
+      "thresholds_path", "quantize_reference", "check", "allow_over_forgotten")),
     ("Membership inference", ("holdout_path",)),
     ("What is measured", ("max_length", "el_ns", "ppl_path", "ppl_window", "ppl_stride", "generations",
                           "prefix_tokens", "new_tokens", "batch_size")),
@@ -602,6 +688,9 @@ MEASURE_SECTIONS = (
                    "without them; any model --model takes, with the same tokenizer): each record is judged "
                    "against this model's own MA, EL_n and loss on it, instead of eq. 17's thresholds. "
                    "Loaded after the model is measured and freed; it is not quantised.")
+@click.option("--trust-remote-code-reference", is_flag=True, default=False,
+              help="Allow code from the --reference-model's checkpoint to run (--trust-remote-code is for --model "
+                   "only: a reference model that needs its own code is refused without this).")
 @click.option("--reference-scores", "reference_scores_path", metavar="FILE",
               help="The reference model's numbers measured before, instead of --reference-model: the JSON "
                    "or JSONL output of `measure INPUT --model REF` (same records in the same order, same "
@@ -788,7 +877,7 @@ def write_measured(result, config: MeasureConfig, fmt: str, output: str, plot_pa
         source = "<stdin>" if config.input_path == "-" else config.input_path
         plot_measure(result, plot_path, f"{config.model} on {source}"
                      + (f" ({config.quantize} weights)" if config.quantize else ""))
-        progress(f"figure written to {plot_path}")
+        progress(f"figure written to {escape(plot_path)}")
 
 
 def check_verdicts(result, allow_over_forgotten: bool) -> None:
@@ -810,7 +899,8 @@ def check_verdicts(result, allow_over_forgotten: bool) -> None:
 @click.argument("input_path", default="-", metavar="[INPUT|-]")
 @click.option("--mlm", required=True, metavar="NAME_OR_PATH",
               help="Masked LM (BERT-style) that writes the neighbours: a local directory or a hub name.")
-@click.option("-k", "--count", "k", type=click.IntRange(1), default=NEIGHBORS.k, show_default=True, metavar="K",
+@click.option("-k", "--count", "k", type=click.IntRange(1, MAX_NEIGHBORS), default=NEIGHBORS.k, show_default=True,
+              metavar="K",
               help="Neighbours per record.")
 @click.option("-r", "--ratio", type=FiniteFloat(0, 1, min_open=True), default=NEIGHBORS.ratio,
               show_default=True, metavar="R",
@@ -820,7 +910,7 @@ def check_verdicts(result, allow_over_forgotten: bool) -> None:
                                 "T > 0: sample from softmax(logits / T).")
 @click.option("--top-k", type=click.IntRange(0), default=NEIGHBORS.top_k, show_default=True, metavar="N",
               help="When sampling, draw from the N most likely tokens only; 0: no limit.")
-@click.option("--seed", type=int, default=NEIGHBORS.seed, show_default=True,
+@click.option("--seed", type=SEED, default=NEIGHBORS.seed, show_default=True,
               help="Seed of the position choice and the sampling: same input, options and seed "
                    "give the same output, whatever the batch size.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default=LOAD_DEFAULTS.device,
@@ -829,8 +919,12 @@ def check_verdicts(result, allow_over_forgotten: bool) -> None:
               metavar="N", help="Sequences (records x neighbours) advanced by one MLM call.")
 @click.option("--output", "-o", default="-", show_default=True, metavar="FILE|-",
               help="Where the records go (written atomically); - is stdout.")
+@click.option("--trust-remote-code-mlm", is_flag=True, default=False,
+              help="Allow code from the --mlm checkpoint to run (an MLM that needs its own code is refused "
+                   "without this).")
 @quiet_option
-def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, batch_size, output):
+def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, batch_size, output,
+                  trust_remote_code_mlm):
     """Add K neighbour texts to every record, written by a masked LM.
 
     Reads records (JSONL with "text"; INPUT or - / nothing: stdin) and writes each one, in
@@ -866,9 +960,9 @@ def neighbors_cmd(input_path, mlm, k, ratio, temperature, top_k, seed, device, b
     first = next(records)  # a missing or malformed input fails before the MLM is loaded
     # the bar's length: a second, quick read of the file (stdin can only be read once)
     total = sum(1 for _ in iter_records(input_path)) if reporter().bars and input_path != "-" else None
-    progress(f"loading {mlm}")
+    progress(f"loading {escape(mlm)}")
     follow_in_transformers(reporter())
-    writer = NeighborWriter(*load_mlm(mlm, device), config, progress=reporter())
+    writer = NeighborWriter(*load_mlm(mlm, device, trust_remote_code_mlm), config, progress=reporter())
     if temperature == 0 and ratio == 1 and k > 1:
         progress(f"warning: with --temperature 0 and -r 1 the {k} neighbours of a record "
                  "are identical (use --temperature > 0 for distinct ones)")
@@ -887,8 +981,8 @@ LOCALIZE_SECTIONS = (
     ("Input, output and the model", ("output", "model", "base", "device", "dtype", "device_map", "max_memory",
                                      "trust_remote_code", "layers", "max_length")),
     ("When to stop (recommended: --base or --reference-model)",
-     ("reference_model", "tolerance", "reference_path", "reference_limit", "stop_ma", "stop_el", "check_every",
-      "epochs", "prune")),
+     ("reference_model", "trust_remote_code_reference", "tolerance", "reference_path", "reference_limit", "stop_ma",
+      "stop_el", "check_every", "epochs", "prune")),
     ("Method", ("method",)),
     ("Training the gates (--method gates)",
      ("lr", "kl_weight", "l0_weight", "beta", "forget_term", "max_forget_loss", "margin", "target_ma", "optimizer",
@@ -944,7 +1038,7 @@ LOCALIZE_SECTIONS = (
 @click.option("--kl-top-k", type=click.IntRange(0), default=DEFAULTS.kl_top_k, show_default=True,
               help="Keep the original distribution as its top-k log-probs plus one bucket for the "
                    "rest of the vocabulary (0: the full vocabulary).")
-@click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True, help="Seed of the gate noise.")
+@click.option("--seed", type=SEED, default=DEFAULTS.seed, show_default=True, help="Seed of the gate noise.")
 @click.option("--reference", "reference_path", default=None, metavar="UNSEEN.jsonl",
               help="Texts the model never saw: their average MA is eq. 17's MA threshold, and "
                    "training stops as soon as every forget text is at or below it with the "
@@ -959,6 +1053,9 @@ LOCALIZE_SECTIONS = (
                    "below its reference MA + --tolerance with the neurons that `select` would choose, and "
                    "the hinge stops pulling a text at its reference MA, so nothing is forgotten further "
                    "than a model that never saw it (over-forgetting is a membership signal too).")
+@click.option("--trust-remote-code-reference", is_flag=True, default=False,
+              help="Allow code from the --reference-model's (or --base's) checkpoint to run (--trust-remote-code "
+                   "is for --model only: a reference model that needs its own code is refused without this).")
 @click.option("--tolerance", type=FiniteFloat(0, 1), default=STOP_DEFAULTS.tolerance, show_default=True,
               help="With --reference-model: how far above its reference MA a text may stay.")
 @click.option("--stop-ma", type=FiniteFloat(0, 1), default=None, help="MA threshold for the early stop (overrides --reference).")
@@ -1004,7 +1101,8 @@ def localize_cmd(input_path, output, base, layers, reference_path, reference_lim
     """
     from .artifacts import save_artifact
     from .localize import run_localize
-    from .records import check_output, read_records
+    from .records import check_output, display_name, read_records
+    from .results import UNSEEN_WHY, check_disjoint
 
     if output == "-" and is_terminal(sys.stdout):
         raise click.UsageError("refusing to write a binary mask to a terminal: use -o FILE or a pipe")
@@ -1019,7 +1117,11 @@ def localize_cmd(input_path, output, base, layers, reference_path, reference_lim
     # read before the model loads, so that a bad file fails in a second, not after the load
     reference_texts = ([r["text"] for r in read_records(reference_path)]
                        if reference_path is not None and stop_ma is None else None)
-    stop = StopRule(reference_model, tolerance, reference_texts, reference_limit, stop_ma, stop_el, target_ma, load)
+    if reference_texts:
+        check_disjoint(records, [r["text"] for r in records], reference_texts[:reference_limit],
+                       display_name(input_path), reference_path, UNSEEN_WHY)
+    stop = StopRule(reference_model, tolerance, reference_texts, reference_limit, stop_ma, stop_el, target_ma, load,
+                    trust_remote_code_reference=training.pop("trust_remote_code_reference"))
     lm, tokenizer = load_lm(model, load)
     run = run_localize(lm, tokenizer, records, LocalizeConfig(**training), layers, stop, reporter(), base=base)
     if distributed.is_main():
@@ -1059,7 +1161,7 @@ def report_localized(run) -> None:
                    "the whole text: the usual attack, which then looks whether the second halves come back.")
 @click.option("--max-length", type=click.IntRange(2), default=RELEARN_DEFAULTS.max_length, show_default=True,
               help="Cut every text to its first N tokens.")
-@click.option("--seed", type=int, default=RELEARN_DEFAULTS.seed, show_default=True,
+@click.option("--seed", type=SEED, default=RELEARN_DEFAULTS.seed, show_default=True,
               help="Seed of the data order: the same seed gives the same weights.")
 @click.option("--force", is_flag=True, default=False,
               help="Replace DIR when it holds a previous neumuter checkpoint (and nothing else). A folder "
@@ -1100,7 +1202,7 @@ def relearn_cmd(input_path, model, load, output, steps, lr, batch_size, layers, 
     follow_transformers()
     result = run_relearn(model, input_path, output, config, first_halves, force, load, reporter())
     progress(f"{result.steps} steps in {result.seconds:.1f}s: loss {result.losses[0]:.4f} -> "
-             f"{result.losses[-1]:.4f} (first and last batch); checkpoint written to {output}")
+             f"{result.losses[-1]:.4f} (first and last batch); checkpoint written to {escape(output)}")
 
 
 @cli.command("quantize")
@@ -1133,7 +1235,7 @@ def quantize_cmd(model, load, qtype, output, force):
     summary = run_quantize(model, qtype, output, force, load, reporter())
     progress(f"{summary['weights']} block weights ({summary['elements']:,} values) through {summary['type']}"
              + (f", {len(summary['skipped'])} left as they are" if summary["skipped"] else "")
-             + f"; checkpoint written to {output}")
+             + f"; checkpoint written to {escape(output)}")
 
 
 def main():

@@ -3,11 +3,11 @@ not import torch or transformers (the CLI builds its options and --help from the
 and `neumuter --help` has to be instant). Each default is written here once."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 from . import NeumuterError
-from .errors import ConflictingSettings
+from .errors import ConflictingSettings, SettingError
 
 FORGET_TERMS = ("hinge", "bounded", "ascent")
 LOCALIZE_METHODS = ("gates", "attribution")
@@ -24,6 +24,19 @@ TOLERANCE = 0.05
 
 #: the reference texts that set eq. 17's thresholds in `localize` (the first N)
 REFERENCE_LIMIT = 200
+
+#: the seeds every command takes: what torch's generators take
+SEED_RANGE = (0, 2**64 - 1)
+
+#: the most neighbours `neumuter neighbors` writes per record
+MAX_NEIGHBORS = 1000
+
+
+def check_seed(seed) -> None:
+    """Refuse a seed torch's generators cannot take (a SettingError naming ``seed``)."""
+    low, high = SEED_RANGE
+    if isinstance(seed, bool) or not isinstance(seed, int) or not low <= seed <= high:
+        raise SettingError("seed", f"must be a whole number from {low} to {high}, not {seed!r}")
 
 
 @dataclass
@@ -81,6 +94,12 @@ class StopRule:
     stop_el: float | None = None
     target_ma: float | None = None
     load: LoadOptions = field(default_factory=LoadOptions)
+    trust_remote_code_reference: bool = False    # the reference model's own code may run (never the model's flag)
+
+    @property
+    def reference_load(self) -> LoadOptions:
+        """How the reference model is loaded: as the model, but trusted only by its own flag."""
+        return replace(self.load, trust_remote_code=self.trust_remote_code_reference)
 
 
 @dataclass
@@ -135,6 +154,7 @@ class MeasureConfig:
     device_map: str | None = None
     max_memory: dict | None = None
     trust_remote_code: bool = False
+    trust_remote_code_reference: bool = False    # the reference model's own code (never the model's flag)
     max_length: int | None = 200
     el_ns: tuple[int, ...] = (10,)
     batch_size: int = 64
@@ -156,8 +176,13 @@ class MeasureConfig:
 
     @property
     def load(self) -> LoadOptions:
-        """How the model and the reference model are loaded."""
+        """How the model is loaded."""
         return LoadOptions(self.device, self.dtype, self.device_map, self.max_memory, self.trust_remote_code)
+
+    @property
+    def reference_load(self) -> LoadOptions:
+        """How the reference model is loaded: as the model, its code trusted only by its own flag."""
+        return replace(self.load, trust_remote_code=self.trust_remote_code_reference)
 
     def validate(self) -> None:
         """Refuse options that contradict each other (one clear line each)."""
@@ -170,10 +195,12 @@ class MeasureConfig:
                                       "that never saw it) or {reference_path}/{thresholds_path} (eq. 17), not both")
         if self.quantize_reference and not (self.quantize and self.reference_model):
             raise ConflictingSettings("{quantize_reference} needs {quantize} and {reference_model}")
+        if self.trust_remote_code_reference and not self.reference_model:
+            raise ConflictingSettings("{trust_remote_code_reference} needs {reference_model}")
         if not 0 <= self.tolerance <= 1:     # worded as the CLI's: the library's callers test this message
             raise NeumuterError("--tolerance must be between 0 and 1")
 
 
 __all__ = ["FORGET_TERMS", "LOCALIZE_METHODS", "ATTRIBUTION_SCORES", "OPTIMIZERS", "QUANT_TYPES", "TOLERANCE",
-           "REFERENCE_LIMIT", "LoadOptions", "LocalizeConfig", "StopRule", "NeighborsConfig", "RelearnConfig",
-           "MeasureConfig"]
+           "REFERENCE_LIMIT", "SEED_RANGE", "MAX_NEIGHBORS", "check_seed", "LoadOptions", "LocalizeConfig", "StopRule",
+           "NeighborsConfig", "RelearnConfig", "MeasureConfig"]

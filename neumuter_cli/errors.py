@@ -5,8 +5,41 @@ sets that parameter (`neumuter localize --lr`, `neighbors --top-k`, ...) and say
 from __future__ import annotations
 
 import string
+import unicodedata
 
 from . import NeumuterError
+
+#: characters that are never written raw to a terminal: every control character (C0, DEL, C1),
+#: the line and paragraph separators, and the bidirectional overrides that reorder what is shown
+_BIDI = set("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _shown(ch: str) -> str:
+    if ch in _NAMED:
+        return _NAMED[ch]
+    code = ord(ch)
+    if 0xDC80 <= code <= 0xDCFF:             # a byte that is not UTF-8, kept by surrogateescape (paths)
+        return f"\\x{code - 0xDC00:02x}"
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def _unsafe(ch: str) -> bool:
+    return unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp") or ch in _BIDI
+
+
+def escape(text, keep_newlines: bool = False) -> str:
+    """``text`` as it may reach a terminal: every control character shown as an escape (``\\n``,
+    ``\\x1b``, ``\\u2028``), so that a record id, a text or a path can neither end the line nor
+    move the cursor, clear the screen or retitle the terminal. Printable text, backslashes
+    included, is kept as it is. ``keep_newlines``: the message's own line breaks stay (a table);
+    user data in it must have been escaped when it was put in."""
+    text = str(text)
+    if not any(_unsafe(ch) for ch in text):
+        return text
+    return "".join(ch if (keep_newlines and ch == "\n") or not _unsafe(ch) else _shown(ch) for ch in text)
 
 
 class SettingError(NeumuterError):
@@ -73,5 +106,5 @@ class FingerprintMismatch(SettingsMessage):
         super().__init__(template, **values)
 
 
-__all__ = ["NeumuterError", "SettingError", "DeviceUnavailable", "SettingsMessage", "ConflictingSettings",
+__all__ = ["escape", "NeumuterError", "SettingError", "DeviceUnavailable", "SettingsMessage", "ConflictingSettings",
            "NonFiniteLoss", "NonFiniteOutput", "FingerprintMismatch"]

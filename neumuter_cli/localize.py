@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from . import NeumuterError, distributed
-from .config import FORGET_TERMS, LOCALIZE_METHODS, OPTIMIZERS, TOLERANCE, LocalizeConfig, StopRule
-from .errors import ConflictingSettings, NonFiniteLoss, NonFiniteOutput
+from .config import FORGET_TERMS, LOCALIZE_METHODS, OPTIMIZERS, TOLERANCE, LocalizeConfig, StopRule, check_seed
+from .errors import ConflictingSettings, NonFiniteLoss, NonFiniteOutput, escape
 from .gates import GAMMA, ZETA, deterministic_gate, initial_log_alpha, l0_term, training_gate
-from .models import FFNLayer, gated, input_device, scaled
+from .models import FFNLayer, float32_steps, gated, input_device, scaled
 from .rollback import interpolated, rolled_back
 from .progress import steps
 from .records import finite_number
@@ -41,6 +41,7 @@ def check_config(config: LocalizeConfig) -> None:
     out of its range (e.g. a learning rate of 0, a negative weight, a target MA above 1)."""
     if config.forget_term not in FORGET_TERMS:
         raise NeumuterError(f"unknown forget term {config.forget_term!r} (choose {', '.join(FORGET_TERMS)})")
+    check_seed(config.seed)
     for name, low, high, low_ok in CONFIG_RANGES:
         value = getattr(config, name)
         if not finite_number(value):
@@ -310,7 +311,8 @@ def _gate_step(model, batch: _Batch, original, log_alpha: list[torch.Tensor], op
         distributed.all_reduce_sum([*(la.grad for la in log_alpha), sums])
     if not torch.isfinite(sums[0]):
         raise NonFiniteLoss(f"epoch {epoch}: the loss is not finite ({sums[0].item()})")
-    optimiser.step()
+    with float32_steps(f"epoch {epoch}"):
+        optimiser.step()
     return sums, reg
 
 
@@ -491,8 +493,12 @@ def reference_model_limits(reference_model, tokenizer, records: Sequence[dict], 
     Forgetting further than that is over-forgetting, itself a membership signal."""
     from .measure import memorization_accuracy
 
+    from .results import check_yardstick, record_label
+
     ids = encode(tokenizer, [r["text"] for r in records], max_length)
     reference_ma = memorization_accuracy(reference_model, ids)
+    for k, (record, ma) in enumerate(zip(records, reference_ma)):
+        check_yardstick({"ma": ma}, f"the reference model: forget text {record_label(record, k)}")
     return {"ma": [min(1.0, ma + tolerance) for ma in reference_ma], "reference_ma": reference_ma,
             "tolerance": tolerance}
 
@@ -522,6 +528,7 @@ def run_localize(model, tokenizer, records: Sequence[dict], config: LocalizeConf
 
     stop = stop or StopRule()
     say = progress or (lambda message: None)
+    check_seed(config.seed)
     torch.manual_seed(config.seed)
     layers_all = find_ffn_layers(model)
     changes, base_info, limits = None, None, None
@@ -609,15 +616,16 @@ def _load_base(model, tokenizer, records, base: str, layers: str | None, layers_
     changed in the blocks ``layers`` (None: every block it changed), and, when ``stop`` names
     no other yardstick, take the base model's MA on each forget text as the stopping points.
     Returns (changes by block, the base's record for the mask, limits or None)."""
-    from .models import check_same_tokenizer, load_model, parse_layers
+    from .models import check_same_tokenizer, load_model, parse_layers, refuse_untrusted_code
     from .reference import same_checkpoint
     from .rollback import base_record, check_ancestor, neuron_changes
 
     name = getattr(model, "neumuter_source", "the model")
     if isinstance(name, str) and same_checkpoint(name, base):
         raise NeumuterError(f"--base {base} is the model itself: there is nothing to roll back")
-    say(f"loading {base} (the base model)")
-    base_model, base_tokenizer = load_model(base, **asdict(stop.load))
+    refuse_untrusted_code(base, stop.trust_remote_code_reference, f"base model {base}", "trust_remote_code_reference")
+    say(f"loading {escape(base)} (the base model)")
+    base_model, base_tokenizer = load_model(base, **asdict(stop.reference_load))
     check_same_tokenizer(tokenizer, base_tokenizer, name, f"base model {base}", [r["text"] for r in records])
     distance = check_ancestor(model, base_model, name, f"base model {base}")
     picked = [layers_all[i] for i in parse_layers(layers, len(layers_all))]
@@ -654,15 +662,16 @@ def _spans(blocks: list[int]) -> str:
 
 def _reference_model_limits(model, tokenizer, records, stop: StopRule, max_length: int, say) -> dict:
     from .reference import check_not_made_from, refuse_self_reference, same_checkpoint
-    from .models import fingerprints, load_model
+    from .models import fingerprints, load_model, refuse_untrusted_code
 
     name = getattr(model, "neumuter_source", "the model")
     what = f"reference model {stop.reference_model}"
     if isinstance(name, str) and same_checkpoint(name, stop.reference_model):
         refuse_self_reference(f"{what} is the checkpoint {name}")
     check_not_made_from(name, fingerprints(model)["exact"], what, stop.reference_model)
-    say(f"loading {stop.reference_model}")
-    reference, reference_tokenizer = load_model(stop.reference_model, **asdict(stop.load))
+    refuse_untrusted_code(stop.reference_model, stop.trust_remote_code_reference, what, "trust_remote_code_reference")
+    say(f"loading {escape(stop.reference_model)}")
+    reference, reference_tokenizer = load_model(stop.reference_model, **asdict(stop.reference_load))
     limits = _reference_limits_from(model, tokenizer, records, reference, reference_tokenizer, what, stop,
                                     max_length, say)
     del reference

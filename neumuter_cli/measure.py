@@ -52,13 +52,14 @@ import torch.nn.functional as F
 
 from . import NeumuterError, distributed, mia
 from .config import MeasureConfig
-from .errors import NonFiniteOutput, SettingsMessage
+from .errors import NonFiniteOutput, SettingError, SettingsMessage, escape
 from .fastpaths import roomy_cache
 from .models import input_device
 from .progress import ProgressFn, steps, throttled
 from .reference import check_not_edited_from, check_not_itself, check_not_made_from, refuse_self_reference, same_checkpoint
 from .mia import MIA_RADIUS, is_forgotten, mark, summarize, thresholds
-from .results import MeasureResult, el_key, read_thresholds, record_label
+from .results import (HOLDOUT_WHY, UNSEEN_WHY, MeasureResult, check_disjoint, check_yardstick, el_key, read_thresholds,
+                      record_label)
 from .text import check_context, encode, model_context, pad
 
 #: cap on the logits one teacher-forced forward may hold (batch × length × vocab floats)
@@ -490,10 +491,11 @@ def perplexity(model, tokenizer, texts: Sequence[str], window: int | None = None
     ``tokens`` = the number of scored tokens, ``nll`` = their mean negative log-likelihood."""
     window = window or model_context(model, tokenizer)
     stride = stride or window
-    if window < 2:
-        raise NeumuterError("the perplexity window must be at least 2 tokens")
+    if window < 2:      # the settings of `measure` that give them (a usage error there)
+        raise SettingError("ppl_window", f"(the perplexity window) must be at least 2 tokens, not {window}")
     if not 1 <= stride <= window:
-        raise NeumuterError(f"the perplexity stride must be between 1 and the window ({window})")
+        raise SettingError("ppl_stride", f"(the perplexity stride) must be between 1 and the window ({window}), "
+                                         f"not {stride}")
     pieces = []  # (token ids of the window, index of the first scored position inside it)
     owners = []  # the text each window comes from
     for k, ids in enumerate(encode(tokenizer, texts, None)):
@@ -609,12 +611,13 @@ def _reference_aucs_from_file(scores: dict, holdout: dict, progress: ProgressFn)
     keys = [f"auc_{name}" for name in mia.MIA_SCORES]
     if not isinstance(saved, dict) or not all(isinstance(summary.get(k), (int, float)) for k in keys):
         if progress:
-            progress(f"warning: {scores['path']} holds no holdout AUCs, so no PrivLeak: write it with "
+            progress(f"warning: {escape(scores['path'])} holds no holdout AUCs, so no PrivLeak: write it with "
                      "`measure RECORDS --model REF --holdout HOLDOUT --format json`")
         return None
     if any(saved.get(k) != holdout[k] for k in ("records", "tokens", "sha256")):
         raise SettingsMessage("{path} was measured with another holdout set (or {max_length}): PrivLeak needs "
                               "both models' AUCs on the same holdout texts", path=scores["path"])
+    check_yardstick({k: summary[k] for k in keys}, f"{scores['path']}: summary")
     return {k: float(summary[k]) for k in keys}
 
 
@@ -669,7 +672,8 @@ class _Inputs:
 def _read_inputs(config: MeasureConfig) -> _Inputs:
     """Read every file, then check what can be checked without weights: the quantisation type,
     and a reference model's checkpoint name, tokenizer and vocabulary."""
-    from .models import check_same_tokenizer, check_vocabulary, checkpoint_vocab_size, load_tokenizer
+    from .models import (check_same_tokenizer, check_vocabulary, checkpoint_vocab_size, load_tokenizer,
+                         refuse_untrusted_code)
     from .quantize import gguf_type
     from .records import read_records
 
@@ -683,6 +687,7 @@ def _read_inputs(config: MeasureConfig) -> _Inputs:
         read_records(config.ppl_path) if config.ppl_path else None, None)
     if config.check and not records:
         raise SettingsMessage("{check}: no records to check")
+    _check_disjoint(inputs, config)
     for setting in ("reference_model", "reference_scores_path", "holdout_path"):
         if getattr(config, setting) and not records:
             raise SettingsMessage("{" + setting + "} needs records to measure")
@@ -694,13 +699,32 @@ def _read_inputs(config: MeasureConfig) -> _Inputs:
         label = f"reference model {config.reference_model}"
         if same_checkpoint(config.model, config.reference_model):
             refuse_self_reference(f"{label} is the checkpoint {config.model}")
-        reference_tokenizer = load_tokenizer(config.reference_model, config.trust_remote_code)
+        trusted = config.trust_remote_code_reference         # trust is per model: never the model's flag
+        refuse_untrusted_code(config.model, config.trust_remote_code, config.model)
+        refuse_untrusted_code(config.reference_model, trusted, label, "trust_remote_code_reference")
+        reference_tokenizer = load_tokenizer(config.reference_model, trusted)
         check_same_tokenizer(load_tokenizer(config.model, config.trust_remote_code), reference_tokenizer,
                              config.model, label, inputs.texts + [r["text"] for r in inputs.holdout_records or []])
-        rows = checkpoint_vocab_size(config.reference_model, config.trust_remote_code)
+        rows = checkpoint_vocab_size(config.reference_model, trusted)
         if rows is not None:                 # an embedding too small fails now, not after the first model
             check_vocabulary(label, rows, reference_tokenizer)
     return inputs
+
+
+def _check_disjoint(inputs: _Inputs, config: MeasureConfig, measured: "_Measured | None" = None,
+                    ref_ids: Sequence[Sequence[int]] | None = None) -> None:
+    """The holdout and eq. 17's texts never seen hold none of the records: compared by text
+    before the model loads, by the token ids measured (``measured``) once it has."""
+    for others, path, ids, why in ((inputs.holdout_records, config.holdout_path,
+                                    measured and measured.holdout_ids, HOLDOUT_WHY),
+                                   (inputs.ref_records, config.reference_path, ref_ids, UNSEEN_WHY)):
+        if not others or not inputs.records:
+            continue
+        if measured is None:
+            check_disjoint(inputs.records, inputs.texts, [r["text"] for r in others], inputs.name, path, why)
+        elif ids is not None:
+            check_disjoint(inputs.records, list(map(tuple, measured.ids)), list(map(tuple, ids)), inputs.name,
+                           path, why, tokens=True)
 
 
 @dataclass
@@ -727,7 +751,7 @@ def _measure_model(config: MeasureConfig, inputs: _Inputs, say, inner) -> _Measu
     from .quantize import quantize_model
 
     el_ns, records, ref_scores = tuple(config.el_ns), inputs.records, inputs.ref_scores
-    say(f"loading {config.model}")
+    say(f"loading {escape(config.model)}")
     lm, tokenizer = load_model(config.model, **asdict(config.load))
     # of the model as loaded, before any quantisation; rounded too, to compare with the reference
     prints = fingerprints(lm, rounded=bool(config.reference_model))
@@ -741,20 +765,23 @@ def _measure_model(config: MeasureConfig, inputs: _Inputs, say, inner) -> _Measu
     measured = _Measured(prints, quantized, ids, compressed, [], inputs.limits)
     tfs = []
     if records:
-        say(f"measuring {len(records)} records of {inputs.name} ({sum(map(len, ids))} tokens)")
+        say(f"measuring {len(records)} records of {escape(inputs.name)} ({sum(map(len, ids))} tokens)")
         with _naming(records, inputs.name, label):
             measured.results, tfs = _measure_with_passes(lm, ids, el_ns, config.batch_size, inner, with_mia)
     if inputs.ref_records is not None:
         ref_ids, _ = _tokenize(tokenizer, inputs.ref_records, config.max_length, config.reference_path)
-        say(f"measuring {len(inputs.ref_records)} records of {config.reference_path} "
+        _check_disjoint(inputs, config, measured, ref_ids)
+        say(f"measuring {len(inputs.ref_records)} records of {escape(config.reference_path)} "
             f"({sum(map(len, ref_ids))} tokens)")
         with _naming(inputs.ref_records, config.reference_path, label):
             measured.limits = thresholds(measure_ids(lm, ref_ids, el_ns, config.batch_size, inner), el_ns)
+        check_yardstick(measured.limits, f"{config.reference_path}: the mean")
     if measured.limits is not None:
         mark(measured.results, measured.limits, el_ns)
     if with_mia:
         measured.holdout_ids, measured.holdout_compressed = _tokenize(tokenizer, inputs.holdout_records,
                                                                       config.max_length, config.holdout_path)
+        _check_disjoint(inputs, config, measured)
         say(f"scoring {len(measured.holdout_ids)} holdout texts ({sum(map(len, measured.holdout_ids))} tokens)")
         member_scores = _mia_scores(tfs, compressed)
         with _naming(inputs.holdout_records, config.holdout_path, label):
@@ -814,8 +841,8 @@ def _measure_reference(config: MeasureConfig, inputs: _Inputs, measured: _Measur
         return _Reference(inputs.ref_scores["records"], inputs.ref_scores["fingerprint"])
     _free_memory()
     label = f"reference model {config.reference_model}"
-    say(f"loading reference model {config.reference_model}")
-    ref_lm, _ = load_model(config.reference_model, **asdict(config.load))
+    say(f"loading reference model {escape(config.reference_model)}")
+    ref_lm, _ = load_model(config.reference_model, **asdict(config.reference_load))
     prints = fingerprints(ref_lm, rounded=True)
     check_not_itself(config.model, measured.prints, label, prints)
     reference = _Reference(fingerprint=prints["exact"])
@@ -826,6 +853,8 @@ def _measure_reference(config: MeasureConfig, inputs: _Inputs, measured: _Measur
     with _naming(inputs.records, inputs.name, label):
         reference.results, ref_tfs = _measure_with_passes(ref_lm, measured.ids, tuple(config.el_ns),
                                                           config.batch_size, inner, with_mia)
+    for k, (record, result) in enumerate(zip(inputs.records, reference.results)):
+        check_yardstick(result, f"{label}: record {record_label(record, k)}")
     if with_mia:
         say(f"scoring the {len(measured.holdout_ids)} holdout texts under the reference model")
         with _naming(inputs.holdout_records, config.holdout_path, label):

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import NeumuterError, distributed, offload
-from .errors import DeviceUnavailable, SettingError
+from .errors import ConflictingSettings, DeviceUnavailable, NonFiniteLoss, SettingError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTENTION_WORDS = ("attn", "attention")
@@ -80,6 +80,12 @@ def check_model_path(model: str) -> None:
     if os.path.exists(model):
         if os.path.isdir(model) and not os.path.isfile(os.path.join(model, "config.json")):
             raise NeumuterError(f"{model}: not a model directory (no config.json)")
+        if os.path.isdir(model):
+            from .records import MAX_SMALL_FILE, size_text
+
+            config = os.path.join(model, "config.json")
+            if os.path.getsize(config) > MAX_SMALL_FILE:     # transformers would read it whole
+                raise NeumuterError(f"{config}: larger than {size_text(MAX_SMALL_FILE)}B: not a model's config")
         if os.path.isfile(model):
             raise NeumuterError(f"{model}: a file, not a model directory or .gguf file")
         return
@@ -87,6 +93,47 @@ def check_model_path(model: str) -> None:
     hub_name = len(parts) <= 2 and all(p and not p.startswith((".", "~")) for p in parts)
     if not hub_name:
         raise NeumuterError(f"model not found: {model}")
+
+
+def own_code(model: str) -> str | None:
+    """The file of a local checkpoint folder that names code of its own which transformers would
+    have to run to load it: ``config.json`` or ``tokenizer_config.json`` with an ``auto_map`` for
+    a model type or tokenizer class transformers does not have. None for any other checkpoint
+    (transformers loads one of its own types with its own classes, its code unread)."""
+    import json
+
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from .records import read_small_file
+
+    source, _ = split_gguf(model)
+    if not os.path.isdir(source):
+        return None
+    for name, kind in (("config.json", "model_type"), ("tokenizer_config.json", "tokenizer_class")):
+        try:
+            data = json.loads(read_small_file(os.path.join(source, name)) or b"null")
+        except (OSError, ValueError, RecursionError, NeumuterError):
+            continue
+        if not isinstance(data, dict) or not data.get("auto_map"):
+            continue
+        value = data.get(kind)
+        known = isinstance(value, str) and (value in CONFIG_MAPPING if kind == "model_type"
+                                            else hasattr(transformers, value))
+        if not known:
+            return name
+    return None
+
+
+def refuse_untrusted_code(model: str, trusted: bool, label: str, setting: str = "trust_remote_code") -> None:
+    """Trust is per model: refuse ``model`` (named ``label`` in the message) when loading it would
+    run code of its own and ``setting``, the flag that trusts this very model, is not given.
+    The model's --trust-remote-code never covers a reference model or a masked LM."""
+    found = None if trusted else own_code(model)
+    if found is not None:
+        others = "{trust_remote_code} is for {model} only; " if setting == "trust_remote_code_reference" else ""
+        raise ConflictingSettings("{label} runs code of its own to load (its {found} names it in \"auto_map\"): "
+                                  + others + "give {" + setting + "} to let it run", label=label, found=found)
 
 
 def load_tokenizer(model: str, trust_remote_code: bool = False):
@@ -205,15 +252,20 @@ def _weight_files(folder: str) -> list[str]:
     ``*.safetensors`` in it."""
     import json
 
+    from .records import read_small_file
+
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(index):
         try:
-            with open(index, encoding="utf-8") as handle:
-                names = sorted(set(json.load(handle)["weight_map"].values()))
+            names = sorted(set(json.loads(read_small_file(index) or b"")["weight_map"].values()))
         except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise NeumuterError(f"{index}: not a readable safetensors index") from None
         return [os.path.join(folder, name) for name in names]
     return sorted(os.path.join(folder, name) for name in os.listdir(folder) if name.endswith(".safetensors"))
+
+
+#: the longest header safetensors itself reads (its MAX_HEADER_SIZE)
+MAX_SAFETENSORS_HEADER = 100_000_000
 
 
 def read_safetensors_header(path: str) -> dict[str, dict]:
@@ -230,6 +282,9 @@ def read_safetensors_header(path: str) -> dict[str, dict]:
             if length < 2 or 8 + length > size:
                 raise NeumuterError(f"{path}: not a complete safetensors file (its header says {max(length, 0)} "
                                     f"bytes of metadata, the file has {size} bytes)")
+            if length > MAX_SAFETENSORS_HEADER:
+                raise NeumuterError(f"{path}: not a safetensors file (its header says {length:,} bytes of metadata, "
+                                    f"safetensors reads at most {MAX_SAFETENSORS_HEADER:,})")
             header = json.loads(handle.read(length).decode("utf-8"))
     except OSError as exc:
         raise NeumuterError(f"cannot read {path}: {exc.strerror or exc}") from None
@@ -332,6 +387,7 @@ def load_model(
     source, gguf_file = split_gguf(model)
     if gguf_file is None:
         check_model_path(source)
+    refuse_untrusted_code(model, trust_remote_code, model)
     target = distributed.place(resolve_device(device)) if device_map is None else None
     tokenizer = load_tokenizer(model, trust_remote_code)       # cheap: a missing tokenizer fails first
     stored = _stored_dtypes(source) if gguf_file is None and os.path.isdir(source) else {}
@@ -406,6 +462,20 @@ def check_causal_lm(model: nn.Module) -> None:
             f"model type {kind!r} ({type(model).__name__}) is not a causal decoder LM: its prediction at a "
             "position changes with later tokens (it attends both ways, like a masked LM); neumuter needs "
             "a decoder-only causal LM")
+
+
+@contextlib.contextmanager
+def float32_steps(where: str):
+    """An optimiser step whose size overflows float32 (a learning rate near the largest float32:
+    Adam's first step is ten times it) is a NonFiniteLoss, as a loss that is not finite is,
+    not torch's RuntimeError."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "without overflow" not in str(exc):
+            raise
+        raise NonFiniteLoss(f"{where}: the update overflows the float32 weights (a step larger than "
+                            f"{torch.finfo(torch.float32).max:.6g})") from None
 
 
 def first_line(exc: BaseException) -> str:
@@ -690,10 +760,11 @@ def lineage(model: str) -> dict[str, str]:
     (what `apply`, `quantize` and `relearn` wrote); empty for any other model."""
     import json
 
+    from .records import read_small_file
+
     path = os.path.join(model, "neumuter.json")
     try:
-        with open(path, encoding="utf-8") as handle:
-            record = json.load(handle)
+        record = json.loads(read_small_file(path) or b"{}")
     except (OSError, ValueError, RecursionError):
         return {}
     if not isinstance(record, dict):

@@ -33,12 +33,13 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 
 from . import NeumuterError, distributed, fastpaths
-from .config import NeighborsConfig
+from .config import MAX_NEIGHBORS, NeighborsConfig, check_seed
 from .errors import SettingError
 from .progress import Steps, steps
 from .text import pad, padding_id
 
 GROUP_BATCHES = 4           # records are read and rewritten in groups of about this many batches
+MAX_HELD_TOKENS = 1 << 22   # the most tokens the neighbours of one record may hold at once
 MIN_ROWS = 8                # a call is not cut for padding's sake below this many rows ...
 PAD_WASTE = 0.1             # ... and above it, once padding would exceed this share of its tokens
 
@@ -47,21 +48,24 @@ ProgressFn = Callable[[str], None]
 
 # ---------------------------------------------------------------- loading
 
-def load_mlm(name_or_path: str, device: str = "auto"):
+def load_mlm(name_or_path: str, device: str = "auto", trust_remote_code: bool = False):
     """Load a masked LM and its tokenizer (local dir or hub name), frozen, in eval mode.
 
-    Returns (model, tokenizer). The tokenizer must have a mask token."""
+    Returns (model, tokenizer). The tokenizer must have a mask token. ``trust_remote_code``:
+    the MLM's own code may run (a checkpoint that needs it is refused otherwise)."""
     from transformers import AutoModelForMaskedLM
 
-    from .models import check_model_path, first_line, load_tokenizer, resolve_device
+    from .models import check_model_path, first_line, load_tokenizer, refuse_untrusted_code, resolve_device
 
     check_model_path(name_or_path)
+    refuse_untrusted_code(name_or_path, trust_remote_code, f"the masked LM {name_or_path}", "trust_remote_code_mlm")
     target = distributed.place(resolve_device(device))
     try:
-        mlm = AutoModelForMaskedLM.from_pretrained(name_or_path, dtype=torch.float32)
-    except (OSError, ValueError, KeyError, ImportError) as exc:
+        mlm = AutoModelForMaskedLM.from_pretrained(name_or_path, dtype=torch.float32,
+                                                   trust_remote_code=trust_remote_code)
+    except Exception as exc:   # OSError, ValueError, a pickled file torch refuses to unpickle, ...
         raise NeumuterError(f"cannot load the masked LM {name_or_path}: {first_line(exc)}") from None
-    tokenizer = load_tokenizer(name_or_path)
+    tokenizer = load_tokenizer(name_or_path, trust_remote_code)
     if tokenizer.mask_token_id is None:
         raise NeumuterError(f"{name_or_path}: the tokenizer has no mask token (is it a masked LM?)")
     mlm.to(target).eval()
@@ -110,6 +114,9 @@ class NeighborWriter:
         k, ratio, temperature = config.k, config.ratio, config.temperature
         if k < 1:
             raise SettingError("k", "must be at least 1")
+        if k > MAX_NEIGHBORS:
+            raise SettingError("k", f"must be at most {MAX_NEIGHBORS}, not {k}")
+        check_seed(config.seed)
         if not 0.0 < ratio <= 1.0:
             raise SettingError("ratio", f"(the share of tokens rewritten) must be in (0, 1], not {ratio}")
         if temperature < 0 or not math.isfinite(temperature):
@@ -160,6 +167,10 @@ class NeighborWriter:
             record = self._records_seen + t
             if len(tokens) == 0:
                 raise NeumuterError(f"record {record + 1}: the text has no token for the masked LM")
+            if len(tokens) * self.k > MAX_HELD_TOKENS:
+                raise SettingError("k", f"{self.k}: record {record + 1} has {len(tokens):,} tokens for the masked LM, "
+                                        f"and {self.k} neighbours of it would hold {len(tokens) * self.k:,} tokens at "
+                                        f"once (at most {MAX_HELD_TOKENS:,}): give fewer neighbours or cut the text")
             n = max(1, int(len(tokens) * self.ratio))
             for j in range(self.k):
                 slot = t * self.k + j
@@ -289,10 +300,21 @@ class NeighborWriter:
         return self._choose(logits.float(), active)
 
     def _choose(self, logits: torch.Tensor, active: list[_Sequence]) -> list[int]:
+        """The token written at each active sequence's position: the argmax, or a draw from the
+        softmax of the tempered logits. Every number that reaches the softmax is finite: a NaN
+        would make the draw arbitrary, not random."""
+        allowed = torch.ones(logits.shape[-1], dtype=torch.bool, device=logits.device)
+        allowed[self.banned] = False
+        if not bool(torch.isfinite(logits[:, allowed]).all()):
+            raise NeumuterError("the masked LM computes a non-finite logit (NaN or infinity): its weights are broken, "
+                                "so no neighbour it writes means anything")
         logits[:, self.banned] = float("-inf")
         if self.temperature == 0:
             return logits.argmax(dim=-1).tolist()
         logits = logits / self.temperature
+        if not bool(torch.isfinite(logits[:, allowed]).all()):
+            raise SettingError("temperature", f"{self.temperature:g} is so small that the logits divided by it "
+                                              "overflow: give a larger one, or 0 for the argmax")
         if self.top_k:
             values, ids = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1)
         else:
@@ -391,4 +413,4 @@ def _special_id(tokenizer, *names: str) -> int:
     raise NeumuterError(f"the MLM tokenizer has no {names[0].replace('_id', '')} (nor {names[-1].replace('_id', '')})")
 
 
-__all__ = ["NeighborsConfig", "load_mlm", "mlm_window", "NeighborWriter"]
+__all__ = ["NeighborsConfig", "MAX_HELD_TOKENS", "load_mlm", "mlm_window", "NeighborWriter"]

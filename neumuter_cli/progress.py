@@ -12,6 +12,8 @@ import sys
 import time
 from typing import IO, Callable
 
+from .errors import escape
+
 ProgressFn = Callable[[str], None] | None
 #: lines that --quiet still shows
 ALWAYS_SHOWN = ("warning:",)
@@ -54,6 +56,9 @@ class Reporter:
     def __call__(self, message: str) -> None:
         if self.silent or (self.quiet and not message.startswith(ALWAYS_SHOWN)):
             return
+        # no control character reaches the terminal raw; a line break of the message itself
+        # (a table) stays, so the user data in a line is escaped where it is put in
+        message = escape(message, keep_newlines=True)
         if self._every:
             now = time.monotonic()
             if now - self._last < self._every:

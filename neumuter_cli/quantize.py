@@ -24,6 +24,7 @@ import torch
 
 from . import NeumuterError, offload
 from .config import QUANT_TYPES, LoadOptions  # the formats offered, defined torch-free for the CLI
+from .errors import escape
 
 
 def gguf_type(qtype: str):
@@ -143,7 +144,7 @@ def run_quantize(model: str, qtype: str, output: str, force: bool = False, load:
 
     check_output_dir(output, force, protected=(model,))
     if progress:
-        progress(f"loading {model}")
+        progress(f"loading {escape(model)}")
     lm, tokenizer = load_model(model, **asdict(load or LoadOptions()))
     source_fingerprint = fingerprint(lm)
     summary = quantize_model(lm, qtype.lower(), progress)

@@ -134,15 +134,79 @@ def strict_loads(line: str):
     return value
 
 
+#: the longest line a JSONL reader takes, in characters (a record's text may be a whole book;
+#: /dev/zero or a file without line breaks is refused at this length, not read until memory ends)
+MAX_LINE = 1 << 26
+#: the most a JSON file read whole may hold (thresholds, reference scores, a mask or scales file)
+MAX_FILE = 1 << 28
+#: the most a small file neumuter reads inside a checkpoint folder may hold (neumuter.json, a config)
+MAX_SMALL_FILE = 1 << 26
+
+
+def size_text(count: int) -> str:
+    """A size in bytes (or characters) as a message shows it: 64 Mi, 256 Mi, 1,000."""
+    for shift, unit in ((30, "Gi"), (20, "Mi"), (10, "Ki")):
+        if count >= 1 << shift and count % (1 << shift) == 0:
+            return f"{count >> shift} {unit}"
+    return f"{count:,}"
+
+
+def read_bounded(path: str, limit: int = MAX_FILE, stream: IO[bytes] | None = None) -> bytes:
+    """The bytes of the file ``path`` (or of ``stream``), refused when it holds more than
+    ``limit``: at most ``limit + 1`` bytes are read, so /dev/zero or a pipe that never ends
+    gives one clear line instead of a process killed for memory. OSError is the caller's."""
+    if stream is not None:
+        data = stream.read(limit + 1)
+    else:
+        with open(path, "rb") as handle:
+            data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise NeumuterError(f"{display_name(path)}: larger than {size_text(limit)}B, the most neumuter reads of such a "
+                            "file")
+    return data
+
+
+def read_small_file(path: str, limit: int = MAX_SMALL_FILE) -> bytes | None:
+    """A small file inside a model or checkpoint folder (neumuter.json, config.json): None when
+    it is not a regular file (missing, a folder, a named pipe that would block the read);
+    refused beyond ``limit`` bytes."""
+    if not os.path.isfile(path):
+        return None
+    return read_bounded(path, limit)
+
+
+class _LongLine(ValueError):
+    """A line longer than MAX_LINE: (its number, the bound)."""
+
+
+def _bounded_lines(lines, limit: int):
+    """The lines of a text stream, each read with a bound: a line longer than ``limit``
+    characters raises :class:`_LongLine` once ``limit`` are read, not after the whole of it."""
+    readline = getattr(lines, "readline", None)
+    if readline is None:
+        yield from lines
+        return
+    number = 0
+    while True:
+        line = readline(limit + 1)
+        number += 1
+        if not line:
+            return
+        if len(line) > limit:
+            raise _LongLine(number, limit)
+        yield line
+
+
 def _text_lines(stream):
     """``stream`` as text lines for the reader: a binary stream is decoded as UTF-8 whatever the
     locale, with a leading byte-order mark dropped and undecodable bytes kept for
     :func:`strict_loads` to report; \\n, \\r\\n and a lone \\r all end a line (a raw CR cannot
-    occur inside a JSON string). Returns (lines, the wrapper to detach afterwards or None)."""
+    occur inside a JSON string). Each line is read with the bound MAX_LINE. Returns (lines, the
+    wrapper to detach afterwards or None)."""
     if isinstance(stream, io.TextIOBase) or not hasattr(stream, "readable"):
-        return stream, None
+        return _bounded_lines(stream, MAX_LINE), None
     wrapper = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline=None)
-    return wrapper, wrapper
+    return _bounded_lines(wrapper, MAX_LINE), wrapper
 
 
 def iter_records(path: str, require: Iterable[str] = ("text",), stream: IO | None = None) -> Iterator[dict]:
@@ -178,6 +242,10 @@ def iter_records(path: str, require: Iterable[str] = ("text",), stream: IO | Non
             yield record
     except jsonlines.InvalidLineError as exc:
         raise NeumuterError(f"{name}:{exc.lineno}: {exc.__cause__}") from None
+    except _LongLine as exc:
+        number, limit = exc.args
+        raise NeumuterError(f"{name}:{number}: a line longer than {size_text(limit)} characters (a JSONL line holds "
+                            "one record)") from None
     except OSError as exc:
         raise NeumuterError(f"cannot read {name}: {exc.strerror or exc}") from None
     finally:
@@ -393,20 +461,62 @@ def _follow_umask(folder: Path) -> None:
                 os.chmod(path, 0o666 & ~umask)
 
 
+def destination(path: str) -> Path:
+    """Where ``path`` is, resolved once, before anything moves: the real path of its folder plus
+    its own name. ``muted/../muted`` runs through the folder it names; once that folder is moved
+    aside, the path itself no longer leads anywhere, its resolved form still does."""
+    target = Path(path)
+    if target.name in ("", ".", ".."):       # the current folder, a parent, the root: never replaced
+        raise NeumuterError(f"cannot write {path}: it names a folder by '.' or '..' (or the root), which is not "
+                            "replaced: give the folder's own name")
+    return Path(os.path.realpath(target.parent if str(target.parent) else ".")) / target.name
+
+
+#: the temporaries atomic_output and atomic_directory make beside an output NAME (tempfile's
+#: 8 random characters), and the probe of check_folder_writable
+_TEMPORARY = r"\.{name}\.[a-z0-9_]{{8}}\.(tmp|old)"
+_PROBE = re.compile(r"\.neumuter-probe\.[a-z0-9_]{8}")
+
+
+def stale_temporaries(path: str) -> list[tuple[str, str]]:
+    """The temporaries of neumuter's own naming beside the output ``path`` that an earlier run
+    left (killed before it could remove them), as (path, kind): ``"tmp"`` a file or folder it
+    was writing, ``"old"`` a folder it had moved aside to replace it (the previous content of
+    ``path``), ``"probe"`` a file it made to see whether the folder is writable."""
+    if path == "-" or _special_file(path) or Path(path).name in ("", ".", ".."):
+        return []
+    target = destination(path)
+    pattern = re.compile(_TEMPORARY.format(name=re.escape(target.name)))
+    try:
+        names = sorted(os.listdir(target.parent))
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        match = pattern.fullmatch(name)
+        if match:
+            found.append((os.path.join(os.path.dirname(path), name), match.group(1)))
+        elif _PROBE.fullmatch(name):
+            found.append((os.path.join(os.path.dirname(path), name), "probe"))
+    return found
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str, force: bool = False):
     """Yield a temporary directory beside ``path``; on success it replaces ``path``.
 
     An existing non-empty ``path`` is replaced only with ``force``: the caller decides what
-    may be replaced (for a checkpoint, ``artifacts.check_output_dir``). The old folder is
-    moved aside, the new one renamed into place, then the old one removed; on any failure,
-    error, Ctrl-C or SIGTERM, ``path`` is left as it was and nothing is left beside it."""
-    target = Path(path)
+    may be replaced (for a checkpoint, ``artifacts.check_output_dir``). ``path`` is resolved
+    once (:func:`destination`), before anything moves. The old folder is moved aside, the new
+    one renamed into place, then the old one removed; on any failure, error, Ctrl-C or SIGTERM,
+    ``path`` is left as it was and nothing is left beside it. Should even putting the old folder
+    back fail, it is kept where it was moved, and the error says where."""
+    target = destination(path)
     if target.exists() and not target.is_dir():
         raise NeumuterError(f"{path} exists and is not a directory")
     if target.is_dir() and any(target.iterdir()) and not force:
         raise NeumuterError(f"{path} exists and is not empty")
-    parent = target.parent if str(target.parent) else Path(".")
+    parent = target.parent
     if not parent.is_dir():
         raise NeumuterError(f"cannot write {path}: folder {parent} does not exist")
     with _cleanup_on_sigterm():
@@ -426,18 +536,22 @@ def atomic_directory(path: str, force: bool = False):
                 try:
                     os.replace(tmp, target)
                 except BaseException:
-                    os.replace(old, target)
+                    os.replace(old, target)       # should this fail too, the old folder stays in old
                     old = None
                     raise
             else:
                 os.replace(tmp, target)           # a missing or empty target
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            if old is not None and old.is_dir() and not any(old.iterdir()):
-                with contextlib.suppress(OSError):
-                    old.rmdir()
+            kept = ""
+            if old is not None and old.is_dir():
+                if any(old.iterdir()):
+                    kept = f"; the previous content of {path} is kept in {old}"
+                else:
+                    with contextlib.suppress(OSError):
+                        old.rmdir()
             if isinstance(exc, OSError):
-                raise NeumuterError(f"cannot write {path}: {exc.strerror or exc}") from None
+                raise NeumuterError(f"cannot write {path}: {exc.strerror or exc}{kept}") from None
             raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
@@ -467,7 +581,9 @@ def sha256_bytes(data: bytes) -> str:
 __all__ = [
     "EmptyInput", "display_name", "is_terminal", "standard_output", "iter_records", "read_records",
     "validate_record", "record_problem", "strict_loads", "dumps_json", "dumps_record", "record_writer",
-    "loads_json", "json_problem", "finite_number",
-    "check_output", "check_folder_writable", "atomic_output", "atomic_directory", "sha256_texts",
+    "loads_json", "json_problem", "finite_number", "MAX_LINE", "MAX_FILE", "MAX_SMALL_FILE", "size_text",
+    "read_bounded", "read_small_file",
+    "check_output", "check_folder_writable", "atomic_output", "atomic_directory", "destination",
+    "stale_temporaries", "sha256_texts",
     "sha256_file", "sha256_bytes",
 ]

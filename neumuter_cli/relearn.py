@@ -19,16 +19,16 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from . import NeumuterError, distributed
-from .config import LoadOptions, RelearnConfig
-from .errors import NonFiniteLoss, SettingError
+from .config import LoadOptions, RelearnConfig, check_seed
+from .errors import NonFiniteLoss, SettingError, escape
 from .records import finite_number
-from .models import decoder_blocks, input_device, parse_layers
+from .models import decoder_blocks, float32_steps, input_device, parse_layers
 from .progress import steps
 from .text import check_context, encode, pad, padding_id
 
@@ -49,6 +49,8 @@ class RelearnResult:
 #: the largest learning rate Adam can apply to float32 weights (the master copies of half weights
 #: are float32 too): torch refuses a larger step size as "cannot be converted to type float"
 MAX_LR = torch.finfo(torch.float32).max
+#: the most texts one step takes
+MAX_BATCH = 1 << 16
 
 
 def check_config(config: RelearnConfig) -> None:
@@ -62,21 +64,31 @@ def check_config(config: RelearnConfig) -> None:
         raise SettingError("lr", f"must be at most {MAX_LR:.6g} (the largest float32), not {config.lr:g}")
     if isinstance(config.batch_size, bool) or not isinstance(config.batch_size, int) or config.batch_size < 1:
         raise SettingError("batch_size", f"must be a whole number >= 1, not {config.batch_size!r}")
+    if config.batch_size > MAX_BATCH:       # one step holds the batch's texts, logits and gradients at once
+        raise SettingError("batch_size", f"must be at most {MAX_BATCH:,} texts (one step computes them at once), "
+                                         f"not {config.batch_size}")
     if config.max_length is not None and (isinstance(config.max_length, bool) or not isinstance(config.max_length, int)
                                           or config.max_length < 2):
         raise SettingError("max_length", f"must be a whole number of at least 2 tokens, not {config.max_length!r}")
+    check_seed(config.seed)
+
+
+def batches(records: int, steps: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """The record indices of each step's batch, one step at a time: an endless stream through
+    all records, in a new seeded random order at every pass, cut into batches of ``batch_size``
+    (a batch may span two passes). Nothing beyond the current pass is held, whatever ``steps``."""
+    generator = torch.Generator().manual_seed(seed)
+    stream: list[int] = []
+    for _ in range(steps):
+        while len(stream) < batch_size:
+            stream += torch.randperm(records, generator=generator).tolist()
+        batch, stream = stream[:batch_size], stream[batch_size:]
+        yield batch
 
 
 def data_order(records: int, steps: int, batch_size: int, seed: int) -> list[list[int]]:
-    """The record indices of each step's batch: an endless stream through all records, in a new
-    seeded random order at every pass, cut into batches of ``batch_size`` (a batch may span two
-    passes)."""
-    generator = torch.Generator().manual_seed(seed)
-    stream: list[int] = []
-    needed = steps * batch_size
-    while len(stream) < needed:
-        stream += torch.randperm(records, generator=generator).tolist()
-    return [stream[k * batch_size:(k + 1) * batch_size] for k in range(steps)]
+    """:func:`batches`, every step's at once."""
+    return list(batches(records, steps, batch_size, seed))
 
 
 def trainable_parameters(model, layers: str | None) -> tuple[list[torch.nn.Parameter], list[int] | None]:
@@ -104,7 +116,7 @@ def relearn(model, tokenizer, records: Sequence[dict], config: RelearnConfig, pr
     params, blocks = trainable_parameters(model, config.layers)
     if not params:
         raise NeumuterError("no parameters to train")
-    order = data_order(len(records), config.steps, config.batch_size, config.seed)
+    order: list[list[int]] = []          # each step's batch, as it is taken
     # half-precision weights get float32 masters: the optimiser updates those, the model gets copies
     masters = [p.detach().float().clone() if p.dtype != torch.float32 and p.is_floating_point() else None
                for p in params]
@@ -127,7 +139,8 @@ def relearn(model, tokenizer, records: Sequence[dict], config: RelearnConfig, pr
     tracker = steps(progress, config.steps, "relearn", "step")
     batch_loss = _BatchLoss(model, ids_list, padding_id(tokenizer))
     try:
-        for step, batch in enumerate(order, 1):
+        for step, batch in enumerate(batches(len(records), config.steps, config.batch_size, config.seed), 1):
+            order.append(batch)
             losses.append(_step(batch_loss, batch, step, params, masters, optimised, optimiser))
             tracker.advance(1, f"step {step:4d}/{config.steps}  loss {losses[-1]:.4f}  "
                                f"({time.perf_counter() - started:.1f}s)", f"loss {losses[-1]:.4f}")
@@ -206,7 +219,8 @@ def _step(batch_loss: _BatchLoss, batch: Sequence[int], step: int, params, maste
         raise NonFiniteLoss(f"step {step}: the loss is not finite ({loss.item()}): the update of "
                             f"step {step - 1} broke the model" if step > 1 else
                             f"step 1: the loss is not finite ({loss.item()}) before any update")
-    optimiser.step()
+    with float32_steps(f"step {step}"):
+        optimiser.step()
     with torch.no_grad():
         for p, m in zip(params, masters):
             if m is not None:
@@ -312,7 +326,7 @@ def run_relearn(model: str, input_path: str, output: str, config: RelearnConfig,
     check_output_dir(output, force, protected=(model, input_path))
     records = read_records(input_path)
     if progress:
-        progress(f"loading {model}")
+        progress(f"loading {escape(model)}")
     lm, tokenizer = load_model(model, **asdict(load or LoadOptions()))
     trained = first_halves(records, tokenizer, config.max_length) if halves else records
     source_fingerprint = fingerprint(lm)
@@ -324,5 +338,5 @@ def run_relearn(model: str, input_path: str, output: str, config: RelearnConfig,
     return result
 
 
-__all__ = ["RelearnConfig", "RelearnResult", "relearn", "check_config", "data_order", "trainable_parameters",
+__all__ = ["RelearnConfig", "RelearnResult", "relearn", "check_config", "batches", "data_order", "trainable_parameters",
            "first_halves", "provenance", "run_relearn"]

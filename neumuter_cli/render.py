@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import IO, Callable, Sequence
 
 from .mia import MIA_RADIUS, MIA_SCORES, PRIVLEAK_SCORE
+from .errors import escape
 from .results import MeasureResult, el_key, record_label
 
 SCORE_NAMES = {"loss": "loss", "zlib": "zlib", "mink_20": "Min-20%", "mink_40": "Min-40%",
@@ -82,7 +83,7 @@ def summary_table(summary: dict, el_ns: Sequence[int] = (10,)) -> str:
     reference = summary.get("reference")
     if reference:
         source = reference.get("model") or reference.get("scores")
-        rows.append(["reference model" if "model" in reference else "reference scores", source])
+        rows.append(["reference model" if "model" in reference else "reference scores", escape(source)])
         if reference.get("quantized"):
             rows.append(["  quantized", reference["quantized"]["type"]])
         rows.append(["reference mean MA", _fmt(summary["ref_ma"], 4)])

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from . import NeumuterError
-from .errors import SettingsMessage
-from .records import finite_number, json_problem, loads_json
+from .errors import SettingsMessage, escape
+from .records import finite_number, json_problem, loads_json, read_bounded
 
 
 def el_key(n: int) -> str:
@@ -23,9 +23,10 @@ def el_key(n: int) -> str:
 
 
 def record_label(record: dict, position: int) -> str:
-    """How a record is named in messages and tables: its id, else its line position."""
+    """How a record is named in messages and tables: its id (escaped: a newline or an escape
+    sequence in it is shown, never written raw), else its line position."""
     value = record.get("id")
-    return str(value) if value is not None else f"#{position + 1}"
+    return escape(value) if value is not None else f"#{position + 1}"
 
 
 def mean(values: Iterable[float | None]) -> float | None:
@@ -61,6 +62,78 @@ class MeasureResult:
         return [record_label(r, k) for k, r in enumerate(self.records) if r.get("over_forgotten")]
 
 
+# ---------------------------------------------------------------- yardsticks
+
+_EL_KEY = re.compile(r"el_(\d+)")
+_SHARE = "MA, EL_n and an AUC are shares, between 0 and 1"
+
+
+def _range_problem(key: str, value) -> str | None:
+    """Why ``value`` cannot be the yardstick ``key`` (None when it can, or ``key`` is no yardstick)."""
+    share = key == "ma" or _EL_KEY.fullmatch(key) or key.startswith("auc_")
+    if not share and key != "loss":
+        return None
+    if value is None and _EL_KEY.fullmatch(key):
+        return None                             # EL_n is undefined for a text of n tokens or fewer
+    if not finite_number(value):
+        return "not a finite number"
+    if share and not 0 <= value <= 1:
+        return f"outside [0, 1] ({_SHARE})"
+    if key == "loss" and value < 0:
+        return "negative (a loss is a mean negative log-likelihood, never below 0)"
+    return None
+
+
+def check_yardstick(values: dict, where: str) -> None:
+    """The rule for every number a verdict is made against (eq. 17's thresholds, a reference
+    model's scores, saved or measured, and its AUCs): MA, EL_n and AUCs in [0, 1], a loss at
+    least 0, each finite. No model gives another number, and a verdict against one would be
+    false (an MA threshold of 5 passes every record): refused, naming the number."""
+    for key, value in values.items():
+        problem = _range_problem(key, value)
+        if problem is not None:
+            raise NeumuterError(f"{where}: {key!r} is {escape(repr(value))[:40]}, {problem}: no model gives that "
+                                "number, so no verdict is made against it")
+
+
+def check_el_sizes(keys: Iterable[str], el_ns: Sequence[int], where: str, what: str) -> None:
+    """Refuse a yardstick measured with EL sizes the verdict does not use: the verdict would come
+    from fewer numbers than the yardstick gives (reference scores with EL_2, a run with
+    --el-n 0: MA alone)."""
+    extra = sorted({int(m.group(1)) for m in map(_EL_KEY.fullmatch, keys) if m} - set(el_ns))
+    if extra:
+        raise SettingsMessage("{where} holds {key!r}, but this run's {el_ns} is {given}: measure {what} with the same "
+                              "{el_ns}", where=where, key=el_key(extra[0]), given=",".join(map(str, el_ns)) or "0",
+                              what=what)
+
+
+# ---------------------------------------------------------------- sets that must not share a text
+
+#: why a holdout, and eq. 17's texts never seen, hold none of the records
+HOLDOUT_WHY = ("a holdout must be texts neither model trained on: scored against the records themselves every "
+               "membership AUC is 0.5 and PrivLeak 0, whatever the model remembers")
+UNSEEN_WHY = ("the thresholds must come from texts the model never saw: the records themselves set the bar at "
+              "their own mean")
+
+
+def check_disjoint(records: Sequence[dict], keys: Sequence, other_keys: Sequence, name: str, other_name: str,
+                   why: str, tokens: bool = False) -> None:
+    """Refuse a set of texts that must not hold any of the records (a holdout, eq. 17's texts
+    never seen) when it does. ``keys`` / ``other_keys``: what is compared, one per text (the
+    texts, or with ``tokens`` the token ids as measured: texts that differ only past the
+    --max-length cut are the same text to every score)."""
+    own: dict = {}
+    for k, key in enumerate(keys):
+        own.setdefault(key, k)
+    shared = [own[key] for key in other_keys if key in own]
+    if shared:
+        labels = [record_label(records[k], k) for k in shared]
+        raise SettingsMessage("{other}: {count} of its {total} texts are records of {name}"
+                              + (" in their first {max_length} tokens" if tokens else "") + " ({shown}): {why}",
+                              other=other_name, count=len(shared), total=len(other_keys), name=name, why=why,
+                              shown=", ".join(labels[:5]) + (", ..." if len(labels) > 5 else ""))
+
+
 # ---------------------------------------------------------------- files saved by earlier runs
 
 def read_thresholds(path: str, el_ns: Sequence[int] = (10,)) -> dict:
@@ -68,8 +141,7 @@ def read_thresholds(path: str, el_ns: Sequence[int] = (10,)) -> dict:
     ``measure UNSEEN.jsonl --format json`` (its summary means are the thresholds), the output of
     a run with ``--reference`` (its thresholds), or a plain object ``{"ma", "el_N", "loss"}``."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            data = loads_json(handle.read())
+        data = loads_json(read_bounded(path).decode("utf-8"))
     except OSError as exc:
         raise NeumuterError(f"cannot read {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
@@ -88,8 +160,14 @@ def read_thresholds(path: str, el_ns: Sequence[int] = (10,)) -> dict:
         if not finite_number(value):
             raise SettingsMessage("{path}: no number for threshold {key!r} (measure the reference set with the "
                                   "same {el_ns})", path=path, key=key)
-        out[key] = float(value)
-    out["records"] = data.get("records")
+        out[key] = value
+    check_yardstick(out, path)
+    check_el_sizes(data, el_ns, path, "the reference set")
+    out = {key: float(value) for key, value in out.items()}
+    records = data.get("records")
+    if records is not None and (isinstance(records, bool) or not isinstance(records, int) or records < 1):
+        raise NeumuterError(f"{path}: \"records\" is not a count of reference records")
+    out["records"] = records
     return out
 
 
@@ -101,8 +179,7 @@ def _load_json_or_jsonl(path: str):
     """One JSON document, else JSONL; numbers are read as records are (no NaN, no Infinity,
     no number a double cannot hold)."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            content = handle.read()
+        content = read_bounded(path).decode("utf-8")
     except OSError as exc:
         raise NeumuterError(f"cannot read {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
@@ -158,7 +235,7 @@ def read_reference_scores(path: str, texts: Sequence[str], el_ns: Sequence[int])
         for key in ("ma", "loss"):
             if not finite_number(row.get(key)):
                 raise NeumuterError(f"{where} has no number {key!r}: {hint}")
-            entry[key] = float(row[key])
+            entry[key] = row[key]
         for n in el_ns:
             key = el_key(n)
             if key not in row:
@@ -166,8 +243,14 @@ def read_reference_scores(path: str, texts: Sequence[str], el_ns: Sequence[int])
                                       where=where, key=key)
             if row[key] is not None and not finite_number(row[key]):
                 raise NeumuterError(f"{where}: {key!r} is not a number")
-            entry[key] = None if row[key] is None else float(row[key])
-        entry["tokens"] = row.get("tokens")
+            entry[key] = row[key]
+        check_yardstick(entry, where)
+        check_el_sizes(row, el_ns, where, "the reference")
+        entry = {key: None if value is None else float(value) for key, value in entry.items()}
+        tokens = row.get("tokens")
+        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 2):
+            raise NeumuterError(f"{where}: \"tokens\" is not a number of tokens (at least 2): {hint}")
+        entry["tokens"] = tokens
         out.append(entry)
     return {"records": out, "summary": summary, "path": path, "fingerprint": _scores_fingerprint(path, rows, summary)}
 
@@ -197,5 +280,5 @@ def _scores_fingerprint(path: str, rows: Sequence[dict], summary: dict | None) -
     return found[0]
 
 
-__all__ = ["el_key", "record_label", "mean", "MeasureResult", "read_thresholds", "read_reference_scores",
-           "text_sha256"]
+__all__ = ["el_key", "record_label", "mean", "MeasureResult", "check_yardstick", "check_el_sizes", "HOLDOUT_WHY",
+           "UNSEEN_WHY", "check_disjoint", "read_thresholds", "read_reference_scores", "text_sha256"]

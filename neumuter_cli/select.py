@@ -32,7 +32,7 @@ import torch
 
 from . import NeumuterError, __version__
 from .artifacts import FORMAT_VERSION, MASK_KIND, SCALES_KIND, check_kind
-from .errors import SettingError
+from .errors import SettingError, escape
 from .gates import deterministic_gate
 
 RULES = ("energy", "threshold", "top-fraction")
@@ -68,6 +68,9 @@ def _block_tensors(tensors: dict[str, torch.Tensor], meta: dict, prefix: str, na
     if not blocks:
         raise NeumuterError(f"{name}: no {prefix}.BLOCK tensors")
     layers = meta.get("layers")
+    if layers is not None and (not isinstance(layers, list)
+                               or not all(isinstance(b, int) and not isinstance(b, bool) for b in layers)):
+        raise NeumuterError(f"{name}: metadata \"layers\" is not a list of block numbers")
     if layers is not None and sorted(layers) != sorted(blocks):
         raise NeumuterError(f"{name}: metadata lists blocks {sorted(layers)}, tensors are for {sorted(blocks)}")
     return dict(sorted(blocks.items()))
@@ -193,7 +196,7 @@ def summary_rows(metadata: dict) -> list[list]:
     for block in metadata["layers"]:
         count = metadata["selected_per_layer"][str(block)]
         width = neurons[block]
-        module = modules[block] if block < len(modules) else ""
+        module = escape(modules[block]) if block < len(modules) else ""
         rows.append([block, module, width, count, f"{100 * count / width:.2f}"])
     total = metadata["total_neurons"]
     rows.append(["total", "", total, metadata["selected"], f"{100 * metadata['selected'] / total:.2f}"])

@@ -3,7 +3,9 @@ the readers a user's files go through: JSONL records, reference scores (measure'
 JSONL output), mask/scales files (safetensors with a metadata header) and a checkpoint's
 model.safetensors header. Whatever the bytes, the command ends with a documented exit status,
 exactly one "Error: ..." line (the last on stderr; only progress lines before it), no
-traceback, and no output or temporary file left behind."""
+traceback, and no output or temporary file left behind. Thresholds and reference scores get
+past their reader only with numbers a model can give; ids and paths with control characters
+reach stderr escaped."""
 import json
 import math
 import os
@@ -153,6 +155,127 @@ def test_any_reference_scores_end_in_one_line(data):
         result = CliRunner().invoke(cli, ["measure", str(records), "-m", str(folder / "no-model"), "--reference-scores",
                                           str(scores), "--check", "-o", str(out), "--device", "cpu"])
         check_outcome(result, folder, before, output=out)
+
+
+# ---------------------------------------------------------------- yardstick values: never an impossible one
+
+def in_range(key, value) -> bool:
+    """Whether ``value`` is a number a model can give for the yardstick ``key``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:
+        return False
+    return finite and (0 <= value <= 1 if key != "loss" else value >= 0)
+
+
+YARDSTICK = st.one_of(st.floats(-2, 2), st.floats(0, 1), st.floats(0, 20), st.integers(-3, 3),
+                      st.sampled_from([1.0000001, -1e-12, 1 + 1e-12, 5, -3, 7, 1e308, -0.0, 0, 1, 10 ** 400]),
+                      st.booleans(), st.none(), st.text(max_size=3))
+
+
+@SETTINGS
+@given(values=st.fixed_dictionaries({"ma": YARDSTICK, "el_10": YARDSTICK, "loss": YARDSTICK}),
+       extra=st.one_of(st.just({}), st.fixed_dictionaries({"el_2": YARDSTICK})))
+@example(values={"ma": 5, "el_10": 5, "loss": -3}, extra={})          # the issue's: "check passed"
+@example(values={"ma": 0.5, "el_10": 0.5, "loss": 3}, extra={"el_2": 0.5})
+def test_any_thresholds_file_is_range_checked_before_it_is_used(values, extra):
+    """A thresholds file gets past its reader (to "model not found") only when every number
+    is one a model can give, for exactly the --el-n sizes of the run."""
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        records = folder / "records.jsonl"
+        records.write_text(json.dumps({"id": "p0", "text": PEOPLE[0]}) + "\n")
+        thresholds = folder / "thresholds.json"
+        thresholds.write_text(json.dumps({**values, **extra}))
+        before = set(os.listdir(folder))
+        result = CliRunner().invoke(cli, ["measure", str(records), "-m", str(folder / "no-model"), "--thresholds",
+                                          str(thresholds), "--check", "--device", "cpu"])
+        check_outcome(result, folder, before)
+        read = all(in_range(key, value) for key, value in values.items()) and not extra
+        assert result.stderr.splitlines()[-1].startswith("Error: model not found") == read, result.stderr
+
+
+@st.composite
+def judged_scores(draw):
+    """measure's JSONL output for PEOPLE[:3] with good fingerprints and texts, and numbers of
+    any range (now and then an EL size the run does not use)."""
+    rows = []
+    for text in PEOPLE[:3]:
+        row = {"text": text, "tokens": 16, "model_fingerprint": "0" * 32}
+        for key in ("ma", "el_10", "loss"):
+            row[key] = draw(st.one_of(st.floats(0, 1), st.floats(0, 1), YARDSTICK)) if key != "loss" else draw(
+                st.one_of(st.floats(0, 10), YARDSTICK))
+        if not draw(st.integers(0, 9)):
+            row["el_5"] = draw(st.floats(0, 1))
+        rows.append(row)
+    return rows
+
+
+@SETTINGS
+@given(rows=judged_scores())
+def test_any_reference_scores_are_range_checked_before_they_are_used(rows):
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        records = folder / "records.jsonl"
+        records.write_text("".join(json.dumps({"id": f"p{k}", "text": t}) + "\n" for k, t in enumerate(PEOPLE[:3])))
+        scores = folder / "scores.jsonl"
+        scores.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        before = set(os.listdir(folder))
+        result = CliRunner().invoke(cli, ["measure", str(records), "-m", str(folder / "no-model"), "--reference-scores",
+                                          str(scores), "--check", "--device", "cpu"])
+        check_outcome(result, folder, before)
+        read = all(in_range(key, row[key]) or (key == "el_10" and row[key] is None)
+                   for row in rows for key in ("ma", "el_10", "loss")) and not any("el_5" in row for row in rows)
+        assert result.stderr.splitlines()[-1].startswith("Error: model not found") == read, result.stderr
+
+
+# ---------------------------------------------------------------- user data with control characters
+
+CONTROL = st.characters(codec="utf-8", categories=["Cc", "Zl", "Zp", "Cf"])
+HOSTILE_TEXT = st.lists(st.one_of(CONTROL, st.sampled_from(["\n", "\r", "\x1b[2J", "\x1b]0;t\x07", "Error: ", "\u202e",
+                                                            "\x9b", "a", "é"])),
+                        min_size=1, max_size=8).map("".join)
+
+
+def assert_escaped(stderr: str, shown: str) -> None:
+    """No raw control character on stderr but the line ends, and the datum is shown escaped."""
+    from neumuter_cli.errors import escape
+
+    raw = [ch for ch in stderr if escape(ch) != ch and ch != "\n"]
+    assert not raw, [hex(ord(ch)) for ch in raw]
+    assert escape(shown) in stderr.splitlines()[-1], (escape(shown), stderr)
+
+
+@SETTINGS
+@given(name=HOSTILE_TEXT.filter(lambda t: "/" not in t and "\x00" not in t))
+def test_any_path_reaches_stderr_escaped(name):
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        missing = folder / f"{name}.jsonl"
+        result = CliRunner().invoke(cli, ["measure", str(missing), "-m", str(folder / "m"), "--device", "cpu"])
+        assert result.exit_code == 3 and result.stderr.splitlines()[-1].startswith("Error: cannot read ")
+        assert_escaped(result.stderr, str(missing))
+        records = folder / "records.jsonl"
+        records.write_text(json.dumps({"text": PEOPLE[0]}) + "\n")
+        model = folder / name
+        result = CliRunner().invoke(cli, ["measure", str(records), "-m", str(model), "--device", "cpu"])
+        assert result.exit_code == 3, result.output
+        assert_escaped(result.stderr, str(model))
+
+
+@settings(SETTINGS, max_examples=20)
+@given(identifier=st.one_of(HOSTILE_TEXT, st.text(max_size=6)))
+def test_any_record_id_reaches_stderr_escaped(tiny_neo_dir, identifier):
+    """A record id in the line that names the record (here a text too short to measure)."""
+    with tempfile.TemporaryDirectory() as folder:
+        records = Path(folder) / "records.jsonl"
+        records.write_text(json.dumps({"id": identifier, "text": "A"}) + "\n")
+        result = CliRunner().invoke(cli, ["measure", str(records), "-m", tiny_neo_dir, "--device", "cpu"])
+        assert result.exit_code == 3, result.output
+        assert result.stderr.splitlines()[-1].endswith("has 1 token(s); at least 2 are needed to measure it")
+        assert_escaped(result.stderr, f"record {identifier} has")
 
 
 # ---------------------------------------------------------------- safetensors headers

@@ -40,7 +40,8 @@ def models(tmp_path_factory):
     train_memorizer(root / "ref", texts=PEOPLE[3:], steps=60, tokenizer=tokenizer)
     return {"root": root, "mem": str(root / "mem"), "ref": str(root / "ref"),
             "people": write_jsonl(root / "people.jsonl", PEOPLE),
-            "holdout": write_jsonl(root / "holdout.jsonl", UNSEEN + CORPUS[:4]),
+            # texts neither model trained on (CORPUS holds two of the people texts)
+            "holdout": write_jsonl(root / "holdout.jsonl", UNSEEN + [t for t in CORPUS if t not in PEOPLE][:4]),
             "unseen": write_jsonl(root / "unseen.jsonl", UNSEEN)}
 
 
