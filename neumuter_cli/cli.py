@@ -197,6 +197,7 @@ NEEDS = {
         ("target_ma", "--forget-term hinge", lambda p: p["forget_term"] == "hinge" and not _attribution(p)),
         *[(name, "--method attribution", _attribution) for name in ("max_per_text", "contrast", "score",
                                                                       "shrink_rounds")],
+        ("complete", "--base", lambda p: p["base"]),
         *[(name, "--base, --reference-model, --reference or --stop-ma (no check runs without a stopping point)",
            lambda p: p["base"] or p["reference_model"] or p["reference_path"] or p["stop_ma"] is not None)
           for name in ("check_every", "prune")],
@@ -982,7 +983,7 @@ LOCALIZE_SECTIONS = (
                                      "trust_remote_code", "layers", "max_length")),
     ("When to stop (recommended: --base or --reference-model)",
      ("reference_model", "trust_remote_code_reference", "tolerance", "reference_path", "reference_limit", "stop_ma",
-      "stop_el", "check_every", "epochs", "prune")),
+      "stop_el", "check_every", "epochs", "prune", "complete")),
     ("Method", ("method",)),
     ("Training the gates (--method gates)",
      ("lr", "kl_weight", "l0_weight", "beta", "forget_term", "max_forget_loss", "margin", "target_ma", "optimizer",
@@ -1089,6 +1090,10 @@ LOCALIZE_SECTIONS = (
 @click.option("--prune/--no-prune", default=DEFAULTS.prune, show_default=True,
               help="When the early stop fires, keep only the smallest set of most-closed gates that still "
                    "passes the check (bisection, a pass over the forget texts per probe) and reopen the rest.")
+@click.option("--complete/--no-complete", default=DEFAULTS.complete, show_default=True,
+              help="With --base, when --epochs run out before every text passes the check: revert, after the "
+                   "trained gates, the neurons whose gates stayed open, those the fine-tune changed most first, as "
+                   "few as pass (bisection; a full rollback of the changed neurons is the last resort).")
 @quiet_option
 def localize_cmd(input_path, output, base, layers, reference_path, reference_limit, reference_model, tolerance,
                  stop_ma, stop_el, target_ma, model, load, **training):
@@ -1135,6 +1140,10 @@ def report_localized(run) -> None:
     result, last = run.result, run.last_check
     how = "stopped: every forget text below the thresholds" if result.stopped_early else "done"
     progress(f"{how} after {result.epochs_run} epochs, {result.seconds:.1f}s")
+    completed = (result.pruned or {}).get("completed")
+    if completed:
+        progress(f"completed: {completed} more neurons reverted (the most changed of the {result.pruned['open']} whose "
+                 "gates stayed open) for every forget text to pass")
     if last and (last["above"] or last["el_above"]):
         progress(f"warning: {last['above'] or last['el_above']} of {last['records']} forget texts are still above "
                  f"the {'MA' if last['above'] else 'EL_10'} threshold at the last check: train longer (--epochs), "

@@ -240,6 +240,8 @@ def localize(
     pruned = None
     if check is not None and done and config.prune:
         final, pruned = smallest_passing_set(final, check, progress)
+    elif check is not None and not done and changes is not None and config.complete:
+        final, pruned = complete_by_change(final, {b: changes[b] for b in final}, check, progress)
     return LocalizeResult(
         log_alpha=final, losses=last, epochs_run=epoch, stopped_early=stopped,
         seconds=time.perf_counter() - started, pruned=pruned)
@@ -374,6 +376,48 @@ def smallest_passing_set(log_alpha: dict[int, torch.Tensor], check, progress=Non
     if passing is not None:
         check.last = passing                  # what the kept set scored, not the last failed probe
     return keep(high), {"moved": total, "kept": high}
+
+
+#: the log_alpha written for a neuron that completion reverts fully (its deterministic gate is 0)
+CLOSED = -10.0
+
+
+def complete_by_change(log_alpha: dict[int, torch.Tensor], changes: dict, check, progress=None
+                       ) -> tuple[dict[int, torch.Tensor], dict]:
+    """When training ends before ``check`` passes (rollback only): after the trained gates, revert
+    the neurons whose gates stayed open, those the fine-tune changed most first (relative size
+    of the change), as few as pass ``check``, found by bisection. A full rollback of every
+    changed neuron is the last resort; when even it fails, ``log_alpha`` is returned unchanged.
+    Returns the log_alpha with the added neurons closed, and counts."""
+    blocks = sorted(log_alpha)
+    flat = torch.cat([log_alpha[b] for b in blocks])
+    still_open = (deterministic_gate(flat) >= 1.0) & torch.cat([changes[b].changed.cpu() for b in blocks])
+    sizes = torch.cat([changes[b].size.cpu() for b in blocks])
+    order = torch.sort(torch.where(still_open, -sizes, torch.full_like(sizes, math.inf)), stable=True).indices
+    order = order[:int(still_open.sum())]
+
+    def closed(k: int) -> dict[int, torch.Tensor]:
+        out = flat.clone()
+        out[order[:k]] = CLOSED
+        return dict(zip(blocks, out.split([log_alpha[b].numel() for b in blocks])))
+
+    say = progress or (lambda message: None)
+    say(f"  complete: the epochs ran out before every forget text passed; reverting, after the trained gates, "
+        f"the most-changed of the {len(order)} neurons still open, as few as pass")
+    low, high = 0, len(order)
+    if not check({b: deterministic_gate(v) for b, v in closed(high).items()}):
+        say("  complete: not even rolling back every changed neuron passes; the mask is the trained one")
+        return log_alpha, {"completed": None, "open": len(order)}
+    passing = getattr(check, "last", None)
+    while high - low > max(1, high // 50):
+        middle = (low + high) // 2
+        if check({b: deterministic_gate(v) for b, v in closed(middle).items()}):
+            high, passing = middle, getattr(check, "last", None)
+        else:
+            low = middle
+    if passing is not None:
+        check.last = passing
+    return closed(high), {"completed": high, "open": len(order)}
 
 
 @dataclass

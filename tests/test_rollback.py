@@ -205,3 +205,36 @@ def test_the_rollback_benchmark_measures_the_control_and_the_base_model(lineage,
                                  "size": torch.tensor([0.1, 0.3, 0.0, 0.2])})()}
     assert torch.equal(bench.top_changed(changes, 2)[0], torch.tensor([1.0, 0.0, 1.0, 0.0]))
     assert torch.equal(bench.top_changed(changes, 9)[0], base + torch.tensor([0.0, 0.0, 1.0, 0.0]))
+
+
+def test_completion_reverts_the_most_changed_open_neurons_as_few_as_pass():
+    """When the epochs run out first, the open gates are closed in order of the fine-tune's
+    change, as few as pass the check; trained gates stay as they are."""
+    from types import SimpleNamespace
+
+    from neumuter_cli.gates import deterministic_gate, initial_log_alpha
+    from neumuter_cli.localize import complete_by_change
+
+    trained = torch.full((8,), initial_log_alpha())
+    trained[0] = -5.0                                                   # one gate training closed
+    sizes = torch.tensor([0.9, 0.1, 0.8, 0.7, 0.2, 0.6, 0.3, 0.0])
+    changes = {4: SimpleNamespace(changed=sizes > 0, size=sizes)}
+    needed = {2, 3, 5}                                                  # the three most changed open neurons
+
+    def check(gates):
+        return all(float(gates[4][i]) == 0.0 for i in needed)
+
+    done, counts = complete_by_change({4: trained}, changes, check)
+    gates = deterministic_gate(done[4])
+    assert counts == {"completed": 3, "open": 6}                         # neuron 7 never changed: not a candidate
+    assert [i for i in range(8) if gates[i] == 0] == [0, 2, 3, 5]
+    assert torch.equal(done[4][0], trained[0])
+    unchanged, counts = complete_by_change({4: trained}, changes, lambda gates: False)
+    assert torch.equal(unchanged[4], trained) and counts["completed"] is None
+
+
+def test_complete_without_base_is_refused(lineage, tmp_path):
+    L = lineage
+    result = run("localize", L["forget"], "-m", L["tuned"], "--reference-model", L["base"], "--no-complete",
+                 "-o", tmp_path / "m")
+    assert result.exit_code == 2 and "--complete/--no-complete needs --base" in result.output
