@@ -198,6 +198,7 @@ NEEDS = {
         *[(name, "--method attribution", _attribution) for name in ("max_per_text", "contrast", "score",
                                                                       "shrink_rounds")],
         ("complete", "--base", lambda p: p["base"]),
+        ("patience", "--base and --complete", lambda p: p["base"] and p["complete"]),
         *[(name, "--base, --reference-model, --reference or --stop-ma (no check runs without a stopping point)",
            lambda p: p["base"] or p["reference_model"] or p["reference_path"] or p["stop_ma"] is not None)
           for name in ("check_every", "prune")],
@@ -983,7 +984,7 @@ LOCALIZE_SECTIONS = (
                                      "trust_remote_code", "layers", "max_length")),
     ("When to stop (recommended: --base or --reference-model)",
      ("reference_model", "trust_remote_code_reference", "tolerance", "reference_path", "reference_limit", "stop_ma",
-      "stop_el", "check_every", "epochs", "prune", "complete")),
+      "stop_el", "check_every", "epochs", "prune", "complete", "patience")),
     ("Method", ("method",)),
     ("Training the gates (--method gates)",
      ("lr", "kl_weight", "l0_weight", "beta", "forget_term", "max_forget_loss", "margin", "target_ma", "optimizer",
@@ -1093,7 +1094,11 @@ LOCALIZE_SECTIONS = (
 @click.option("--complete/--no-complete", default=DEFAULTS.complete, show_default=True,
               help="With --base, when --epochs run out before every text passes the check: revert, after the "
                    "trained gates, the neurons whose gates stayed open, those the fine-tune changed most first, as "
-                   "few as pass (bisection; a full rollback of the changed neurons is the last resort).")
+                   "few as pass (bisection; a full rollback of the changed neurons is the last resort); also when "
+                   "training stalls (--patience).")
+@click.option("--patience", type=click.IntRange(1), default=DEFAULTS.patience, show_default=True,
+              help="With --base and --complete: stop training after N checks in a row that bring no more forget "
+                   "texts under their limits than the best check so far, and complete.")
 @quiet_option
 def localize_cmd(input_path, output, base, layers, reference_path, reference_limit, reference_model, tolerance,
                  stop_ma, stop_el, target_ma, model, load, **training):

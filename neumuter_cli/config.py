@@ -69,7 +69,8 @@ class LocalizeConfig:
     straight_through: bool = True    # gradient through the upper clamp of the gate
     optimizer: str = "adam"          # adam: a step per gate | shared-adam: one step size for all gates
     prune: bool = True               # after a passing check, keep the smallest top-ranked set that still passes
-    complete: bool = True            # rollback: when the epochs run out first, revert the most-changed open neurons too
+    complete: bool = True            # rollback: when training stalls or ends first, revert the most-changed open neurons
+    patience: int = 3                # rollback with complete: checks without progress before training counts as stalled
     method: str = "gates"            # gates: train Hard-Concrete gates | attribution: per-text rankings (attribution.py)
     max_per_text: int = 460          # attribution: the longest prefix of a text's ranking that is tried
     contrast: float = 0.0            # attribution: weight of the neighbours' attribution subtracted

@@ -204,8 +204,7 @@ def localize(
     hooks = gated(layers, lambda i: current[i]) if changes is None else \
         interpolated([changes[layer.index] for layer in layers], lambda i: current[i])
     stopped = done = False
-    epoch = 0
-    last = {}
+    epoch, last, stall = 0, {}, _Stall(config.patience, progress)
     with hooks, \
             steps(progress, config.epochs * len(batches), "localize", "step") as tracker:
         for epoch in range(1, config.epochs + 1):
@@ -229,7 +228,7 @@ def localize(
                 with torch.no_grad():
                     done = check({layer.index: _only(trainable, i, deterministic_gate(la.detach()))
                                   for i, (layer, la) in enumerate(zip(layers, log_alpha))})
-                if done:
+                if done or stall.stuck(check, changes is not None and config.complete):
                     stopped = epoch < config.epochs
                     tracker.done(epoch * len(batches))
                     break
@@ -275,6 +274,27 @@ def _gates_and_optimiser(layers: Sequence[FFNLayer], config: LocalizeConfig, dev
     if config.optimizer not in OPTIMIZERS:
         raise NeumuterError(f"unknown optimizer {config.optimizer!r} (choose {', '.join(OPTIMIZERS)})")
     return log_alpha, (SharedAdam if config.optimizer == "shared-adam" else torch.optim.Adam)(log_alpha, lr=config.lr)
+
+
+class _Stall:
+    """Training that no longer brings forget texts under their limits: ``patience`` checks in a
+    row without fewer texts above them than the best check so far."""
+
+    def __init__(self, patience: int, progress=None):
+        self.patience, self.progress, self.best, self.since = patience, progress, None, 0
+
+    def stuck(self, check, applies: bool) -> bool:
+        above = (getattr(check, "last", None) or {}).get("above")
+        if not applies or above is None:
+            return False
+        if self.best is None or above < self.best:
+            self.best, self.since = above, 0
+            return False
+        self.since += 1
+        if self.since >= self.patience and self.progress:
+            self.progress(f"  stalled: {self.patience} checks without fewer forget texts above their limits "
+                          f"(best: {self.best}); completing")
+        return self.since >= self.patience
 
 
 def _only(trainable: list[torch.Tensor] | None, i: int, gate: torch.Tensor) -> torch.Tensor:

@@ -238,3 +238,20 @@ def test_complete_without_base_is_refused(lineage, tmp_path):
     result = run("localize", L["forget"], "-m", L["tuned"], "--reference-model", L["base"], "--no-complete",
                  "-o", tmp_path / "m")
     assert result.exit_code == 2 and "--complete/--no-complete needs --base" in result.output
+
+
+def test_training_counts_as_stalled_after_patience_checks_without_progress():
+    from types import SimpleNamespace
+
+    from neumuter_cli.localize import _Stall
+
+    stall, said = _Stall(3, []), []
+    stall.progress = said.append
+    check = SimpleNamespace(last=None)
+    verdicts = []
+    for above in (5, 4, 4, 5, 3, 3, 3, 3):
+        check.last = {"above": above}
+        verdicts.append(stall.stuck(check, applies=True))
+    assert verdicts == [False, False, False, False, False, False, False, True]
+    assert said == ["  stalled: 3 checks without fewer forget texts above their limits (best: 3); completing"]
+    assert not _Stall(1).stuck(SimpleNamespace(last={"above": 2}), applies=False)
