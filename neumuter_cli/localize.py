@@ -277,23 +277,24 @@ def _gates_and_optimiser(layers: Sequence[FFNLayer], config: LocalizeConfig, dev
 
 
 class _Stall:
-    """Training that no longer brings forget texts under their limits: ``patience`` checks in a
-    row without fewer texts above them than the best check so far."""
+    """Training that no longer brings the forget texts toward their limits: ``patience`` checks in
+    a row whose excess (the forget texts' MA above their limits, summed) is not 1 % below the
+    best check's."""
 
     def __init__(self, patience: int, progress=None):
         self.patience, self.progress, self.best, self.since = patience, progress, None, 0
 
     def stuck(self, check, applies: bool) -> bool:
-        above = (getattr(check, "last", None) or {}).get("above")
-        if not applies or above is None:
+        excess = (getattr(check, "last", None) or {}).get("excess")
+        if not applies or excess is None:
             return False
-        if self.best is None or above < self.best:
-            self.best, self.since = above, 0
+        if self.best is None or excess < 0.99 * self.best:
+            self.best, self.since = excess, 0
             return False
         self.since += 1
         if self.since >= self.patience and self.progress:
-            self.progress(f"  stalled: {self.patience} checks without fewer forget texts above their limits "
-                          f"(best: {self.best}); completing")
+            self.progress(f"  stalled: {self.patience} checks without the forget texts' MA above their limits "
+                          f"shrinking (best: {self.best:.4f} summed); completing")
         return self.since >= self.patience
 
 
@@ -404,14 +405,14 @@ CLOSED = -10.0
 
 def complete_by_change(log_alpha: dict[int, torch.Tensor], changes: dict, check, progress=None
                        ) -> tuple[dict[int, torch.Tensor], dict]:
-    """When training ends before ``check`` passes (rollback only): after the trained gates, revert
-    the neurons whose gates stayed open, those the fine-tune changed most first (relative size
-    of the change), as few as pass ``check``, found by bisection. A full rollback of every
+    """When training ends before ``check`` passes (rollback only): revert fully, beside the gates
+    training closed, the changed neurons whose gates are not closed, those the fine-tune changed
+    most first (relative size of the change), as few as pass ``check``, found by bisection. A full rollback of every
     changed neuron is the last resort; when even it fails, ``log_alpha`` is returned unchanged.
     Returns the log_alpha with the added neurons closed, and counts."""
     blocks = sorted(log_alpha)
     flat = torch.cat([log_alpha[b] for b in blocks])
-    still_open = (deterministic_gate(flat) >= 1.0) & torch.cat([changes[b].changed.cpu() for b in blocks])
+    still_open = (deterministic_gate(flat) > 0.0) & torch.cat([changes[b].changed.cpu() for b in blocks])
     sizes = torch.cat([changes[b].size.cpu() for b in blocks])
     order = torch.sort(torch.where(still_open, -sizes, torch.full_like(sizes, math.inf)), stable=True).indices
     order = order[:int(still_open.sum())]
@@ -422,8 +423,8 @@ def complete_by_change(log_alpha: dict[int, torch.Tensor], changes: dict, check,
         return dict(zip(blocks, out.split([log_alpha[b].numel() for b in blocks])))
 
     say = progress or (lambda message: None)
-    say(f"  complete: the epochs ran out before every forget text passed; reverting, after the trained gates, "
-        f"the most-changed of the {len(order)} neurons still open, as few as pass")
+    say(f"  complete: training ended before every forget text passed; reverting, beside the gates it closed, "
+        f"the most-changed of the {len(order)} changed neurons whose gates are not closed, as few as pass")
     low, high = 0, len(order)
     if not check({b: deterministic_gate(v) for b, v in closed(high).items()}):
         say("  complete: not even rolling back every changed neuron passes; the mask is the trained one")
@@ -539,7 +540,8 @@ def forgetting_check(model, tokenizer, records: Sequence[dict], layers_all: Sequ
                 el_above = sum(v is not None and v > limits[el_key(el_n)] for v in el)
         selected = sum(int((s < 1).sum()) for s in scales.values())
         check.last = {"above": above, "el_above": el_above, "selected": selected, "records": len(ids),
-                      "mean_ma": sum(ma) / len(ma)}
+                      "mean_ma": sum(ma) / len(ma),
+                      "excess": sum(max(0.0, value - limit) for value, limit in zip(ma, ma_limits))}
         if progress:
             extra = "" if el_above is None else f", {el_above} above the EL_{el_n} threshold"
             progress(f"  check: {selected} neurons selected; {above} of {len(ids)} forget texts above "

@@ -14,7 +14,8 @@ Rules (``rule``, ``value``):
   selected neurons always carry less than F of the total energy, and the result does not
   depend on the order of the blocks. Since ``ε ≤ max m ≤ 1``, gates at 1.0 are never selected;
   when the F point falls among them (few gates moved), every gate below 1.0 is selected.
-  When every gate is 0 the total energy is 0, ``ε = 0`` and nothing is selected.
+  When every gate is 0 the total energy is 0 and every gate is selected (``ε = 0``): each is
+  fully closed (a rollback of every changed neuron, `localize --base`'s last resort).
 - ``"threshold", X`` (X > 0): the neurons with ``m < X`` and ``m < 1``
   (the public code's fixed cut is X = 0.15).
 - ``"top-fraction", F`` (0 < F ≤ 1): the ``n = floor(F · N)`` lowest gate values, N the number
@@ -132,6 +133,8 @@ def select(gate_values: dict[int, torch.Tensor], rule: str = DEFAULT_RULE[0], va
     moved = {b: g < 1.0 for b, g in gates.items()}
     if rule in ("energy", "threshold"):
         epsilon = energy_threshold(torch.cat(list(gates.values())), value) if rule == "energy" else float(value)
+        if rule == "energy" and all(not g.any() for g in gates.values()):
+            return moved, 0.0                  # every gate closed: no energy, and every neuron muted
         chosen = {b: (gates[b].double() < epsilon) & moved[b] for b in blocks}
         return chosen, epsilon
     every = torch.cat([gates[b] for b in blocks])

@@ -217,6 +217,7 @@ def test_completion_reverts_the_most_changed_open_neurons_as_few_as_pass():
 
     trained = torch.full((8,), initial_log_alpha())
     trained[0] = -5.0                                                   # one gate training closed
+    trained[6] = 0.0                                                    # one half closed: still a candidate
     sizes = torch.tensor([0.9, 0.1, 0.8, 0.7, 0.2, 0.6, 0.3, 0.0])
     changes = {4: SimpleNamespace(changed=sizes > 0, size=sizes)}
     needed = {2, 3, 5}                                                  # the three most changed open neurons
@@ -228,7 +229,7 @@ def test_completion_reverts_the_most_changed_open_neurons_as_few_as_pass():
     gates = deterministic_gate(done[4])
     assert counts == {"completed": 3, "open": 6}                         # neuron 7 never changed: not a candidate
     assert [i for i in range(8) if gates[i] == 0] == [0, 2, 3, 5]
-    assert torch.equal(done[4][0], trained[0])
+    assert torch.equal(done[4][0], trained[0]) and torch.equal(done[4][6], trained[6])
     unchanged, counts = complete_by_change({4: trained}, changes, lambda gates: False)
     assert torch.equal(unchanged[4], trained) and counts["completed"] is None
 
@@ -249,9 +250,10 @@ def test_training_counts_as_stalled_after_patience_checks_without_progress():
     stall.progress = said.append
     check = SimpleNamespace(last=None)
     verdicts = []
-    for above in (5, 4, 4, 5, 3, 3, 3, 3):
-        check.last = {"above": above}
+    for excess in (5.0, 4.0, 3.98, 4.5, 3.0, 2.99, 2.98, 2.995):
+        check.last = {"excess": excess}
         verdicts.append(stall.stuck(check, applies=True))
     assert verdicts == [False, False, False, False, False, False, False, True]
-    assert said == ["  stalled: 3 checks without fewer forget texts above their limits (best: 3); completing"]
-    assert not _Stall(1).stuck(SimpleNamespace(last={"above": 2}), applies=False)
+    assert said == ["  stalled: 3 checks without the forget texts' MA above their limits shrinking (best: 3.0000 "
+                    "summed); completing"]
+    assert not _Stall(1).stuck(SimpleNamespace(last={"excess": 2.0}), applies=False)

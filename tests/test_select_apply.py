@@ -55,8 +55,10 @@ def test_energy_rule_ignores_block_order_and_zero_energy():
     chosen, eps = select(swapped, "energy", 0.05)
     assert eps == pytest.approx(0.25)
     assert chosen_positions(chosen) == [(0, 0), (1, 2)]
-    # all gates closed: no energy, eps = 0, nothing below it
+    # all gates closed: no energy, eps = 0, and every gate is selected (each is fully closed)
     assert energy_threshold(torch.zeros(4), 0.05) == 0.0
+    chosen, eps = select({2: torch.zeros(3), 5: torch.zeros(2)}, "energy", 0.05)
+    assert eps == 0.0 and chosen[2].all() and chosen[5].all()
     # all gates untouched: nothing selected
     chosen, eps = select({3: torch.ones(8)}, "energy", 0.05)
     assert eps == 1.0 and not chosen[3].any()
