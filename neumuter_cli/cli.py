@@ -1143,9 +1143,11 @@ def report_localized(run) -> None:
     """The last lines of `localize`: how training ended, and a warning when the mask as written
     still leaves forget texts above their stopping point."""
     result, last = run.result, run.last_check
-    how = "stopped: every forget text below the thresholds" if result.stopped_early else "done"
-    progress(f"{how} after {result.epochs_run} epochs, {result.seconds:.1f}s")
     completed = (result.pruned or {}).get("completed")
+    how = "stopped: every forget text below the thresholds" if result.stopped_early else "done"
+    if completed is not None or "open" in (result.pruned or {}):
+        how = "training stalled" if result.stopped_early else "training ended"
+    progress(f"{how} after {result.epochs_run} epochs, {result.seconds:.1f}s")
     if completed:
         progress(f"completed: {completed} more neurons reverted (the most changed of the {result.pruned['open']} whose "
                  "gates stayed open) for every forget text to pass")

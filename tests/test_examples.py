@@ -39,10 +39,10 @@ def test_the_demo_runs_the_recommended_path(tmp_path):
 def test_rollback_is_one_variable(tmp_path):
     work = tmp_path / "work"
     lines = [line for line in commands(work) if line.startswith(("neumuter localize", "neumuter apply"))]
-    assert all("--base" not in line for line in lines) and "--reference-model" in lines[0]
-    text = make("-n", f"WORK={work}", "NEUMUTER=neumuter", "ROLLBACK=1").replace("\\\n", " ")
+    assert len(lines) == 2 and all(f"--base {work}/base" in line for line in lines)      # the default
+    text = make("-n", f"WORK={work}", "NEUMUTER=neumuter", "ROLLBACK=0").replace("\\\n", " ")
     lines = [line for line in text.splitlines() if line.startswith(("neumuter localize", "neumuter apply"))]
-    assert len(lines) == 2 and all(f"--base {work}/base" in line for line in lines)
+    assert all("--base" not in line for line in lines) and "--reference-model" in lines[0]
 
 
 def test_a_variable_stamp_changes_only_with_the_value(tmp_path):
