@@ -16,7 +16,7 @@ from tabulate import tabulate
 from . import NeumuterError, __version__, distributed
 # torch-free: the options and --help are built from these defaults; the stages themselves (and
 # torch, transformers) are imported inside the commands, so that --help and completion are instant
-from .config import (ATTRIBUTION_SCORES, FORGET_TERMS, LOCALIZE_METHODS, MAX_NEIGHBORS, OPTIMIZERS, QUANT_TYPES,
+from .config import (ROLLBACK_DEFAULTS, ATTRIBUTION_SCORES, FORGET_TERMS, LOCALIZE_METHODS, MAX_NEIGHBORS, OPTIMIZERS, QUANT_TYPES,
                      SEED_RANGE, LoadOptions, LocalizeConfig, MeasureConfig, NeighborsConfig, RelearnConfig, StopRule)
 from .errors import ConflictingSettings, DeviceUnavailable, NonFiniteLoss, SettingError, SettingsMessage, escape
 from .progress import Reporter
@@ -998,14 +998,17 @@ LOCALIZE_SECTIONS = (
 @model_options
 @click.option("--output", "-o", default="-", show_default=True, metavar="MASK|-",
               help="Mask file to write (safetensors); - writes to stdout (not to a terminal).")
-@click.option("--epochs", type=click.IntRange(1), default=DEFAULTS.epochs, show_default=True,
-              help="Most epochs to train (fewer when --reference stops it early).")
+@click.option("--epochs", type=click.IntRange(1), default=DEFAULTS.epochs,
+              show_default=f"{DEFAULTS.epochs}; {ROLLBACK_DEFAULTS['epochs']} with --base",
+              help="Most epochs to train (fewer when the check stops it early).")
 @click.option("--lr", type=FiniteFloat(0, min_open=True), default=DEFAULTS.lr, show_default=True,
               help="Adam learning rate of the gates' log_alpha.")
 @click.option("--lambda", "kl_weight", type=FiniteFloat(0), default=DEFAULTS.kl_weight,
-              show_default=True, help="Weight of the neighbour KL term (eq. 13's lambda).")
+              show_default=f"{DEFAULTS.kl_weight:g}; {ROLLBACK_DEFAULTS['kl_weight']:g} with --base",
+              help="Weight of the neighbour KL term (eq. 13's lambda).")
 @click.option("--eta", "l0_weight", type=FiniteFloat(0), default=DEFAULTS.l0_weight,
-              show_default=True, help="Weight of the L0 term R(M) (eq. 13's eta).")
+              show_default=f"{DEFAULTS.l0_weight:g}; {ROLLBACK_DEFAULTS['l0_weight']:g} with --base",
+              help="Weight of the L0 term R(M) (eq. 13's eta).")
 @click.option("--beta", type=FiniteFloat(0, min_open=True), default=DEFAULTS.beta,
               show_default="1/3", help="Hard-Concrete temperature.")
 @click.option("--forget-term", type=click.Choice(FORGET_TERMS), default=DEFAULTS.forget_term,
@@ -1132,6 +1135,12 @@ def localize_cmd(input_path, output, base, layers, reference_path, reference_lim
                        display_name(input_path), reference_path, UNSEEN_WHY)
     stop = StopRule(reference_model, tolerance, reference_texts, reference_limit, stop_ma, stop_el, target_ma, load,
                     trust_remote_code_reference=training.pop("trust_remote_code_reference"))
+    if base is not None:            # rollback's own defaults where the command line is silent
+        from click.core import ParameterSource
+
+        ctx = click.get_current_context()
+        training.update({name: value for name, value in ROLLBACK_DEFAULTS.items()
+                         if ctx.get_parameter_source(name) is not ParameterSource.COMMANDLINE})
     lm, tokenizer = load_lm(model, load)
     run = run_localize(lm, tokenizer, records, LocalizeConfig(**training), layers, stop, reporter(), base=base)
     if distributed.is_main():

@@ -78,6 +78,14 @@ class LocalizeConfig:
     shrink_rounds: int = 0           # attribution: rounds of cutting each prefix to what it needs beside the others
 
 
+#: `localize --base`'s own defaults, where they differ from LocalizeConfig's. Measured on the
+#: SmolLM2 fixture (docs/results.md): with the scaling defaults (λ 3, η 0.1) three epochs left
+#: the forget texts at mean MA 0.712 (8,388 neurons selected); with λ 0.3 and η 0, at 0.605
+#: (11,757). Reverting a neuron costs little, so the KL and L0 terms, which hold neurons at the
+#: fine-tune, give way; training then hands over to completion after 5 epochs.
+ROLLBACK_DEFAULTS = {"kl_weight": 0.3, "l0_weight": 0.0, "epochs": 5}
+
+
 @dataclass
 class StopRule:
     """When and how far `localize` forgets. All None: it trains every epoch with no check.
@@ -203,6 +211,6 @@ class MeasureConfig:
             raise NeumuterError("--tolerance must be between 0 and 1")
 
 
-__all__ = ["FORGET_TERMS", "LOCALIZE_METHODS", "ATTRIBUTION_SCORES", "OPTIMIZERS", "QUANT_TYPES", "TOLERANCE",
+__all__ = ["ROLLBACK_DEFAULTS", "FORGET_TERMS", "LOCALIZE_METHODS", "ATTRIBUTION_SCORES", "OPTIMIZERS", "QUANT_TYPES", "TOLERANCE",
            "REFERENCE_LIMIT", "SEED_RANGE", "MAX_NEIGHBORS", "check_seed", "LoadOptions", "LocalizeConfig", "StopRule",
            "NeighborsConfig", "RelearnConfig", "MeasureConfig"]
