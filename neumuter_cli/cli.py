@@ -616,6 +616,11 @@ def apply_cmd(scales, model, load, output, force, allow_any_scale, base):
     be the --model of a later request. With --dtype auto the checkpoint keeps its stored
     dtype; a .gguf model is written as a float32 checkpoint.
 
+    With --base (for scales from `localize --base`), each selected neuron is moved between
+    BASE's weights and the model's instead: W_base + m (W - W_base) on its input-projection
+    rows and down-projection column, written with lerp (m = 0: BASE's weights bit for bit).
+    BASE must be the one the scales were made with (its fingerprint is checked).
+
     DIR is written atomically (into a temporary folder beside it, renamed at the end). A
     missing or empty DIR is written; an existing one only with --force, and only when it
     holds a previous neumuter checkpoint. DIR is never the current folder, a folder holding
@@ -1111,6 +1116,11 @@ def localize_cmd(input_path, output, base, layers, reference_path, reference_lim
     weight stays frozen; only the gates train. The output is a mask file (log_alpha per
     gated block plus the model fingerprint, every hyper-parameter, the sha256 of the forget
     texts and the final losses) for `neumuter select`. Progress goes to stderr.
+
+    With --base, a gate moves its neuron toward BASE's weights instead of scaling it, only the
+    neurons the fine-tune changed get gates, and BASE is the yardstick. When training stalls
+    or the epochs run out before every text passes, --complete reverts the neurons the
+    fine-tune changed most until they do (docs/method.md).
     """
     from .artifacts import save_artifact
     from .localize import run_localize
