@@ -257,3 +257,28 @@ def test_training_counts_as_stalled_after_patience_checks_without_progress():
     assert said == ["  stalled: 3 checks without the forget texts' MA above their limits shrinking (best: 3.0000 "
                     "summed); completing"]
     assert not _Stall(1).stuck(SimpleNamespace(last={"excess": 2.0}), applies=False)
+
+
+def test_the_neighbour_swap_deals_retained_texts_or_the_model_s_continuations(lineage, tmp_path):
+    """benchmarks/rollback_neighbours.py: each forget record keeps its text and gets N other texts
+    as neighbours, dealt in turn; continuations are the model's greedy text after each prompt."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "rollback_neighbours", Path(__file__).resolve().parents[1] / "benchmarks" / "rollback_neighbours.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    retain = tmp_path / "retain.jsonl"
+    retain.write_text("".join(json.dumps({"text": t}) + "\n" for t in PEOPLE[2:]))
+    out = tmp_path / "bound.jsonl"
+    bench.main([lineage["forget"], "--kind", "retained", "--retain", str(retain), "--per-record", "2", "-o", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["text"] for r in rows] == PEOPLE[:2]
+    assert [r["neighbors"] for r in rows] == [PEOPLE[2:4], PEOPLE[4:6]]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"text": t}) + "\n" for t in CORPUS))
+    bench.main([lineage["forget"], "--kind", "continuations", "--model", lineage["tuned"], "--prompts", str(prompts),
+                "--prompt-tokens", "3", "--new-tokens", "5", "--per-record", "1", "-o", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2 and all(len(r["neighbors"]) == 1 and r["neighbors"][0] for r in rows)
