@@ -80,7 +80,14 @@ def main(argv=None):
     ap.add_argument("--tolerance", type=float, default=TOLERANCE)
     ap.add_argument("--heldout-limit", type=int, default=None)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--title", default="SmolLM2-135M fine-tuned until it memorised 160 benchmark texts",
+                    help="what the figure names the model")
+    ap.add_argument("--from-json", action="store_true", help="redraw the figure of --out's JSON, measure nothing")
     a = ap.parse_args(argv)
+    if a.from_json:
+        with open(a.out) as handle:
+            draw(json.load(handle), os.path.splitext(a.out)[0] + ".png", a.title)
+        return
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     texts = lambda name: [r["text"] for r in read_records(os.path.join(a.fixtures, name))]  # noqa: E731
 
@@ -142,11 +149,12 @@ def main(argv=None):
           f"{changed} FFN neurons changed by the fine-tune (weights {distance:.3f} apart)")
     print(tabulate(table, headers=["rows", "neurons", "forget MA", "at base + tol", "KS p (base)", "at ref + tol",
                                    "KS p (ref)", "retained MA", "perplexity"]))
-    data = {"mask": a.mask and os.path.basename(a.mask), "changed": changed, "base_ma": base_ma,
+    data = {"mask": a.mask and os.path.basename(a.mask), "changed": changed, "retained": len(retain),
+            "heldout_limit": a.heldout_limit, "base_ma": base_ma,
             "reference_ma": ref_ma, "tolerance": a.tolerance, "rows": rows}
     with open(a.out, "w") as handle:
         json.dump(data, handle, indent=2)
-    draw(data, os.path.splitext(a.out)[0] + ".png", f"{os.path.basename(os.path.normpath(a.model))}")
+    draw(data, os.path.splitext(a.out)[0] + ".png", a.title)
 
 
 def draw(data: dict, path: str, model: str) -> None:
@@ -162,8 +170,8 @@ def draw(data: dict, path: str, model: str) -> None:
     first = rows[0]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
     total = 46080
-    fig.suptitle(f"Rollback toward the base model on {model} (SmolLM2-135M fine-tuned on 192 benchmark texts): "
-                 f"{len(data['base_ma'])} forget texts", fontsize=10)
+    fig.suptitle(f"Rollback toward the base model: {model}, {len(data['base_ma'])} forget texts "
+                 f"(retained MA: all {data.get('retained', 128)} retained texts)", fontsize=10)
     styles = {"--base mask": ("o-", "tab:green"), "top k by change": ("s--", "tab:gray")}
     for kind, (marker, color) in styles.items():
         points = [first] + [r for r in rows if r["kind"] == kind]
@@ -187,16 +195,19 @@ def draw(data: dict, path: str, model: str) -> None:
     left.axhline(0.60, color="0.4", linestyle="-.", linewidth=1, label="retained MA target 0.60")
     right.axhline(full["perplexity"] * 1.05, color="tab:blue", linestyle=":", linewidth=1,
                   label="base model + 5 % (target)")
+    ticks = []
+    for k in sorted({r["k"] for r in rows}):           # no two labels closer than 6 % of the axis
+        if not ticks or k - ticks[-1] >= 0.06 * max(r["k"] for r in rows):
+            ticks.append(k)
     for ax in (left, right):
-        ax.set_xscale("symlog", linthresh=1000)
-        ticks = sorted({r["k"] for r in rows})
         ax.set_xticks(ticks)
         ax.set_xticklabels([f"{k:,}\n{100 * k / total:.1f} %" for k in ticks], fontsize=7)
         ax.set_xlabel("FFN neurons rolled back (and share of the 46,080)")
         ax.grid(alpha=0.3)
     left.set_ylabel("mean MA (share of tokens)")
     left.set_ylim(0, 1.05)
-    right.set_ylabel("held-out perplexity")
+    limit = data.get("heldout_limit")
+    right.set_ylabel("held-out perplexity" + (f" (the first {limit} held-out texts)" if limit else ""))
     left.legend(fontsize=7, loc="lower left")
     right.legend(fontsize=7)
     fig.tight_layout()
