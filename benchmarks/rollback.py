@@ -82,11 +82,13 @@ def main(argv=None):
     ap.add_argument("--out", required=True)
     ap.add_argument("--title", default="SmolLM2-135M fine-tuned until it memorised 160 benchmark texts",
                     help="what the figure names the model")
+    ap.add_argument("--plot", default=None, metavar="FILE.png", help="the figure (default: --out with .png)")
     ap.add_argument("--from-json", action="store_true", help="redraw the figure of --out's JSON, measure nothing")
     a = ap.parse_args(argv)
+    plot = a.plot or os.path.splitext(a.out)[0] + ".png"
     if a.from_json:
         with open(a.out) as handle:
-            draw(json.load(handle), os.path.splitext(a.out)[0] + ".png", a.title)
+            draw(json.load(handle), plot, a.title)
         return
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     texts = lambda name: [r["text"] for r in read_records(os.path.join(a.fixtures, name))]  # noqa: E731
@@ -154,7 +156,7 @@ def main(argv=None):
             "reference_ma": ref_ma, "tolerance": a.tolerance, "rows": rows}
     with open(a.out, "w") as handle:
         json.dump(data, handle, indent=2)
-    draw(data, os.path.splitext(a.out)[0] + ".png", a.title)
+    draw(data, plot, a.title)
 
 
 def draw(data: dict, path: str, model: str) -> None:
