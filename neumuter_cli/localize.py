@@ -22,7 +22,7 @@ from . import NeumuterError, distributed
 from .config import FORGET_TERMS, LOCALIZE_METHODS, OPTIMIZERS, TOLERANCE, LocalizeConfig, StopRule, check_seed
 from .errors import ConflictingSettings, NonFiniteLoss, NonFiniteOutput, escape
 from .gates import GAMMA, ZETA, deterministic_gate, initial_log_alpha, l0_term, training_gate
-from .models import FFNLayer, float32_steps, gated, input_device, scaled
+from .models import FFNLayer, block_spans, float32_steps, gated, input_device, scaled
 from .rollback import interpolated, rolled_back
 from .progress import steps
 from .records import finite_number
@@ -701,7 +701,7 @@ def _load_base(model, tokenizer, records, base: str, layers: str | None, layers_
                             f"those of {base}: there is nothing to roll back")
     changed = sum(int(c.changed.sum()) for c in changes.values())
     say(f"base model {base}: {changed} of {sum(layer.neurons for layer in picked)} FFN neurons changed by the "
-        f"fine-tune, in blocks {_spans(sorted(changes))} (weights {distance:.3f} apart)")
+        f"fine-tune, in blocks {block_spans(sorted(changes))} (weights {distance:.3f} apart)")
     info = base_record(base_model, base)
     limits = None
     if stop.reference_model is None and stop.reference_texts is None and stop.stop_ma is None:
@@ -714,18 +714,6 @@ def _load_base(model, tokenizer, records, base: str, layers: str | None, layers_
     return changes, info, limits
 
 
-def _spans(blocks: list[int]) -> str:
-    """[20, 21, 22, 25] → "20-22,25"."""
-    spans, start = [], None
-    for i, block in enumerate(blocks):
-        if start is None:
-            start = block
-        if i + 1 == len(blocks) or blocks[i + 1] != block + 1:
-            spans.append(str(start) if start == block else f"{start}-{block}")
-            start = None
-    return ",".join(spans)
-
-
 def _reference_model_limits(model, tokenizer, records, stop: StopRule, max_length: int, say) -> dict:
     from .reference import check_not_made_from, refuse_self_reference, same_checkpoint
     from .models import fingerprints, load_model, refuse_untrusted_code
@@ -734,18 +722,19 @@ def _reference_model_limits(model, tokenizer, records, stop: StopRule, max_lengt
     what = f"reference model {stop.reference_model}"
     if isinstance(name, str) and same_checkpoint(name, stop.reference_model):
         refuse_self_reference(f"{what} is the checkpoint {name}")
-    check_not_made_from(name, fingerprints(model)["exact"], what, stop.reference_model)
+    own = fingerprints(model, rounded=True)
+    check_not_made_from(name, own["exact"], what, stop.reference_model)
     refuse_untrusted_code(stop.reference_model, stop.trust_remote_code_reference, what, "trust_remote_code_reference")
     say(f"loading {escape(stop.reference_model)}")
     reference, reference_tokenizer = load_model(stop.reference_model, **asdict(stop.reference_load))
     limits = _reference_limits_from(model, tokenizer, records, reference, reference_tokenizer, what, stop,
-                                    max_length, say)
+                                    max_length, say, own)
     del reference
     return limits
 
 
 def _reference_limits_from(model, tokenizer, records, reference, reference_tokenizer, what: str, stop: StopRule,
-                           max_length: int, say) -> dict:
+                           max_length: int, say, own: dict | None = None) -> dict:
     """Each forget text's MA under the loaded ``reference`` + the tolerance, after the checks that
     it is not the model under another name and tokenizes as the model does."""
     from .reference import check_not_edited_from, check_not_itself
@@ -753,7 +742,8 @@ def _reference_limits_from(model, tokenizer, records, reference, reference_token
 
     name = getattr(model, "neumuter_source", "the model")
     check_same_tokenizer(tokenizer, reference_tokenizer, name, what, [r["text"] for r in records])
-    own, theirs = fingerprints(model, rounded=True), fingerprints(reference, rounded=True)
+    own = own or fingerprints(model, rounded=True)      # one pass over the weights, when the caller made it
+    theirs = fingerprints(reference, rounded=True)
     check_not_itself(name, own, what, theirs)
     if isinstance(name, str):
         check_not_edited_from(name, name, what, theirs["exact"])

@@ -622,6 +622,18 @@ def parse_layers(spec: str | None, count: int) -> list[int]:
     return sorted(chosen)
 
 
+def block_spans(blocks: Sequence[int]) -> str:
+    """[3, 4, 5, 9] → "3-5,9": the inverse of :func:`parse_layers` for sorted blocks."""
+    parts, start = [], None
+    for k, b in enumerate(blocks):
+        if start is None:
+            start = b
+        if k + 1 == len(blocks) or blocks[k + 1] != b + 1:
+            parts.append(str(start) if start == b else f"{start}-{b}")
+            start = None
+    return ",".join(parts)
+
+
 # ---------------------------------------------------------------- gating and folding
 
 @contextlib.contextmanager

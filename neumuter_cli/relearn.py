@@ -28,7 +28,7 @@ from . import NeumuterError, distributed
 from .config import LoadOptions, RelearnConfig, check_seed
 from .errors import NonFiniteLoss, SettingError, escape
 from .records import finite_number
-from .models import decoder_blocks, float32_steps, input_device, parse_layers
+from .models import block_spans, decoder_blocks, float32_steps, input_device, parse_layers
 from .progress import steps
 from .text import check_context, encode, pad, padding_id
 
@@ -127,7 +127,7 @@ def relearn(model, tokenizer, records: Sequence[dict], config: RelearnConfig, pr
         p.requires_grad_(True)
     count = sum(p.numel() for p in params)
     if progress:
-        where = "every weight" if blocks is None else f"the weights of blocks {_span(blocks)}"
+        where = "every weight" if blocks is None else f"the weights of blocks {block_spans(blocks)}"
         progress(f"relearn: {len(records)} texts, {config.batch_size} per step, {config.steps} Adam steps "
                  f"at lr {config.lr:g} on {where} ({count:,} parameters)")
     world = distributed.world()
@@ -241,18 +241,6 @@ def _check_after_last_step(model, batch_loss: _BatchLoss, last_batch: Sequence[i
         what = f"weight {broken} is not finite" if broken else f"the loss is not finite ({after})"
         raise NonFiniteLoss(f"after step {steps_taken}: {what}: the update broke the model")
     return after
-
-
-def _span(blocks: Sequence[int]) -> str:
-    """[3, 4, 5, 9] → "3-5,9"."""
-    parts, start = [], None
-    for k, b in enumerate(blocks):
-        if start is None:
-            start = b
-        if k + 1 == len(blocks) or blocks[k + 1] != b + 1:
-            parts.append(str(start) if start == b else f"{start}-{b}")
-            start = None
-    return ",".join(parts)
 
 
 def first_halves(records: Sequence[dict], tokenizer, max_length: int | None = 200) -> list[dict]:
