@@ -58,6 +58,7 @@ from neumuter_cli.models import find_ffn_layers, input_device, load_model, parse
 from neumuter_cli.models import scaled as scaled_model  # noqa: E402
 from neumuter_cli.plots import benchmark_figure, check_figure_path, figure_path, plot_controls  # noqa: E402
 from neumuter_cli.records import atomic_output, read_records  # noqa: E402
+from neumuter_cli.rollback import rolled_back  # noqa: E402
 from neumuter_cli.artifacts import SCALES_KIND, read_artifact  # noqa: E402
 from neumuter_cli.select import scales_by_block  # noqa: E402
 from neumuter_cli.text import encode  # noqa: E402
@@ -93,6 +94,7 @@ class Fixture:
     tolerance: float = TOLERANCE
     reference: Reference | None = None
     neighbor_ids: list[list[int]] = field(default_factory=list)
+    rollback: dict | None = None    # rollback.neuron_changes toward a base: scales then move neurons toward it
 
     @property
     def layers(self):
@@ -218,7 +220,10 @@ def read_scales(path: str, fx: Fixture) -> dict[int, torch.Tensor]:
 
 
 def scaled(fx: Fixture, scales: dict[int, torch.Tensor]):
-    """The fixture's model with each named block's down-projection inputs multiplied by its scales."""
+    """The fixture's model with each named block's down-projection inputs multiplied by its scales
+    or, when the fixture rolls back, each neuron at W_base + m (W − W_base) for its scale m."""
+    if fx.rollback is not None:
+        return rolled_back(fx.model, fx.rollback, scales)
     return scaled_model(fx.model, scales, fx.layers)
 
 

@@ -7,11 +7,16 @@ Rows, each measured the same way on the injected model (neurons scaled by hooks 
 down-projection inputs, as `apply` folds them):
 
   injected     the injected model as it is
-  oracle       exactly the forget texts' injected neurons set to 0
+  oracle       exactly the forget texts' injected neurons set to 0 (or, for a file made with
+               `localize --base`, reverted to the base model's weights)
   neumuter     the scales file (a mask file goes through `select`'s default rule first)
   random       neumuter's per-block counts and values on random neurons (mean of --random-seeds)
   activation   MemPi-style activation selection (forget minus neighbour mean |activation|), at
                the smallest top-k that forgets every text like the base model (needs --neighbors)
+
+A scales or mask file made with `localize --base BASE` is measured as `apply --base` folds it:
+each neuron at W_base + m (W − W_base), m its scale; every other row then reverts instead of
+zeroing too. The file must have been made toward the --base given here.
 
 The base model is the exact "never saw it" model here, for every text: a forget text is
 forgotten when its MA is at or below the base model's MA on it + --tolerance. Columns: recall
@@ -38,10 +43,12 @@ sys.path.insert(0, HERE)
 from controls import (Fixture, Reference, Target, activation_rows, against_reference,  # noqa: E402
                       measure_model, modified_count, random_rows, read_scales, scaled, scales_row)
 from neumuter_cli import NeumuterError  # noqa: E402
+from neumuter_cli.apply import check_base  # noqa: E402
 from neumuter_cli.artifacts import MASK_KIND, SCALES_KIND, read_artifact  # noqa: E402
 from neumuter_cli.config import TOLERANCE  # noqa: E402
 from neumuter_cli.models import load_model  # noqa: E402
 from neumuter_cli.records import read_records  # noqa: E402
+from neumuter_cli.rollback import neuron_changes  # noqa: E402
 from neumuter_cli.select import select_from_mask  # noqa: E402
 from neumuter_cli.text import encode  # noqa: E402
 
@@ -144,6 +151,12 @@ def run(args) -> dict:
 
     say(f"base model {args.base}")
     base, _ = load_model(args.base, device="cpu")
+    rollback = args.scales is not None and read_artifact(args.scales).metadata.get("base") is not None
+    if rollback:
+        check_base(read_artifact(args.scales).metadata, base, args.scales, args.base)
+        fx.rollback = {b: c for b, c in neuron_changes(model, base).items() if c.changed.any()}
+        say(f"rolling back toward the base model: {sum(int(c.changed.sum()) for c in fx.rollback.values())} "
+            "FFN neurons differ from it")
     rows = []
     row = measure_model(base, tokenizer, fx.forget_ids, fx.retain_ids, fx.heldout, fx.ppl_window, say)
     fx.reference = Reference(row["forget_ma"], row["forget_losses"])
@@ -163,10 +176,11 @@ def run(args) -> dict:
         row.update(overlap(scales, forget_neurons, retain_neurons))
         return add_utility(row, fx, scales, downstream)
 
-    say(f"oracle: the {sum(map(len, forget_neurons))} injected forget neurons set to 0")
+    oracle_does = "reverted to the base" if rollback else "at 0"
+    say(f"oracle: the {sum(map(len, forget_neurons))} injected forget neurons {oracle_does}")
     oracle = oracle_scales(fx, forget_neurons)
-    rows.append(scored(scales_row(fx, target, oracle, "oracle (injected forget neurons at 0)", "oracle", say),
-                       oracle))
+    rows.append(scored(scales_row(fx, target, oracle, f"oracle (injected forget neurons {oracle_does})", "oracle",
+                                  say), oracle))
     controls = [c for c in args.controls.split(",") if c]
     scales = read_scales_or_mask(args.scales, fx) if args.scales else None
     if scales is not None:
@@ -183,6 +197,7 @@ def run(args) -> dict:
                                    modified_count(scales) if scales is not None else None, say):
             rows.append(row)
     result = {"injected": os.path.basename(os.path.normpath(args.injected)), "n_forget": len(forget),
+              "mode": "rollback" if rollback else "scaling",
               "n_retain": len(retain), "label": args.label, "description": args.description,
               "total_neurons": sum(layer.neurons for layer in fx.layers),
               "targets": {"recall": 0.9, "perplexity_change": 1.0},

@@ -58,6 +58,14 @@ def top_changed(changes, k: int) -> dict[int, torch.Tensor]:
     return out
 
 
+def split_means(values: list[float], first: int | None) -> dict:
+    """The mean of the first ``first`` values and of the rest (nothing without ``first``)."""
+    if not first:
+        return {}
+    head, rest = values[:first], values[first:]
+    return {"retained_first": sum(head) / len(head), "retained_rest": sum(rest) / len(rest)}
+
+
 def mask_top(log_alpha: dict[int, torch.Tensor], k: int) -> dict[int, torch.Tensor]:
     return {b: deterministic_gate(v) for b, v in keep_most_closed(log_alpha, k).items()}
 
@@ -75,7 +83,12 @@ def main(argv=None):
     ap.add_argument("--base", required=True)
     ap.add_argument("--reference-model", required=True)
     ap.add_argument("--fixtures", default=os.path.join(HERE, "..", "..", "shared", "fixtures"))
-    ap.add_argument("--forget", default="forget.jsonl")
+    ap.add_argument("--forget", default="forget.jsonl", help="in --fixtures unless a path")
+    ap.add_argument("--retain", default="retain.jsonl", help="in --fixtures unless a path")
+    ap.add_argument("--split", type=int, default=None, metavar="N",
+                    help="also report retained MA on the first N retained texts and on the rest apart "
+                         "(e.g. the texts a bound's KL guarded and the ones it did not)")
+    ap.add_argument("--no-control", action="store_true", help="skip the 'top k by change' rows")
     ap.add_argument("--ks", default="1536,3072,6144,9216")
     ap.add_argument("--tolerance", type=float, default=TOLERANCE)
     ap.add_argument("--heldout-limit", type=int, default=None)
@@ -95,7 +108,9 @@ def main(argv=None):
 
     model, tok = load_model(a.model, device="cpu")
     forget = encode(tok, texts(a.forget), 200)
-    retain = encode(tok, texts("retain.jsonl"), 200)
+    retain = encode(tok, texts(a.retain), 200)
+    if a.split is not None and not 0 < a.split < len(retain):
+        ap.error(f"--split {a.split}: must be between 1 and {len(retain) - 1} (the retained texts less one)")
     heldout = texts("heldout.jsonl")[: a.heldout_limit]
     base_ma, base_loss = yardstick(a.base, forget)
     ref_ma, ref_loss = yardstick(a.reference_model, forget)
@@ -121,7 +136,9 @@ def main(argv=None):
                 "at_reference": sum(m <= r + a.tolerance for m, r in zip(ma, ref_ma)),
                 "ks_p_base": float(ks_2samp(losses, base_loss).pvalue),
                 "ks_p_reference": float(ks_2samp(losses, ref_loss).pvalue),
-                "retained_ma": sum(memorization_accuracy(model, retain)) / len(retain),
+                "retained": (retained := memorization_accuracy(model, retain)),
+                "retained_ma": sum(retained) / len(retained),
+                **split_means(retained, a.split),
                 "perplexity": perplexity(model, tok, heldout, window=256)["perplexity"],
             }
 
@@ -141,17 +158,19 @@ def main(argv=None):
         moved = sum(int((deterministic_gate(v) < 1).sum()) for v in log_alpha.values())
         for k in sorted({*[k for k in ks if k < moved], moved}):
             row("--base mask", k, mask_top(log_alpha, k))
-    for k in ks:
+    for k in [] if a.no_control else ks:
         row("top k by change", k, top_changed(changes, k))
     n = len(forget)
     table = [[r["kind"], r["k"], f"{r['forget_ma']:.3f}", f"{r['at_base']}/{n} ({r['over_base']} over)",
               f"{r['ks_p_base']:.3g}", f"{r['at_reference']}/{n}", f"{r['ks_p_reference']:.3g}",
-              f"{r['retained_ma']:.3f}", f"{r['perplexity']:.2f}"] for r in rows]
+              f"{r['retained_ma']:.3f}", *([f"{r['retained_first']:.3f}", f"{r['retained_rest']:.3f}"] if a.split else []),
+              f"{r['perplexity']:.2f}"] for r in rows]
+    split = [f"retained 1-{a.split}", f"retained {a.split + 1}-{len(retain)}"] if a.split else []
     print(f"base model: forget MA {sum(base_ma) / n:.3f}; reference model: {sum(ref_ma) / n:.3f}; "
           f"{changed} FFN neurons changed by the fine-tune (weights {distance:.3f} apart)")
     print(tabulate(table, headers=["rows", "neurons", "forget MA", "at base + tol", "KS p (base)", "at ref + tol",
-                                   "KS p (ref)", "retained MA", "perplexity"]))
-    data = {"mask": a.mask and os.path.basename(a.mask), "changed": changed, "retained": len(retain),
+                                   "KS p (ref)", "retained MA", *split, "perplexity"]))
+    data = {"mask": a.mask and os.path.basename(a.mask), "changed": changed, "retained": len(retain), "split": a.split,
             "heldout_limit": a.heldout_limit, "base_ma": base_ma,
             "reference_ma": ref_ma, "tolerance": a.tolerance, "rows": rows}
     with open(a.out, "w") as handle:

@@ -200,6 +200,13 @@ def test_the_rollback_benchmark_measures_the_control_and_the_base_model(lineage,
     assert rows[("base model", 256)]["forget"] == data["base_ma"]       # a full rollback is the base model
     assert rows[("base model", 256)]["at_base"] == 2
     assert rows[("model", 0)]["forget_ma"] > rows[("base model", 256)]["forget_ma"]
+    bench.main(["-", "--model", L["tuned"], "--base", L["base"], "--reference-model", L["other"],
+                "--fixtures", str(fixtures), "--ks", "10", "--split", "1", "--no-control", "--out", str(out)])
+    split = json.loads(out.read_text())["rows"]
+    assert [r["kind"] for r in split] == ["model", "base model"]          # no control rows
+    for r in split:                                                      # the first retained text, and the rest
+        assert r["retained_first"] == r["retained"][0]
+        assert r["retained_rest"] == pytest.approx(sum(r["retained"][1:]) / (len(r["retained"]) - 1))
     base = torch.zeros(4)
     changes = {0: type("C", (), {"changed": torch.tensor([True, True, False, True]),
                                  "size": torch.tensor([0.1, 0.3, 0.0, 0.2])})()}
@@ -282,3 +289,47 @@ def test_the_neighbour_swap_deals_retained_texts_or_the_model_s_continuations(li
                 "--prompt-tokens", "3", "--new-tokens", "5", "--per-record", "1", "-o", str(out)])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 2 and all(len(r["neighbors"]) == 1 and r["neighbors"][0] for r in rows)
+
+
+def test_the_localization_benchmark_reverts_when_the_file_was_made_with_base(lineage, tmp_path):
+    """benchmarks/localization.py on a `localize --base` file: every row moves neurons toward
+    the base model instead of zeroing them, so an oracle over every changed neuron is the base
+    model itself; a file made toward another base is refused."""
+    import importlib.util
+    import shutil
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(here))
+    spec = importlib.util.spec_from_file_location("localization_bench", here / "localization.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    L = lineage
+    injected = tmp_path / "injected"
+    shutil.copytree(L["tuned"], injected)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    width = find_ffn_layers(AutoModelForCausalLM.from_pretrained(L["tuned"]))[1].neurons
+    texts = [{"text": PEOPLE[0], "half": "forget", "neurons": [[1, n] for n in range(width)]},
+             {"text": PEOPLE[2], "half": "retain", "neurons": []}]
+    (injected / "injected.json").write_text(json.dumps({"texts": texts}))
+    mask, scales = tmp_path / "mask.safetensors", tmp_path / "scales.safetensors"
+    assert run("localize", L["forget"], "-m", str(injected), "--base", L["base"], "--epochs", 2, "-o", mask).exit_code == 0
+    assert run("select", mask, "-o", scales, "--top-fraction", 0.5).exit_code == 0
+    out = tmp_path / "loc.json"
+    assert bench.main(["--injected", str(injected), "--base", L["base"], "--scales", str(scales), "--controls", "",
+                       "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = {r["control"]: r for r in result["rows"]}
+    assert result["mode"] == "rollback" and "reverted to the base" in rows["oracle"]["method"]
+    folded = AutoModelForCausalLM.from_pretrained(str(injected))      # what `apply --base` writes for the oracle
+    fold(folded, AutoModelForCausalLM.from_pretrained(L["base"]), {1: torch.zeros(width)})
+    tokenizer = AutoTokenizer.from_pretrained(str(injected))
+    expected = bench.measure_model(folded.eval(), tokenizer, [tokenizer(PEOPLE[0]).input_ids],
+                                   [tokenizer(PEOPLE[2]).input_ids], [])
+    assert rows["oracle"]["forget_losses"] == pytest.approx(expected["forget_losses"], rel=1e-4)
+    assert rows["oracle"]["forget_losses"] != pytest.approx(rows["injected"]["forget_losses"], rel=1e-2)
+    assert rows["neumuter"]["modified"] == width // 2
+    assert bench.main(["--injected", str(injected), "--base", L["other"], "--scales", str(scales), "--controls", "",
+                       "--out", str(tmp_path / "x.json")]) == 3
