@@ -11,9 +11,16 @@ Every control runs on the same model and the same texts and is measured the same
                records from `neumuter neighbors`); the top-k neurons get scale 0, with k the
                smallest count that reaches the target (bisection, at most --max-neurons),
                and once more at neumuter's count
+  change       with --base: revert the k neurons the fine-tune changed most (no training), at
+               the smallest k that reaches the target (bisection)
   ga           gradient ascent on every weight, batch 1 over the forget texts
   npo          NPO (Zhang et al. 2024): loss -(2/β)·log σ(-β·(log π_θ(y) - log π_ref(y))),
                log π summed over the text's tokens, π_ref = the model before unlearning
+
+With --base BASE (the model before the fine-tune), a scales file from `localize --base` is
+measured as `apply --base` folds it (each neuron at W_base + m (W − W_base)), and every neuron
+control reverts its neurons to BASE instead of zeroing them. BASE can be the yardstick too
+(--reference-model BASE): it never saw the forget texts.
 
 Matched forgetting (--target): "reference" = every forget text's MA at or below the reference
 model's MA on that text + --tolerance; a number = the mean forget MA at or below it. GA and
@@ -51,19 +58,19 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from neumuter_cli import NeumuterError  # noqa: E402
-from neumuter_cli.apply import check_fingerprint  # noqa: E402
+from neumuter_cli.apply import check_base, check_fingerprint  # noqa: E402
 from neumuter_cli.config import TOLERANCE  # noqa: E402
 from neumuter_cli.measure import memorization_accuracy, perplexity, teacher_forced  # noqa: E402
 from neumuter_cli.models import find_ffn_layers, input_device, load_model, parse_layers  # noqa: E402
 from neumuter_cli.models import scaled as scaled_model  # noqa: E402
 from neumuter_cli.plots import benchmark_figure, check_figure_path, figure_path, plot_controls  # noqa: E402
 from neumuter_cli.records import atomic_output, read_records  # noqa: E402
-from neumuter_cli.rollback import rolled_back  # noqa: E402
+from neumuter_cli.rollback import neuron_changes, rolled_back  # noqa: E402
 from neumuter_cli.artifacts import SCALES_KIND, read_artifact  # noqa: E402
 from neumuter_cli.select import scales_by_block  # noqa: E402
 from neumuter_cli.text import encode  # noqa: E402
 
-CONTROLS = ("neumuter", "random", "activation", "ga", "npo")
+CONTROLS = ("neumuter", "random", "activation", "change", "ga", "npo")
 EPS = 1e-9   # MA values are ratios of small integers; this keeps x + 0.05 from rounding below x + 0.05
 
 Progress = Callable[[str], None]
@@ -336,17 +343,10 @@ def random_rows(fx: Fixture, target: Target, scales: dict[int, torch.Tensor], se
     return row
 
 
-def activation_rows(fx: Fixture, target: Target, blocks: Sequence[int], max_neurons: int,
-                    neumuter_count: int | None, progress: Progress = _quiet) -> list[dict]:
-    """Top-k activation selection at the smallest k ≤ ``max_neurons`` that meets the target
-    (bisection; when even ``max_neurons`` does not, the row at ``max_neurons`` with reached =
-    False), and at neumuter's count when given."""
-    started = time.perf_counter()
-    progress(f"activation scores over blocks {_blocks(blocks)}")
-    scores = activation_scores(fx, blocks)
-    ranking = ranked_neurons(scores)
-    widths = {b: s.numel() for b, s in scores.items()}
-    max_neurons = min(max_neurons, len(ranking))
+def smallest_top_k(fx: Fixture, target: Target, ranking: list[tuple[int, int]], widths: dict[int, int],
+                   max_neurons: int, progress: Progress = _quiet) -> tuple[int, bool, list[dict]]:
+    """The smallest k ≤ ``max_neurons`` whose top-k of ``ranking`` (at scale 0) meets the target,
+    by bisection: (k, True, trace); when even ``max_neurons`` misses, (max_neurons, False, trace)."""
     check = TargetCheck(fx, target)
     trace: list[dict] = []
 
@@ -358,18 +358,31 @@ def activation_rows(fx: Fixture, target: Target, blocks: Sequence[int], max_neur
         return met
 
     if reached(0):
-        found, ok = 0, True
-    elif not reached(max_neurons):
-        found, ok = max_neurons, False
-    else:   # invariant: top-lo misses, top-hi meets
-        lo, hi = 0, max_neurons
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if reached(mid):
-                hi = mid
-            else:
-                lo = mid
-        found, ok = hi, True
+        return 0, True, trace
+    if not reached(max_neurons):
+        return max_neurons, False, trace
+    lo, hi = 0, max_neurons    # invariant: top-lo misses, top-hi meets
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if reached(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi, True, trace
+
+
+def activation_rows(fx: Fixture, target: Target, blocks: Sequence[int], max_neurons: int,
+                    neumuter_count: int | None, progress: Progress = _quiet) -> list[dict]:
+    """Top-k activation selection at the smallest k ≤ ``max_neurons`` that meets the target
+    (bisection; when even ``max_neurons`` does not, the row at ``max_neurons`` with reached =
+    False), and at neumuter's count when given."""
+    started = time.perf_counter()
+    progress(f"activation scores over blocks {_blocks(blocks)}")
+    scores = activation_scores(fx, blocks)
+    ranking = ranked_neurons(scores)
+    widths = {b: s.numel() for b, s in scores.items()}
+    max_neurons = min(max_neurons, len(ranking))
+    found, ok, trace = smallest_top_k(fx, target, ranking, widths, max_neurons, progress)
     search_seconds = time.perf_counter() - started
     progress(f"activation selection: top {found} neurons " + ("meet the target" if ok else
              "(the cap) still miss the target"))
@@ -387,6 +400,23 @@ def activation_rows(fx: Fixture, target: Target, blocks: Sequence[int], max_neur
         row["blocks"] = list(blocks)
         rows.append(row)
     return rows
+
+
+def change_row(fx: Fixture, target: Target, progress: Progress = _quiet) -> dict:
+    """With --base: revert the k neurons the fine-tune changed most (relative size ‖Δw‖ / ‖w_base‖),
+    no training, at the smallest k that meets the target (bisection over every changed neuron)."""
+    started = time.perf_counter()
+    sizes = {b: torch.where(c.changed, c.size, torch.full_like(c.size, -1.0)) for b, c in fx.rollback.items()}
+    changed = sum(int(c.changed.sum()) for c in fx.rollback.values())
+    ranking = ranked_neurons(sizes)[:changed]          # unchanged neurons (size -1) rank last: cut off
+    widths = {b: s.numel() for b, s in sizes.items()}
+    progress(f"top k by fine-tune change, over the {changed} changed neurons")
+    found, ok, trace = smallest_top_k(fx, target, ranking, widths, changed, progress)
+    label = ("top k by fine-tune change (smallest k at target)" if ok else
+             "top k by fine-tune change (every changed neuron)")
+    row = scales_row(fx, target, top_k_scales(ranking, widths, found), label, "change", progress)
+    row.update(steps=len(trace), seconds=time.perf_counter() - started, bisection=trace)
+    return row
 
 
 def ascent_row(fx: Fixture, target: Target, method: str, lr: float, budget_steps: int, check_every: int,
@@ -566,9 +596,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--neighbors",
                     help="the forget records with \"neighbors\" (default: FIXTURES/forget.neighbors.jsonl)")
     ap.add_argument("--scales", help="neumuter's scales file (from `neumuter select`); needed by neumuter and random")
+    ap.add_argument("--base", help="the model before the fine-tune: neuron controls revert toward it (needed by a "
+                                   "`localize --base` scales file and by the change control)")
     ap.add_argument("--controls", default=",".join(CONTROLS),
                     help="which controls, comma-separated (default: %(default)s; neumuter and random are skipped "
-                         "without --scales)")
+                         "without --scales, change without --base)")
     ap.add_argument("--target", default="reference",
                     help="'reference' (every text at or below the reference model's MA + tolerance) or a mean "
                          "forget MA (default: %(default)s)")
@@ -629,6 +661,9 @@ def run(args) -> dict:
         if skipped:
             progress(f"no --scales: skipping {', '.join(skipped)}")
         controls = [c for c in controls if c not in ("neumuter", "random")]
+    if "change" in controls and not args.base:
+        progress("no --base: skipping change")
+        controls.remove("change")
     path = lambda given, name: given or os.path.join(args.fixtures, name)  # noqa: E731
     plot = figure_path(args.out, args.plot, args.no_plot)
     check_figure_path(plot)
@@ -646,6 +681,18 @@ def run(args) -> dict:
         fx.neighbor_ids = encode(tokenizer, [nb for r in records for nb in r["neighbors"]], args.max_length)
     layers = fx.layers
     total_neurons = sum(layer.neurons for layer in layers)
+    scales_meta = read_artifact(args.scales).metadata if args.scales else {}
+    if args.base:
+        progress(f"base model {args.base}")
+        base, _ = load_model(args.base, device=args.device)
+        if args.scales:
+            check_base(scales_meta, base, args.scales, args.base)
+        fx.rollback = {b: c for b, c in neuron_changes(model, base).items() if c.changed.any()}
+        del base
+        progress(f"neuron controls revert toward the base model: "
+                 f"{sum(int(c.changed.sum()) for c in fx.rollback.values())} FFN neurons differ from it")
+    elif scales_meta.get("base") is not None:
+        raise NeumuterError(f"{args.scales} rolls neurons back toward a base model: give it as --base")
     progress(f"{len(forget)} forget, {len(retain)} retained, {len(heldout)} held-out texts; "
              f"{len(layers)} FFN blocks, {total_neurons} neurons")
 
@@ -686,6 +733,8 @@ def run(args) -> dict:
         candidates = sum(layers[b].neurons for b in blocks)
         cap = args.max_neurons if args.max_neurons is not None else max(1, candidates // 10)
         rows.extend(activation_rows(fx, target, blocks, cap, neumuter_count, progress))
+    if "change" in controls:
+        rows.append(change_row(fx, target, progress))
     for method, lr in (("ga", args.ga_lr), ("npo", args.npo_lr)):
         if method in controls:
             progress(f"{method}: lr {lr:g}, at most {args.budget_steps} steps, check every {args.check_every}")

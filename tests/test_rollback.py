@@ -333,3 +333,45 @@ def test_the_localization_benchmark_reverts_when_the_file_was_made_with_base(lin
     assert rows["neumuter"]["modified"] == width // 2
     assert bench.main(["--injected", str(injected), "--base", L["other"], "--scales", str(scales), "--controls", "",
                        "--out", str(tmp_path / "x.json")]) == 3
+
+
+def test_the_controls_benchmark_with_base_reverts_and_ranks_by_change(lineage, tmp_path):
+    """benchmarks/controls.py --base: a `localize --base` scales file is measured as it folds,
+    the change control reverts the most changed neurons at the smallest k that meets the target,
+    and a rollback file without --base is refused."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    here = Path(__file__).resolve().parents[1] / "benchmarks"
+    if "controls_bench" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("controls_bench", here / "controls.py")
+        sys.modules["controls_bench"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["controls_bench"])
+    bench = sys.modules["controls_bench"]
+    L = lineage
+    mask, scales = tmp_path / "mask.safetensors", tmp_path / "scales.safetensors"
+    assert run("localize", L["forget"], "-m", L["tuned"], "--base", L["base"], "--epochs", 2, "-o", mask).exit_code == 0
+    assert run("select", mask, "-o", scales, "--top-fraction", 0.5).exit_code == 0
+    def texts(name, items):
+        (tmp_path / name).write_text("".join(json.dumps({"text": t}) + "\n" for t in items))
+        return str(tmp_path / name)
+    common = ["--model", L["tuned"], "--reference-model", L["base"], "--forget", texts("f.jsonl", PEOPLE[:2]),
+              "--retain", texts("r.jsonl", PEOPLE[2:]), "--heldout", texts("h.jsonl", CORPUS[3:5]),
+              "--scales", str(scales), "--no-plot"]
+    result = bench.main([*common, "--base", L["base"], "--controls", "neumuter,change", "--target", "0.5"])
+    rows = {r["control"]: r for r in result["rows"]}
+    tuned, base = AutoModelForCausalLM.from_pretrained(L["tuned"]), AutoModelForCausalLM.from_pretrained(L["base"])
+    from neumuter_cli.artifacts import read_artifact
+    fold(tuned, base, {1: read_artifact(str(scales)).tensors["scale.1"]})
+    tokenizer = AutoTokenizer.from_pretrained(L["tuned"])
+    folded = bench.measure_model(tuned.eval(), tokenizer, [tokenizer(t).input_ids[:200] for t in PEOPLE[:2]], [], [])
+    assert rows["neumuter"]["forget_losses"] == pytest.approx(folded["forget_losses"], rel=1e-4)
+    change = rows["change"]
+    assert change["reached"] and change["forget_ma_mean"] <= 0.5 + 1e-9
+    assert {"k": change["modified"] - 1, "reached": False} in change["bisection"]     # the smallest k
+    assert 0 < change["modified"] <= 256
+    with pytest.raises(SystemExit):
+        bench.main([*common, "--controls", "neumuter"])
