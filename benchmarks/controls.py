@@ -585,7 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
-    ap.add_argument("--model", required=True, help="the model that memorised the forget texts")
+    ap.add_argument("--model", help="the model that memorised the forget texts (required unless --from-json)")
     ap.add_argument("--reference-model", help="the same training without the forget texts (needed by --target "
                                               "reference, the 'at ref+tol' and 'KS p' columns)")
     ap.add_argument("--fixtures", default=os.path.join(here, "..", "..", "shared", "fixtures"),
@@ -633,13 +633,44 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", help="write every number to this JSON file")
     ap.add_argument("--plot", metavar="FILE.png", help="the figure (default: --out with .png)")
     ap.add_argument("--no-plot", action="store_true", help="no figure")
+    ap.add_argument("--from-json", metavar="FILE", help="measure nothing: draw --plot from the JSON of an earlier run")
     ap.add_argument("--save-dir", help="save the gradient-ascent and NPO models in DIR/ga and DIR/npo "
                                        "(inputs of benchmarks/robustness.py)")
     return ap
 
 
+def _name(path: str | None) -> str:
+    return os.path.basename(os.path.normpath(path)) if path else "?"
+
+
+ROW_NAMES = {   # the rows whose name depends on the settings (--from-json names older JSON's rows the same way)
+    "reference": lambda settings: f"reference model {_name(settings['reference_model'])} (never saw the forget texts)",
+    "neumuter": lambda settings: (f"neumuter, rolled back toward {_name(settings['base'])}" if settings.get("base")
+                                  else "neumuter"),
+}
+
+
+def figure_title(result: dict) -> str:
+    settings = result["settings"]
+    return (f"{_name(settings['model'])} on {len(result['rows'][0]['forget_ma'])} forget texts: controls at matched "
+            "forgetting")
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    if args.from_json:
+        if not args.plot:
+            raise SystemExit("error: --from-json needs --plot FILE.png")
+        with open(args.from_json, encoding="utf-8") as handle:
+            result = json.load(handle)
+        for row in result["rows"]:
+            if row["control"] in ROW_NAMES:
+                row["method"] = ROW_NAMES[row["control"]](result["settings"])
+        check_figure_path(args.plot)
+        benchmark_figure(plot_controls, result, args.plot, figure_title(result), "controls.py")
+        return result
+    if not args.model:
+        build_parser().error("the following arguments are required: --model")
     try:
         return run(args)
     except NeumuterError as exc:
@@ -705,7 +736,7 @@ def run(args) -> dict:
         row = measure_model(reference, tokenizer, fx.forget_ids, fx.retain_ids, fx.heldout, fx.ppl_window, progress)
         fx.reference = Reference(row["forget_ma"], row["forget_losses"])
         del reference
-        row.update(control="reference", method="reference model (never saw the forget texts)", modified=None)
+        row.update(control="reference", method=ROW_NAMES["reference"](vars(args)), modified=None)
         rows.append(against_reference(row, fx))
     target = Target.parse(args.target, fx)
     progress(f"target: {target.describe()}")
@@ -719,7 +750,7 @@ def run(args) -> dict:
     neumuter_count = modified_count(scales) if scales is not None else None
     if "neumuter" in controls:
         progress(f"neumuter: {neumuter_count} neurons in blocks {_blocks(sorted(scales))}")
-        rows.append(scales_row(fx, target, scales, "neumuter", "neumuter", progress))
+        rows.append(scales_row(fx, target, scales, ROW_NAMES["neumuter"](vars(args)), "neumuter", progress))
     if "random" in controls:
         seeds = [args.seed + k for k in range(args.random_seeds)]
         rows.append(random_rows(fx, target, scales, seeds, progress))
@@ -757,8 +788,7 @@ def run(args) -> dict:
         with atomic_output(args.out) as handle:
             json.dump(result, handle, indent=1, default=_json_default)
             handle.write("\n")
-    benchmark_figure(plot_controls, result, plot, f"{os.path.basename(os.path.normpath(args.model))} on "
-                     f"{len(forget)} forget texts: controls at matched forgetting", "controls.py")
+    benchmark_figure(plot_controls, result, plot, figure_title(result), "controls.py")
     progress(f"done in {result['seconds']:.0f} s")
     return result
 

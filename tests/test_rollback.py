@@ -360,9 +360,16 @@ def test_the_controls_benchmark_with_base_reverts_and_ranks_by_change(lineage, t
         return str(tmp_path / name)
     common = ["--model", L["tuned"], "--reference-model", L["base"], "--forget", texts("f.jsonl", PEOPLE[:2]),
               "--retain", texts("r.jsonl", PEOPLE[2:]), "--heldout", texts("h.jsonl", CORPUS[3:5]),
-              "--scales", str(scales), "--no-plot"]
-    result = bench.main([*common, "--base", L["base"], "--controls", "neumuter,change", "--target", "0.5"])
+              "--scales", str(scales)]
+    out = tmp_path / "controls.json"
+    result = bench.main([*common, "--base", L["base"], "--controls", "neumuter,change", "--target", "0.5",
+                         "--out", str(out)])
     rows = {r["control"]: r for r in result["rows"]}
+    assert rows["reference"]["method"] == "reference model base (never saw the forget texts)"
+    assert rows["neumuter"]["method"] == "neumuter, rolled back toward base"
+    redrawn = bench.main(["--from-json", str(out), "--plot", str(tmp_path / "again.png")])
+    assert [r["method"] for r in redrawn["rows"]] == [r["method"] for r in result["rows"]]
+    assert (tmp_path / "again.png").stat().st_size > 0
     tuned, base = AutoModelForCausalLM.from_pretrained(L["tuned"]), AutoModelForCausalLM.from_pretrained(L["base"])
     from neumuter_cli.artifacts import read_artifact
     fold(tuned, base, {1: read_artifact(str(scales)).tensors["scale.1"]})
