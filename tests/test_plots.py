@@ -184,7 +184,10 @@ def test_the_committed_figures_redraw_from_their_json(tmp_path):
                               os.path.join(figures, "localization.json"), "--plot", str(tmp_path / "l.png")]) == 0
     assert png_size(tmp_path / "t.png") == png_size(os.path.join(figures, "tradeoff.png"))
     assert png_size(tmp_path / "l.png") == png_size(os.path.join(figures, "localization.png"))
-    for name in ("tradeoff.json", "localization.json"):
+    import controls
+    controls.main(["--from-json", os.path.join(figures, "rollback_controls.json"), "--plot", str(tmp_path / "c.png")])
+    assert png_size(tmp_path / "c.png") == png_size(os.path.join(figures, "rollback_controls.png"))
+    for name in ("tradeoff.json", "localization.json", "rollback_controls.json"):
         text = open(os.path.join(figures, name), encoding="utf-8").read()
         assert "/tmp" not in text and "../shared" not in text, name
 
