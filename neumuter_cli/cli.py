@@ -1105,8 +1105,8 @@ LOCALIZE_SECTIONS = (
                    "few as pass (bisection; a full rollback of the changed neurons is the last resort); also when "
                    "training stalls (--patience).")
 @click.option("--patience", type=click.IntRange(1), default=DEFAULTS.patience, show_default=True,
-              help="With --base and --complete: stop training after N checks in a row that bring no more forget "
-                   "texts under their limits than the best check so far, and complete.")
+              help="With --base and --complete: stop training after N checks in a row that do not shrink the "
+                   "forget texts' summed MA above their limits by 1 % of the best check so far, and complete.")
 @quiet_option
 def localize_cmd(input_path, output, base, layers, reference_path, reference_limit, reference_model, tolerance,
                  stop_ma, stop_el, target_ma, model, load, **training):
