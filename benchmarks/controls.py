@@ -226,6 +226,17 @@ def read_scales(path: str, fx: Fixture) -> dict[int, torch.Tensor]:
     return scales
 
 
+def roll_back_toward(fx: Fixture, base, base_name: str, scales_meta: dict, scales_path: str | None,
+                     progress: Progress = _quiet) -> None:
+    """From now on, the fixture's neuron rows revert toward ``base`` instead of zeroing. A scales
+    file (its metadata) must have been made toward that same base."""
+    if scales_path:
+        check_base(scales_meta, base, scales_path, base_name)
+    fx.rollback = {b: c for b, c in neuron_changes(fx.model, base).items() if c.changed.any()}
+    progress(f"neuron rows revert toward the base model: "
+             f"{sum(int(c.changed.sum()) for c in fx.rollback.values())} FFN neurons differ from it")
+
+
 def scaled(fx: Fixture, scales: dict[int, torch.Tensor]):
     """The fixture's model with each named block's down-projection inputs multiplied by its scales
     or, when the fixture rolls back, each neuron at W_base + m (W − W_base) for its scale m."""
@@ -716,12 +727,8 @@ def run(args) -> dict:
     if args.base:
         progress(f"base model {args.base}")
         base, _ = load_model(args.base, device=args.device)
-        if args.scales:
-            check_base(scales_meta, base, args.scales, args.base)
-        fx.rollback = {b: c for b, c in neuron_changes(model, base).items() if c.changed.any()}
+        roll_back_toward(fx, base, args.base, scales_meta, args.scales, progress)
         del base
-        progress(f"neuron controls revert toward the base model: "
-                 f"{sum(int(c.changed.sum()) for c in fx.rollback.values())} FFN neurons differ from it")
     elif scales_meta.get("base") is not None:
         raise NeumuterError(f"{args.scales} rolls neurons back toward a base model: give it as --base")
     progress(f"{len(forget)} forget, {len(retain)} retained, {len(heldout)} held-out texts; "

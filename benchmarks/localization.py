@@ -41,14 +41,13 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
 from controls import (Fixture, Reference, Target, activation_rows, against_reference,  # noqa: E402
-                      measure_model, modified_count, random_rows, read_scales, scaled, scales_row)
+                      measure_model, modified_count, random_rows, read_scales, roll_back_toward, scaled,
+                      scales_row)
 from neumuter_cli import NeumuterError  # noqa: E402
-from neumuter_cli.apply import check_base  # noqa: E402
 from neumuter_cli.artifacts import MASK_KIND, SCALES_KIND, read_artifact  # noqa: E402
 from neumuter_cli.config import TOLERANCE  # noqa: E402
 from neumuter_cli.models import load_model  # noqa: E402
 from neumuter_cli.records import read_records  # noqa: E402
-from neumuter_cli.rollback import neuron_changes  # noqa: E402
 from neumuter_cli.select import select_from_mask  # noqa: E402
 from neumuter_cli.text import encode  # noqa: E402
 
@@ -151,12 +150,10 @@ def run(args) -> dict:
 
     say(f"base model {args.base}")
     base, _ = load_model(args.base, device="cpu")
-    rollback = args.scales is not None and read_artifact(args.scales).metadata.get("base") is not None
+    scales_meta = read_artifact(args.scales).metadata if args.scales else {}
+    rollback = scales_meta.get("base") is not None
     if rollback:
-        check_base(read_artifact(args.scales).metadata, base, args.scales, args.base)
-        fx.rollback = {b: c for b, c in neuron_changes(model, base).items() if c.changed.any()}
-        say(f"rolling back toward the base model: {sum(int(c.changed.sum()) for c in fx.rollback.values())} "
-            "FFN neurons differ from it")
+        roll_back_toward(fx, base, args.base, scales_meta, args.scales, say)
     rows = []
     row = measure_model(base, tokenizer, fx.forget_ids, fx.retain_ids, fx.heldout, fx.ppl_window, say)
     fx.reference = Reference(row["forget_ma"], row["forget_losses"])
